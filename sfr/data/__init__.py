@@ -1,0 +1,1 @@
+"""Data layer: annotations, LMDB feature stores, time grids, datasets and synthetic data."""

@@ -1,0 +1,160 @@
+"""Annotation CSVs of EK55, EK100 and EGTEA Gaze+ (DESIGN §2), read with the standard library.
+
+Segment CSVs have no header and 7 columns `id, video, start_frame, end_frame, verb, noun, action`
+(test CSVs only the first 4). EK55 pads numbers with zeros and puts a space after each comma;
+ids that are integers are normalised (`00330` -> `330`), EK100 ids stay strings (`P01_11_0`).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sfr.errors import DataError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One annotated action segment; labels are None in test CSVs."""
+
+    id: str
+    video: str
+    start_frame: int
+    end_frame: int
+    verb: int | None = None
+    noun: int | None = None
+    action: int | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.action is not None
+
+
+@dataclass(frozen=True)
+class ActionsTable:
+    """The action classes: verb and noun of each action id, and its name when known."""
+
+    verbs: np.ndarray  # (A,) int64, verb class of each action
+    nouns: np.ndarray  # (A,) int64, noun class of each action
+    names: tuple[str, ...]
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.verbs)
+
+    @property
+    def num_verbs(self) -> int:
+        return int(self.verbs.max()) + 1
+
+    @property
+    def num_nouns(self) -> int:
+        return int(self.nouns.max()) + 1
+
+
+def normalise_id(raw: str) -> str:
+    """Strip an id and drop zero padding from integer ids (`00330` -> `330`)."""
+    raw = raw.strip()
+    return str(int(raw)) if raw.isdigit() else raw
+
+
+def _rows(path: Path) -> Iterable[tuple[int, list[str]]]:
+    if not path.is_file():
+        raise DataError(
+            f"Annotation file {path} does not exist.",
+            "Check --data, or fetch the annotations with `sfr download annotations`.",
+        )
+    with path.open(newline="", encoding="utf-8") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            cells = [cell.strip() for cell in row]
+            if any(cells):
+                yield line_number, cells
+
+
+def _int(cell: str, path: Path, line: int, column: str) -> int:
+    try:
+        return int(cell)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {line}: column '{column}' should be an integer, found {cell!r}."
+        ) from None
+
+
+def read_segments(path: Path) -> list[Segment]:
+    """Read a segment CSV (training, validation or test); ids must be unique."""
+    path = Path(path)
+    segments: list[Segment] = []
+    for line, cells in _rows(path):
+        if len(cells) not in (4, 7):
+            raise DataError(
+                f"{path}, line {line}: expected 7 columns (id, video, start_frame, end_frame, "
+                f"verb, noun, action) or 4 for a test split, found {len(cells)}."
+            )
+        start = _int(cells[2], path, line, "start_frame")
+        end = _int(cells[3], path, line, "end_frame")
+        labels = [_int(c, path, line, n) for c, n in zip(cells[4:], ("verb", "noun", "action"))]
+        segments.append(Segment(normalise_id(cells[0]), cells[1], start, end, *labels))
+    ids = [s.id for s in segments]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{path}: segment id {duplicate!r} appears more than once.")
+    return segments
+
+
+def read_actions(path: Path) -> ActionsTable:
+    """Read an actions table.
+
+    EK55/EK100: header with at least `id`, `verb`, `noun` (EK55: `id,action,verb,noun`).
+    EGTEA: no header, `id, verb_noun, name` (for example `3, 3_3, Cut_tomato`).
+    """
+    path = Path(path)
+    rows = list(_rows(path))
+    if not rows:
+        raise DataError(f"Actions table {path} is empty.")
+    first = rows[0][1]
+    entries: dict[int, tuple[int, int, str]] = {}
+    if not first[0].isdigit():
+        header = [c.lower() for c in first]
+        missing = [c for c in ("id", "verb", "noun") if c not in header]
+        if missing:
+            raise DataError(f"{path}: header lacks column(s) {', '.join(missing)}.")
+        col = {name: header.index(name) for name in header}
+        for line, cells in rows[1:]:
+            name = cells[col["action"]] if "action" in col else ""
+            entries[_int(cells[col["id"]], path, line, "id")] = (
+                _int(cells[col["verb"]], path, line, "verb"),
+                _int(cells[col["noun"]], path, line, "noun"),
+                name,
+            )
+    else:
+        for line, cells in rows:
+            if len(cells) < 2 or "_" not in cells[1]:
+                raise DataError(f"{path}, line {line}: expected `id, verb_noun, name`.")
+            verb, noun = cells[1].split("_", 1)
+            name = cells[2] if len(cells) > 2 else cells[1]
+            entries[_int(cells[0], path, line, "id")] = (
+                _int(verb, path, line, "verb"),
+                _int(noun, path, line, "noun"),
+                name,
+            )
+    if sorted(entries) != list(range(len(entries))):
+        raise DataError(f"{path}: action ids must be 0..{len(entries) - 1} without gaps.")
+    ordered = [entries[i] for i in range(len(entries))]
+    return ActionsTable(
+        verbs=np.array([e[0] for e in ordered], dtype=np.int64),
+        nouns=np.array([e[1] for e in ordered], dtype=np.int64),
+        names=tuple(e[2] for e in ordered),
+    )
+
+
+def read_class_list(path: Path, column: str) -> list[int]:
+    """Read a class list with a header naming `column` (EK55 many-shot lists: `verb_class`)."""
+    path = Path(path)
+    rows = list(_rows(path))
+    if not rows or column not in rows[0][1]:
+        raise DataError(f"{path}: expected a header with a '{column}' column.")
+    index = rows[0][1].index(column)
+    return [_int(cells[index], path, line, column) for line, cells in rows[1:]]

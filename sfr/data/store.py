@@ -1,0 +1,136 @@
+"""LMDB feature stores in the public RU-LSTM format (DESIGN §2).
+
+One LMDB environment per modality; key `f"{video}_frame_{frame:010d}.jpg"` (utf-8), value the raw
+float32 vector. Readers open the environment lazily, so a store can be handed to DataLoader worker
+processes (each opens its own handle), and read a whole sample in one transaction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import lmdb
+import numpy as np
+
+from sfr.errors import DataError
+
+
+def frame_key(video: str, frame: int) -> str:
+    """The public key of one frame's feature vector."""
+    return f"{video}_frame_{frame:010d}.jpg"
+
+
+class FeatureStore:
+    """Read-only view of one modality's LMDB store, checking every vector's size."""
+
+    def __init__(self, path: Path, dim: int, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.dim = dim
+        self.name = name or self.path.name
+        self._env: lmdb.Environment | None = None
+        self._pid: int | None = None
+        if not (self.path / "data.mdb").is_file():
+            raise DataError(
+                f"Feature store '{self.name}' not found: {self.path / 'data.mdb'} does not exist.",
+                f"Put the {self.name} LMDB folder under the data folder "
+                f"(`sfr download features` fetches the public ones).",
+            )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_env"] = None
+        state["_pid"] = None
+        return state
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The LMDB environment, opened once per process (LMDB handles must not cross a fork)."""
+        if self._env is None or self._pid != os.getpid():
+            try:
+                self._env = lmdb.open(
+                    str(self.path), readonly=True, lock=False, readahead=False, max_readers=512
+                )
+            except lmdb.Error as error:
+                raise DataError(f"Cannot open feature store {self.path}: {error}") from None
+            self._pid = os.getpid()
+        return self._env
+
+    def read(self, video: str, frames: Sequence[int], sample_id: str = "?") -> np.ndarray:
+        """Vectors of `frames` of `video` as a (len(frames), dim) float32 array, in one transaction."""
+        out = np.empty((len(frames), self.dim), dtype=np.float32)
+        with self.env.begin(buffers=True) as txn:
+            for row, frame in enumerate(frames):
+                key = frame_key(video, int(frame))
+                value = txn.get(key.encode("utf-8"))
+                if value is None:
+                    raise DataError(
+                        f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
+                        f"needed by annotation id {sample_id}.",
+                        "The store may be the sparse (alpha 0.25) one: other rates need the full "
+                        "store (`sfr download features ... --full`).",
+                    )
+                found = len(value) // 4
+                if found != self.dim or len(value) % 4:
+                    raise DataError(
+                        f"Feature store '{self.name}' ({self.path}): key '{key}' holds a vector of "
+                        f"dimension {found}, expected {self.dim}.",
+                        "Set data.feature_dims for this modality to the store's dimension.",
+                    )
+                out[row] = np.frombuffer(value, dtype=np.float32)
+        return out
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+class FeatureStoreWriter:
+    """Writes vectors into a new or existing store in the public format, committing in batches."""
+
+    def __init__(self, path: Path, commit_every: int = 4096, map_size: int = 1 << 34) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True)
+        self._commit_every = commit_every
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    def put(self, video: str, frame: int, vector: np.ndarray) -> None:
+        self._pending.append(
+            (frame_key(video, frame).encode("utf-8"), np.asarray(vector, np.float32).tobytes())
+        )
+        if len(self._pending) >= self._commit_every:
+            self.flush()
+
+    def put_many(self, video: str, first_frame: int, vectors: np.ndarray) -> None:
+        """Write consecutive frames `first_frame, first_frame + 1, ...` of one video."""
+        for offset, vector in enumerate(vectors):
+            self.put(video, first_frame + offset, vector)
+
+    def flush(self) -> None:
+        while self._pending:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in self._pending:
+                        txn.put(key, value)
+                self._pending.clear()
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def close(self) -> None:
+        self.flush()
+        self._env.close()
+
+    def __enter__(self) -> FeatureStoreWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()

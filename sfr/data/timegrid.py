@@ -1,0 +1,81 @@
+"""The time grid of one branch: which frames it reads before an action, and which steps anticipate.
+
+The arithmetic follows the published RU-LSTM sampler bit for bit (DESIGN §3): the public sparse
+feature stores contain exactly the frames it produces and no others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+# Times (seconds) are compared after rounding, so 0.125 * 8 and 1.0 are the same time.
+_TIME_DECIMALS = 6
+
+
+def as_time(seconds: float) -> float:
+    """Canonical float for a time in seconds, so that equal times compare and hash equal."""
+    return round(float(seconds), _TIME_DECIMALS)
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """Observation grid of a branch: `s_enc` encoding then `s_ant` anticipation steps, `alpha` s apart.
+
+    Step `i` (0-based, oldest first) observes the video `times[i]` seconds before the action starts;
+    the last step observes it `alpha` seconds before.
+    """
+
+    alpha: float
+    s_enc: int
+    s_ant: int
+    fps: float = 30.0
+
+    @property
+    def steps(self) -> int:
+        """Total number of steps T = S_enc + S_ant."""
+        return self.s_enc + self.s_ant
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Seconds before the action start of every step, oldest first (float64, published arithmetic)."""
+        return np.arange(self.alpha, self.alpha * (self.steps + 1), self.alpha)[::-1]
+
+    @cached_property
+    def times(self) -> tuple[float, ...]:
+        """Canonical seconds-before-action of every step, oldest first."""
+        return tuple(as_time(t) for t in self.offsets)
+
+    @property
+    def anticipation_times(self) -> tuple[float, ...]:
+        """Seconds before the action of the anticipation steps, oldest first (2.0, ..., 0.25)."""
+        return self.times[self.s_enc :]
+
+    @property
+    def anticipation_steps(self) -> tuple[int, ...]:
+        """Step indices of the anticipation steps."""
+        return tuple(range(self.s_enc, self.steps))
+
+    def step_at(self, seconds: float) -> int:
+        """Index of the step that observes the video `seconds` before the action; KeyError if none."""
+        return self.times.index(as_time(seconds))
+
+    def steps_at(self, seconds: Sequence[float]) -> tuple[int, ...]:
+        """Step indices of several times (see `step_at`)."""
+        return tuple(self.step_at(t) for t in seconds)
+
+    def frames(self, start_frame: int) -> np.ndarray | None:
+        """Frames read for an action starting at `start_frame`, oldest first; None if discarded.
+
+        Frames before the first frame of the video (< 1) are replaced by the earliest valid frame;
+        a sequence without any valid frame is discarded.
+        """
+        frames = np.floor((start_frame / self.fps - self.offsets) * self.fps).astype(int)
+        valid = frames >= 1
+        if not valid.any():
+            return None
+        frames[~valid] = frames[valid].min()
+        return frames

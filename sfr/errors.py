@@ -1,0 +1,35 @@
+"""User-facing errors: each carries a message that names the culprit and a hint saying what to do.
+
+The CLI turns any `SfrError` into a one-paragraph message and exit code 2; core code raises
+them instead of printing.
+"""
+
+from __future__ import annotations
+
+
+class SfrError(Exception):
+    """A problem the user can fix (bad input, missing file, wrong config)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} {self.hint}"
+
+
+class ConfigError(SfrError):
+    """An invalid configuration value, file or override."""
+
+
+class DataError(SfrError):
+    """Missing or malformed data: annotation CSVs, feature stores, feature vectors."""
+
+
+class RunError(SfrError):
+    """A run directory in a state that forbids the requested work (finished, missing, foreign)."""
+
+
+class TrainingError(SfrError):
+    """Training cannot go on (for example the loss became NaN)."""

@@ -1,0 +1,1 @@
+"""Evaluation: the benchmarks' measures as plain NumPy functions."""

@@ -1,0 +1,1 @@
+"""Published artefacts: safe reading and conversion of the public RU-LSTM checkpoints."""

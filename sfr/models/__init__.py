@@ -1,0 +1,1 @@
+"""Models: the RU-LSTM branch (efficient and reference formulations) and its building blocks."""

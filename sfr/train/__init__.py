@@ -1,0 +1,1 @@
+"""Training: run directories, safetensors checkpoints, the training loop and its stages."""

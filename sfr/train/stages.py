@@ -1,0 +1,205 @@
+"""Branch stages: sequence-completion pre-training, then anticipation fine-tuning of one branch.
+
+    RUNS/<dataset>/<modality>-a<alpha>-enc<S_enc>-ant<S_ant>/pretrain   (sfr train-branch)
+    RUNS/<dataset>/<modality>-a<alpha>-enc<S_enc>-ant<S_ant>/finetune   (sfr finetune)
+
+Fine-tuning starts from the pre-training's best weights, found by that convention.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from sfr.config import BranchRunConfig
+from sfr.data.annotations import ActionsTable, Segment, read_actions, read_segments
+from sfr.data.dataset import AnticipationDataset, Stream, open_stores
+from sfr.errors import ConfigError, DataError, RunError
+from sfr.models.branch import RULSTMBranch, create_branch
+from sfr.train.checkpoint import load_checkpoint
+from sfr.train.loop import FitResult, FitSettings, Progress, Trainer
+from sfr.train.rundir import RunDir
+
+Stage = Literal["pretrain", "finetune"]
+STAGES: tuple[Stage, ...] = ("pretrain", "finetune")
+
+
+@dataclass
+class BranchTask:
+    """An RU-LSTM branch scored at the anticipation steps of its stream's time grid."""
+
+    module: RULSTMBranch
+    stream: Stream
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return self.stream.grid.anticipation_steps
+
+    @property
+    def times(self) -> tuple[float, ...]:
+        return self.stream.grid.anticipation_times
+
+    def scores(self, features: dict[str, Tensor]) -> Tensor:
+        return self.module(features[self.stream.key], self.steps).scores
+
+
+@dataclass(frozen=True)
+class BranchData:
+    """Training and validation sets of one branch, and the actions table."""
+
+    train: AnticipationDataset
+    val: AnticipationDataset
+    actions: ActionsTable
+    num_classes: int
+
+
+def branch_stream(config: BranchRunConfig) -> Stream:
+    return Stream(config.branch.modality, config.branch.grid(config.data.fps))
+
+
+def _checked_segments(path: Path, num_classes: int) -> list[Segment]:
+    segments = read_segments(path)
+    for segment in segments:
+        if segment.action is None:
+            raise DataError(
+                f"{path}: segment {segment.id} has no labels; a labelled split is needed."
+            )
+        if not 0 <= segment.action < num_classes:
+            raise DataError(
+                f"{path}: segment {segment.id} has action {segment.action}, outside 0..{num_classes - 1}.",
+                "Check data.actions_csv / data.num_classes against this file.",
+            )
+    return segments
+
+
+def load_branch_data(
+    config: BranchRunConfig, data_dir: Path, progress: Callable[[int, int], None] | None = None
+) -> BranchData:
+    """Read the actions table, the training/validation CSVs and open the branch's feature store."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"Data folder {data_dir} does not exist.", "Pass the folder with --data.")
+    actions = read_actions(data_dir / config.data.actions_csv)
+    num_classes = config.data.num_classes or actions.num_actions
+    if num_classes != actions.num_actions:
+        raise ConfigError(
+            f"data.num_classes is {num_classes} but {data_dir / config.data.actions_csv} lists "
+            f"{actions.num_actions} actions.",
+            "Remove data.num_classes or point data.actions_csv at the matching table.",
+        )
+    stream = branch_stream(config)
+    stores = open_stores(data_dir, {stream.modality: config.data.feature_dim(stream.modality)})
+    sets = [
+        AnticipationDataset(
+            _checked_segments(data_dir / config.data.csv_name(split), num_classes),
+            [stream],
+            stores,
+            preload=config.data.preload,
+            progress=progress,
+        )
+        for split in ("training", "validation")
+    ]
+    return BranchData(sets[0], sets[1], actions, num_classes)
+
+
+def stage_dir(config: BranchRunConfig, runs_dir: Path, stage: Stage) -> RunDir:
+    return RunDir(Path(runs_dir) / config.branch_dir / stage)
+
+
+def branch_metadata(config: BranchRunConfig, stage: Stage, num_classes: int) -> dict[str, Any]:
+    """What a branch checkpoint says about itself: enough to rebuild and place it."""
+    return {
+        "kind": "branch",
+        "stage": stage,
+        "config": config.model_dump(mode="json"),
+        "model": {
+            "feat_dim": config.data.feature_dim(config.branch.modality),
+            "hidden": config.branch.hidden,
+            "num_classes": num_classes,
+        },
+    }
+
+
+def _pretrained_weights(
+    config: BranchRunConfig, runs_dir: Path, num_classes: int, data_dir: Path, source: str | None
+) -> dict[str, Tensor]:
+    """Best pre-training weights of the same branch, checked against this config."""
+    pretrain = stage_dir(config, runs_dir, "pretrain")
+    if not pretrain.finished or not pretrain.best_path.is_file():
+        raise RunError(
+            f"No finished pre-training for this branch: {pretrain.best_path} is missing.",
+            f"Create it first with: sfr train-branch --config {source or 'CONFIG.toml'} "
+            f"--data {data_dir} --runs {runs_dir}",
+        )
+    tensors, meta = load_checkpoint(pretrain.best_path)
+    expected = branch_metadata(config, "pretrain", num_classes)["model"]
+    if meta.get("model") != expected:
+        raise RunError(
+            f"The pre-trained checkpoint {pretrain.best_path} was trained with "
+            f"{json.dumps(meta.get('model'))}, this config needs {json.dumps(expected)}.",
+            "Pre-train again with this config (sfr train-branch ... --force).",
+        )
+    return tensors
+
+
+def train_branch_stage(
+    config: BranchRunConfig,
+    stage: Stage,
+    data_dir: Path,
+    runs_dir: Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    data: BranchData | None = None,
+    source: str | None = None,
+) -> FitResult:
+    """Run one stage of one branch in its run directory and return its best result.
+
+    `data` may be passed to share loaded datasets between stages; `source` names the config
+    file in hints.
+    """
+    run = stage_dir(config, runs_dir, stage)
+    data = data or load_branch_data(config, data_dir)
+    init = None
+    if stage == "finetune" and not (resume and run.last_path.is_file()):
+        init = _pretrained_weights(config, runs_dir, data.num_classes, data_dir, source)
+    resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    branch = create_branch(
+        feat_dim=config.data.feature_dim(config.branch.modality),
+        hidden=config.branch.hidden,
+        num_classes=data.num_classes,
+        dropout=config.branch.dropout,
+        sequence_completion=stage == "pretrain",
+        shared_dropout_mask=config.branch.shared_dropout_mask,
+    )
+    if init is not None and not resuming:
+        branch.load_state_dict(init)
+    settings = FitSettings(
+        epochs=config.optim.epochs,
+        batch_size=config.optim.batch_size,
+        lr=config.optim.lr,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+        seed=config.run.seed,
+        select=config.run.select,
+        select_time=config.run.select_time,
+        num_workers=config.data.num_workers,
+        device=config.run.device,
+    )
+    task = BranchTask(branch, branch_stream(config))
+    trainer = Trainer(
+        task,
+        data.train,
+        data.val,
+        run,
+        settings,
+        branch_metadata(config, stage, data.num_classes),
+        progress,
+    )
+    return trainer.fit(resuming)
