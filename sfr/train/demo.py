@@ -7,11 +7,13 @@ pre-trained by sequence completion and then fine-tuned for anticipation.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfr.config import MODALITIES, BranchRunConfig, build_config
+from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
 from sfr.errors import DataError
 from sfr.train.loop import FitResult, ProgressEvent
@@ -22,7 +24,7 @@ from sfr.train.stages import STAGES, Stage, load_branch_data, train_branch_stage
 class DemoPlan:
     """What the demo generates and trains (small enough for 2 CPU cores in a few minutes)."""
 
-    spec: SyntheticSpec = SyntheticSpec()
+    spec: SyntheticSpec = field(default_factory=SyntheticSpec)
     rates: tuple[tuple[float, int, int], ...] = ((0.125, 24, 16), (0.5, 6, 4))
     modalities: tuple[str, ...] = MODALITIES
     hidden: int = 64
@@ -56,6 +58,7 @@ class DemoResult:
     data_dir: Path
     runs_dir: Path
     num_classes: int
+    prior_top5: float  # % of validation hit by the 5 most frequent training actions
     results: dict[tuple[str, Stage], FitResult] = field(default_factory=dict)
 
 
@@ -88,6 +91,14 @@ def demo_configs(plan: DemoPlan) -> list[BranchRunConfig]:
     ]
 
 
+def frequency_prior_top5(data_dir: Path) -> float:
+    """Top-5 accuracy (%) on validation of always guessing the 5 most frequent training actions."""
+    train = [s.action for s in read_segments(data_dir / "training.csv")]
+    val = [s.action for s in read_segments(data_dir / "validation.csv")]
+    frequent = {action for action, _ in Counter(train).most_common(5)}
+    return 100 * sum(action in frequent for action in val) / len(val)
+
+
 def run_demo(
     out: Path,
     plan: DemoPlan = DemoPlan(),
@@ -109,7 +120,7 @@ def run_demo(
     summary = write_synthetic(data_dir, plan.spec, force=True)
     report(DemoDataReady(summary))
     configs = demo_configs(plan)
-    result = DemoResult(data_dir, runs_dir, summary.num_actions)
+    result = DemoResult(data_dir, runs_dir, summary.num_actions, frequency_prior_top5(data_dir))
     total = len(configs) * len(STAGES)
     index = 0
     for config in configs:

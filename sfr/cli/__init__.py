@@ -1,0 +1,1 @@
+"""The `sfr` console tool: one module per subcommand, each thin (parse, call the core, render)."""

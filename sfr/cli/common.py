@@ -1,0 +1,134 @@
+"""What every subcommand shares: the error helper, the console and the training progress view."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from sfr.errors import SfrError
+from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
+
+USER_ERROR_EXIT = 2
+console = Console()
+err_console = Console(stderr=True)
+
+CommandT = TypeVar("CommandT", bound=Callable[..., Any])
+
+
+def fail(message: str, hint: str | None = None) -> typer.Exit:
+    """Print a user error (message and hint) and return the exit to raise (code 2)."""
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False)
+    if hint:
+        err_console.print(f"[yellow]Hint:[/] {hint}", highlight=False)
+    return typer.Exit(USER_ERROR_EXIT)
+
+
+def user_errors(command: CommandT) -> CommandT:
+    """Turn `SfrError` into a one-paragraph message and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SfrError as error:
+            raise fail(error.message, error.hint) from None
+        except KeyboardInterrupt:
+            err_console.print(
+                "[yellow]Interrupted.[/] Checkpoints are written atomically: run the same "
+                "command with --resume to continue."
+            )
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class TrainingView:
+    """Rich rendering of training progress events: epoch and batch bars, one line per epoch."""
+
+    def __init__(self, title: str = "") -> None:
+        self.title = title
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.epoch_task: TaskID | None = None
+        self.batch_task: TaskID | None = None
+
+    def __enter__(self) -> TrainingView:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, StageStarted):
+            self._reset()
+            self.epoch_task = self.bars.add_task(
+                f"{self.title} epochs", total=event.epochs, completed=event.start_epoch, info=""
+            )
+            self.batch_task = self.bars.add_task(
+                "  batches", total=event.batches_per_epoch, info=""
+            )
+            if event.start_epoch:
+                self.bars.console.print(f"  resuming {event.run_dir} at epoch {event.start_epoch}")
+        elif isinstance(event, BatchDone) and self.batch_task is not None:
+            self.bars.update(
+                self.batch_task,
+                description=f"  {event.phase} batches",
+                completed=event.done,
+                total=event.total,
+                info=f"loss {event.loss:.3f} · {event.samples_per_s:,.0f} samples/s",
+            )
+        elif isinstance(event, EpochDone) and self.epoch_task is not None:
+            self.bars.update(
+                self.epoch_task, completed=event.epoch + 1, info=f"best {event.best:.2f}"
+            )
+            marker = " [green]★ best[/]" if event.is_best else ""
+            self.bars.console.print(
+                f"  epoch {event.epoch + 1:>3}/{event.epochs}  train loss {event.train_loss:.4f}  "
+                f"val loss {event.val_loss:.4f}  selection {event.selection:6.2f}{marker}  "
+                f"({event.seconds:.1f} s)",
+                highlight=False,
+            )
+
+    def _reset(self) -> None:
+        for task in (self.epoch_task, self.batch_task):
+            if task is not None:
+                self.bars.remove_task(task)
+        self.epoch_task = self.batch_task = None
+
+
+def stage_table(result: FitResult, times: tuple[float, ...], title: str) -> Table:
+    """Validation measures of a stage's best epoch, one row per anticipation time."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("τ (s)", justify="right")
+    table.add_column("action top-1 %", justify="right")
+    table.add_column("action top-5 %", justify="right")
+    for seconds in times:
+        table.add_row(
+            f"{seconds:g}",
+            f"{result.metrics[f'top1@{seconds:g}']:.2f}",
+            f"{result.metrics[f'top5@{seconds:g}']:.2f}",
+        )
+    return table
