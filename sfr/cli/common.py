@@ -98,7 +98,8 @@ class TrainingView:
                 description=f"  {event.phase} batches",
                 completed=event.done,
                 total=event.total,
-                info=f"loss {event.loss:.3f} · {event.samples_per_s:,.0f} samples/s",
+                info=f"loss {event.loss:.3f} · top-5 {event.top5:5.1f}% · "
+                f"{event.samples_per_s:,.0f} samples/s",
             )
         elif isinstance(event, EpochDone) and self.epoch_task is not None:
             self.bars.update(

@@ -49,12 +49,7 @@ class FeatureStore:
     def env(self) -> lmdb.Environment:
         """The LMDB environment, opened once per process (LMDB handles must not cross a fork)."""
         if self._env is None or self._pid != os.getpid():
-            try:
-                self._env = lmdb.open(
-                    str(self.path), readonly=True, lock=False, readahead=False, max_readers=512
-                )
-            except lmdb.Error as error:
-                raise DataError(f"Cannot open feature store {self.path}: {error}") from None
+            self._env = _open_readonly(self.path)
             self._pid = os.getpid()
         return self._env
 
@@ -83,9 +78,24 @@ class FeatureStore:
         return out
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        """Forget this store's handle (the shared environment stays open for other readers)."""
+        self._env = None
+
+
+def _open_readonly(path: Path) -> lmdb.Environment:
+    """One read-only environment per folder and process: LMDB refuses to open a folder twice."""
+    key = (str(path.resolve()), os.getpid())
+    if key not in _READERS:
+        try:
+            _READERS[key] = lmdb.open(
+                str(path), readonly=True, lock=False, readahead=False, max_readers=512
+            )
+        except lmdb.Error as error:
+            raise DataError(f"Cannot open feature store {path}: {error}") from None
+    return _READERS[key]
+
+
+_READERS: dict[tuple[str, int], lmdb.Environment] = {}
 
 
 class FeatureStoreWriter:

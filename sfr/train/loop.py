@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from sfr.errors import TrainingError
-from sfr.eval.metrics import mean_topk_recall, topk_accuracy
+from sfr.eval.metrics import mean_topk_recall, topk_accuracy, topk_hits
 from sfr.train.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
 from sfr.train.rundir import RunDir
 
@@ -68,6 +68,7 @@ class BatchDone:
     done: int
     total: int
     loss: float
+    top5: float  # running top-5 action accuracy (%) at the selection time
     samples_per_s: float
 
 
@@ -247,7 +248,8 @@ class Trainer:
     def _train_epoch(self, module: nn.Module, epoch: int) -> float:
         module.train()
         loader = self._loader(self.train_set, epoch, shuffle=True)
-        total, seen, began = 0.0, 0, time.perf_counter()
+        total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
+        k_sel = self.task.times.index(self.settings.select_time)
         for index, batch in enumerate(loader):
             labels = batch["action"].to(self.device)
             scores = self.task.scores(_to_device(batch["features"], self.device))  # (B, K, C)
@@ -263,9 +265,14 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(labels)
+            hits += int((scores[:, k_sel].topk(5, dim=1).indices == labels[:, None]).any(1).sum())
             seen += len(labels)
             rate = seen / max(time.perf_counter() - began, 1e-9)
-            self.progress(BatchDone("train", epoch, index + 1, len(loader), total / seen, rate))
+            self.progress(
+                BatchDone(
+                    "train", epoch, index + 1, len(loader), total / seen, 100 * hits / seen, rate
+                )
+            )
         return total / max(seen, 1)
 
     @torch.no_grad()
@@ -273,6 +280,7 @@ class Trainer:
         module.eval()
         loader = self._loader(self.val_set, epoch, shuffle=False)
         all_scores, all_labels, total, began = [], [], 0.0, time.perf_counter()
+        k_sel = self.task.times.index(self.settings.select_time)
         for index, batch in enumerate(loader):
             labels = batch["action"].to(self.device)
             scores = self.task.scores(_to_device(batch["features"], self.device))
@@ -280,8 +288,13 @@ class Trainer:
             all_scores.append(scores.float().cpu().numpy())
             all_labels.append(labels.cpu().numpy())
             seen = sum(len(lab) for lab in all_labels)
+            hits = topk_hits(np.concatenate(all_scores)[:, k_sel], np.concatenate(all_labels), 5)
             rate = seen / max(time.perf_counter() - began, 1e-9)
-            self.progress(BatchDone("val", epoch, index + 1, len(loader), total / seen, rate))
+            self.progress(
+                BatchDone(
+                    "val", epoch, index + 1, len(loader), total / seen, 100 * hits.mean(), rate
+                )
+            )
         scores = np.concatenate(all_scores)
         labels = np.concatenate(all_labels)
         metrics = evaluate_scores(scores, labels, self.task.times, self.settings.select_time)

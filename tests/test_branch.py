@@ -1,0 +1,166 @@
+"""The efficient RU-LSTM branch computes the plain formulation's function, and the published one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden import BRANCH_CASES, CASE_GRID, GOLDEN, golden_case
+
+from sfr.hub.published import branch_state_from_published, load_published_checkpoint
+from sfr.models.branch import create_branch
+from sfr.models.reference import plain_forward
+
+
+def _branch(
+    seq_comp: bool, feat: int = 6, hidden: int = 10, classes: int = 7, dropout: float = 0.0
+):
+    torch.manual_seed(0)
+    return create_branch(
+        feat_dim=feat,
+        hidden=hidden,
+        num_classes=classes,
+        dropout=dropout,
+        sequence_completion=seq_comp,
+    ).double()
+
+
+@pytest.mark.parametrize("seq_comp", [False, True], ids=["anticipation", "sequence_completion"])
+@pytest.mark.parametrize("s_enc,s_ant", [(6, 8), (24, 16)], ids=["T14", "T40"])
+@pytest.mark.parametrize("with_context", [False, True], ids=["scores", "context"])
+def test_efficient_matches_plain_outputs_and_gradients(
+    seq_comp: bool, s_enc: int, s_ant: int, with_context: bool
+) -> None:
+    branch = _branch(seq_comp)
+    steps = s_enc + s_ant
+    x = torch.randn(3, steps, 6, dtype=torch.float64, requires_grad=True)
+    wanted = list(range(s_enc, steps))
+
+    def objective(scores: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        weights = torch.linspace(-1, 1, scores.numel(), dtype=torch.float64).view_as(scores)
+        value = (scores * weights).sum()
+        if with_context:
+            value = value + (context.sin()).sum()
+        return value
+
+    fast = branch(x, wanted)
+    fast_grads = torch.autograd.grad(objective(*fast), [x, *branch.parameters()])
+    plain = plain_forward(branch, x)
+    plain_sel = (plain.scores[:, s_enc:], plain.context[:, s_enc:])
+    plain_grads = torch.autograd.grad(objective(*plain_sel), [x, *branch.parameters()])
+
+    assert fast.scores.shape == (3, s_ant, 7) and fast.context.shape == (3, s_ant, 20)
+    assert (fast.scores - plain_sel[0]).abs().max() <= 1e-5
+    assert (fast.context - plain_sel[1]).abs().max() <= 1e-5
+    for mine, theirs in zip(fast_grads, plain_grads):
+        assert (mine - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("seq_comp", [False, True])
+def test_every_step_and_arbitrary_step_subsets(seq_comp: bool) -> None:
+    branch = _branch(seq_comp).eval()
+    x = torch.randn(2, 14, 6, dtype=torch.float64)
+    plain = plain_forward(branch, x)
+    every = branch(x)
+    assert (every.scores - plain.scores).abs().max() <= 1e-12
+    subset = [0, 3, 4, 9, 13]
+    picked = branch(x, subset)
+    assert (picked.scores - plain.scores[:, subset]).abs().max() <= 1e-12
+    assert (picked.context - plain.context[:, subset]).abs().max() <= 1e-12
+
+
+def test_rejects_bad_step_lists() -> None:
+    branch = _branch(False)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    for bad in ([], [3, 2], [1, 1], [5], [-1]):
+        with pytest.raises(ValueError):
+            branch(x, bad)
+
+
+class _RecordingDropout(torch.nn.Module):
+    """Dropout stand-in that records the mask of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (torch.rand_like(x) > 0.5).to(x.dtype)
+        self.masks.append(mask)
+        return x * mask
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -> None:
+    branch = _branch(False)
+    branch.shared_dropout_mask = shared
+    branch.train()
+    branch.input_dropout.p = 0.5  # a non-zero rate activates the training path
+    recorder = _RecordingDropout()
+    recorder.p = 0.5
+    branch.input_dropout = recorder
+    batch, s_enc, s_ant = 2, 3, 4
+    branch(
+        torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64), list(range(s_enc, s_enc + s_ant))
+    )
+    rolling, unrolling = recorder.masks[0], recorder.masks[1:]
+    assert rolling.shape == (batch, s_enc + s_ant, 6)
+    if shared:
+        assert len(unrolling) == 1 and unrolling[0].shape == (s_ant * batch, 6)
+    else:
+        # one call per unrolling step; unroll 0 (longest, S_ant + 1 steps) sees a new mask each step
+        assert len(unrolling) == s_ant + 1
+        assert [m.shape[0] for m in unrolling] == [4 * batch] * 2 + [
+            3 * batch,
+            2 * batch,
+            1 * batch,
+        ]
+        first_unroll = [m[:batch] for m in unrolling]
+        assert not all(torch.equal(first_unroll[0], m) for m in first_unroll[1:])
+
+
+def test_train_mode_without_dropout_equals_eval() -> None:
+    branch = _branch(True, dropout=0.0)
+    x = torch.randn(2, 14, 6, dtype=torch.float64)
+    train_out = branch.train()(x, list(range(6, 14))).scores
+    eval_out = branch.eval()(x, list(range(6, 14))).scores
+    assert torch.equal(train_out, eval_out)
+
+
+@pytest.mark.parametrize("case", BRANCH_CASES)
+def test_published_weights_reproduce_published_outputs(case: str) -> None:
+    ctor, io = golden_case(case)
+    branch = create_branch(
+        feat_dim=ctor["feat_in"],
+        hidden=ctor["hidden"],
+        num_classes=ctor["num_class"],
+        dropout=ctor["dropout"],
+        sequence_completion=ctor["sequence_completion"],
+    ).eval()
+    state = load_published_checkpoint(GOLDEN / case / "checkpoint.pth.tar")["state_dict"]
+    branch.load_state_dict(branch_state_from_published(state))
+    s_enc, s_ant = CASE_GRID[case]
+    x = io["x"]
+    assert x.shape[1] == s_enc + s_ant
+    out = branch(x, list(range(s_enc, s_enc + s_ant)))
+    assert (out.scores - io["scores"][:, s_enc:]).abs().max() <= 1e-5
+    if "context" in io:
+        assert (out.context - io["context"][:, s_enc:]).abs().max() <= 1e-5
+    every = branch(x)
+    assert (every.scores - io["scores"]).abs().max() <= 1e-5
+
+
+def test_published_checkpoint_loads_only_numpy_scalars(tmp_path) -> None:
+    container = load_published_checkpoint(GOLDEN / BRANCH_CASES[0] / "checkpoint.pth.tar")
+    assert float(container["best_perf"]) == pytest.approx(13.25)
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "x": Evil()}, path, pickle_module=pickle)
+    from sfr.errors import DataError
+
+    with pytest.raises(DataError, match="cannot be read safely|not a published"):
+        load_published_checkpoint(path)

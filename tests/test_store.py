@@ -1,0 +1,82 @@
+"""LMDB feature stores: public key/value format, one transaction per sample, clear errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import lmdb
+import numpy as np
+import pytest
+from golden import GOLDEN_DATA
+
+from sfr.data.store import FeatureStore, FeatureStoreWriter, frame_key
+from sfr.errors import DataError
+
+
+def test_public_key_format() -> None:
+    assert frame_key("P01_01", 152) == "P01_01_frame_0000000152.jpg"
+
+
+def test_writer_output_is_readable_the_published_way(tmp_path) -> None:
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with FeatureStoreWriter(tmp_path / "rgb", commit_every=2) as writer:
+        writer.put_many("P01_01", 5, vectors)
+    env = lmdb.open(str(tmp_path / "rgb"), readonly=True, lock=False)
+    with env.begin() as txn:
+        raw = txn.get(b"P01_01_frame_0000000006.jpg")
+    np.testing.assert_array_equal(np.frombuffer(raw, "float32"), vectors[1])
+    env.close()
+    store = FeatureStore(tmp_path / "rgb", 4)
+    np.testing.assert_array_equal(store.read("P01_01", [7, 5, 7]), vectors[[2, 0, 2]])
+
+
+def test_reads_golden_store_in_one_transaction(monkeypatch) -> None:
+    store = FeatureStore(GOLDEN_DATA / "rgb", 16)
+    calls = []
+    env = store.env
+    original = env.begin
+    monkeypatch.setattr(
+        store,
+        "_env",
+        type("Env", (), {"begin": lambda self, **kw: calls.append(kw) or original(**kw)})(),
+    )
+    store._pid = __import__("os").getpid()
+    out = store.read("S01_01", [4, 12, 19, 27])
+    assert out.shape == (4, 16) and out.dtype == np.float32
+    assert len(calls) == 1
+
+
+def test_missing_key_names_key_store_and_annotation(tmp_path) -> None:
+    with FeatureStoreWriter(tmp_path / "flow") as writer:
+        writer.put("P01_01", 1, np.zeros(4, np.float32))
+    store = FeatureStore(tmp_path / "flow", 4, name="flow")
+    with pytest.raises(DataError) as caught:
+        store.read("P01_01", [1, 2], sample_id="330")
+    message = str(caught.value)
+    assert "P01_01_frame_0000000002.jpg" in message and "flow" in message and "330" in message
+
+
+def test_wrong_dimension_names_expected_and_found(tmp_path) -> None:
+    with FeatureStoreWriter(tmp_path / "obj") as writer:
+        writer.put("P01_01", 1, np.zeros(6, np.float32))
+    with pytest.raises(DataError, match=r"dimension 6, expected 352"):
+        FeatureStore(tmp_path / "obj", 352).read("P01_01", [1])
+
+
+def test_missing_store_folder(tmp_path) -> None:
+    with pytest.raises(DataError, match=r"Feature store 'rgb' not found"):
+        FeatureStore(tmp_path / "rgb", 1024, name="rgb")
+
+
+def test_store_pickles_without_its_handle_and_reopens() -> None:
+    store = FeatureStore(GOLDEN_DATA / "obj", 12)
+    first = store.read("S01_01", [4])
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._env is None
+    np.testing.assert_array_equal(clone.read("S01_01", [4]), first)
+
+
+def test_two_stores_on_one_folder_share_the_environment() -> None:
+    first, second = FeatureStore(GOLDEN_DATA / "rgb", 16), FeatureStore(GOLDEN_DATA / "rgb", 16)
+    np.testing.assert_array_equal(first.read("S01_01", [4]), second.read("S01_01", [4]))
+    assert first.env is second.env
