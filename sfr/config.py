@@ -100,7 +100,7 @@ class BranchConfig(StrictModel):
 class OptimConfig(StrictModel):
     """SGD with momentum, as in the published method."""
 
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, gt=0, lt=3.4e38, description="learning rate (a float32 value)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1)

@@ -16,7 +16,13 @@ class SfrError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return self.message if self.hint is None else f"{self.message} {self.hint}"
+        return self.message if self.hint is None else f"{self.message}\nHint: {self.hint}"
+
+    @classmethod
+    def from_text(cls, text: str) -> SfrError:
+        """Rebuild an error from its `str()` (message, then an optional `Hint:` line)."""
+        message, _, hint = text.partition("\nHint: ")
+        return cls(message, hint or None)
 
 
 class ConfigError(SfrError):

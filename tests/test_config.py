@@ -106,7 +106,7 @@ def test_parse_override_reads_toml_values() -> None:
 def test_rate_ratios_must_be_integers() -> None:
     check_rates([0.125, 0.25, 0.5])
     check_rates([0.5])
-    with pytest.raises(ConfigError, match="rates 0.25 and 0.375 have ratio 1.5"):
+    with pytest.raises(ConfigError, match=r"rates 0.25 and 0.375 have ratio 1.5"):
         check_rates([0.25, 0.375], field="fusion.alphas")
 
 
@@ -114,5 +114,5 @@ def test_egtea_split_names_its_csvs() -> None:
     config = build_config(BranchRunConfig, {**BASE, "data": {"dataset": "egtea", "split": 2}})
     assert config.data.csv_name("training") == "training2.csv"
     assert config.data.csv_name("validation") == "validation2.csv"
-    with pytest.raises(ConfigError, match="data.split: Input should be less than or equal to 3"):
+    with pytest.raises(ConfigError, match=r"data.split: Input should be less than or equal to 3"):
         build_config(BranchRunConfig, {**BASE, "data": {"dataset": "egtea", "split": 4}})

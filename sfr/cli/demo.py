@@ -18,26 +18,21 @@ def results_table(result: DemoResult, plan: DemoPlan) -> Table:
     branch_times = [set(f"{a * k:g}" for k in range(1, s_ant + 1)) for a, _, s_ant in plan.rates]
     times = sorted(set.intersection(*branch_times), key=float, reverse=True)
     table = Table(
-        title=f"Validation action accuracy, top-1 / top-5 % ({result.num_classes} classes)",
+        title=f"Validation action accuracy (%), top-1 / top-5, {result.num_classes} classes",
         title_justify="left",
+        caption=f"top-5 by chance {100 * 5 / result.num_classes:.1f}%, "
+        f"by the 5 most frequent actions {result.prior_top5:.1f}%",
+        caption_justify="left",
     )
-    table.add_column("branch")
+    table.add_column("branch (fine-tuned)", no_wrap=True)
     for seconds in times:
-        table.add_column(f"τ = {seconds} s", justify="right")
+        table.add_column(f"τ={seconds}s", justify="right", no_wrap=True)
     for (branch, stage), fit in result.results.items():
         if stage == "finetune":
             table.add_row(
                 branch,
-                *(
-                    f"{fit.metrics[f'top1@{t}']:5.1f} / {fit.metrics[f'top5@{t}']:5.1f}"
-                    for t in times
-                ),
+                *(f"{fit.metrics[f'top1@{t}']:.1f}/{fit.metrics[f'top5@{t}']:.1f}" for t in times),
             )
-    chance = 100 * 5 / result.num_classes
-    table.add_row(
-        "[dim]chance / frequency prior[/]",
-        *([f"[dim]top-5 {chance:.1f} / {result.prior_top5:.1f}[/]"] * len(times)),
-    )
     return table
 
 

@@ -65,7 +65,7 @@ def _rows(path: Path) -> Iterable[tuple[int, list[str]]]:
     if not path.is_file():
         raise DataError(
             f"Annotation file {path} does not exist.",
-            "Check --data, or fetch the annotations with `sfr download annotations`.",
+            "Check --data: it should hold the dataset's annotation CSVs.",
         )
     with path.open(newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):

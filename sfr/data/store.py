@@ -35,8 +35,7 @@ class FeatureStore:
         if not (self.path / "data.mdb").is_file():
             raise DataError(
                 f"Feature store '{self.name}' not found: {self.path / 'data.mdb'} does not exist.",
-                f"Put the {self.name} LMDB folder under the data folder "
-                f"(`sfr download features` fetches the public ones).",
+                f"Put the {self.name} LMDB folder (data.mdb) of the features under the data folder.",
             )
 
     def __getstate__(self) -> dict:
@@ -64,8 +63,8 @@ class FeatureStore:
                     raise DataError(
                         f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
                         f"needed by annotation id {sample_id}.",
-                        "The store may be the sparse (alpha 0.25) one: other rates need the full "
-                        "store (`sfr download features ... --full`).",
+                        "The store may be a sparse one (the public EK55 sparse stores hold only the "
+                        "frames of the alpha 0.25 grid): other rates need the full-frame-rate store.",
                     )
                 found = len(value) // 4
                 if found != self.dim or len(value) % 4:
@@ -83,8 +82,14 @@ class FeatureStore:
 
 
 def _open_readonly(path: Path) -> lmdb.Environment:
-    """One read-only environment per folder and process: LMDB refuses to open a folder twice."""
+    """One read-only environment per folder and process: LMDB refuses to open a folder twice.
+
+    A forked DataLoader worker inherits its parent's handles, which LMDB forbids using after a
+    fork; the worker closes its inherited copy (the parent's stays open) and opens its own.
+    """
     key = (str(path.resolve()), os.getpid())
+    for inherited in [k for k in _READERS if k[0] == key[0] and k[1] != key[1]]:
+        _READERS.pop(inherited).close()
     if key not in _READERS:
         try:
             _READERS[key] = lmdb.open(

@@ -111,6 +111,8 @@ def run_demo(
     """
     report = progress or (lambda event: None)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a folder.", "Choose a folder with --out.")
     if out.exists() and any(out.iterdir()) and not (out / "data" / "synthetic_meta.json").is_file():
         raise DataError(
             f"{out} is not empty and is not an earlier sfr demo folder.",

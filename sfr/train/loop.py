@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sfr.errors import TrainingError
+from sfr.errors import ConfigError, SfrError, TrainingError
 from sfr.eval.metrics import mean_topk_recall, topk_accuracy, topk_hits
 from sfr.train.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
 from sfr.train.rundir import RunDir
@@ -102,10 +102,35 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available, else CPU."""
+    """`auto` picks CUDA when available, else CPU; an unavailable device is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(
+            f"run.device is '{name}' but this machine has no such CUDA device.",
+            "Use --device cpu (or auto).",
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"run.device is '{name}' but MPS is not available.", "Use --device cpu.")
+    return device
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    """Iterate a loader, restoring the plain message of an sfr error raised in a worker process.
+
+    DataLoader re-raises a worker's exception with the worker's traceback as its message.
+    """
+    try:
+        yield from loader
+    except SfrError as error:
+        marker = f"{type(error).__name__}: "
+        if "Original Traceback" not in error.message or marker not in error.message:
+            raise
+        original = error.message.rsplit(marker, 1)[1].strip()
+        raise type(error).from_text(original) from None
 
 
 def _to_device(features: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -182,8 +207,6 @@ class Trainer:
         history = self.run_dir.read_metrics()
         if resume:
             start, best, best_epoch = self._restore()
-        else:
-            torch.manual_seed(self.settings.seed)
         history = [h for h in history if h["epoch"] < start]
         self.run_dir.set_status("running", epoch=start - 1, best=best, best_epoch=best_epoch)
         batches = math.ceil(len(self.train_set) / self.settings.batch_size)
@@ -250,22 +273,28 @@ class Trainer:
         loader = self._loader(self.train_set, epoch, shuffle=True)
         total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(_batches(loader)):
             labels = batch["action"].to(self.device)
             scores = self.task.scores(_to_device(batch["features"], self.device))  # (B, K, C)
             loss = anticipation_loss(scores, labels)
             if not torch.isfinite(loss):
+                kept = (
+                    f" The checkpoints of epoch {epoch - 1} are kept in {self.run_dir.root} "
+                    "(continue from them with --resume)."
+                    if self.run_dir.last_path.is_file()
+                    else ""
+                )
                 raise TrainingError(
-                    f"The training loss became {loss.item()} at epoch {epoch}, batch {index}: "
-                    "training stopped.",
-                    f"Lower the learning rate (--lr); the last good checkpoint is kept in "
-                    f"{self.run_dir.root} (continue with --resume).",
+                    f"The training loss became {loss.item()} at epoch {epoch + 1}, batch "
+                    f"{index + 1}: training stopped.",
+                    f"Lower the learning rate (--lr).{kept}",
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(labels)
-            hits += int((scores[:, k_sel].topk(5, dim=1).indices == labels[:, None]).any(1).sum())
+            top5 = scores[:, k_sel].topk(min(5, scores.shape[-1]), dim=1).indices  # (B, 5)
+            hits += int((top5 == labels[:, None]).any(dim=1).sum())
             seen += len(labels)
             rate = seen / max(time.perf_counter() - began, 1e-9)
             self.progress(
@@ -281,7 +310,7 @@ class Trainer:
         loader = self._loader(self.val_set, epoch, shuffle=False)
         all_scores, all_labels, total, began = [], [], 0.0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(_batches(loader)):
             labels = batch["action"].to(self.device)
             scores = self.task.scores(_to_device(batch["features"], self.device))
             total += anticipation_loss(scores, labels).item() * len(labels)

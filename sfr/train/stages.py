@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from sfr.config import BranchRunConfig
@@ -94,16 +95,23 @@ def load_branch_data(
         )
     stream = branch_stream(config)
     stores = open_stores(data_dir, {stream.modality: config.data.feature_dim(stream.modality)})
-    sets = [
-        AnticipationDataset(
-            _checked_segments(data_dir / config.data.csv_name(split), num_classes),
+    sets = []
+    for split in ("training", "validation"):
+        path = data_dir / config.data.csv_name(split)
+        dataset = AnticipationDataset(
+            _checked_segments(path, num_classes),
             [stream],
             stores,
             preload=config.data.preload,
             progress=progress,
         )
-        for split in ("training", "validation")
-    ]
+        if len(dataset) == 0:
+            raise DataError(
+                f"{path} has no usable segment: {len(dataset.discarded)} segment(s), all starting "
+                f"too early in their video for the {stream.key} grid ({stream.grid.steps} steps).",
+                "Check the CSV and the branch's alpha / s_enc / s_ant.",
+            )
+        sets.append(dataset)
     return BranchData(sets[0], sets[1], actions, num_classes)
 
 
@@ -130,11 +138,18 @@ def _pretrained_weights(
 ) -> dict[str, Tensor]:
     """Best pre-training weights of the same branch, checked against this config."""
     pretrain = stage_dir(config, runs_dir, "pretrain")
-    if not pretrain.finished or not pretrain.best_path.is_file():
+    command = (
+        f"sfr train-branch --config {source or 'CONFIG.toml'} --data {data_dir} --runs {runs_dir}"
+    )
+    if not pretrain.best_path.is_file():
         raise RunError(
-            f"No finished pre-training for this branch: {pretrain.best_path} is missing.",
-            f"Create it first with: sfr train-branch --config {source or 'CONFIG.toml'} "
-            f"--data {data_dir} --runs {runs_dir}",
+            f"No pre-trained checkpoint for this branch: {pretrain.best_path} is missing.",
+            f"Create it first with the same config and overrides as this command: {command} ...",
+        )
+    if not pretrain.finished:
+        raise RunError(
+            f"The pre-training in {pretrain.root} was interrupted before its last epoch.",
+            f"Finish it first: {command} --resume (with the same overrides as this command).",
         )
     tensors, meta = load_checkpoint(pretrain.best_path)
     expected = branch_metadata(config, "pretrain", num_classes)["model"]
@@ -170,6 +185,7 @@ def train_branch_stage(
     if stage == "finetune" and not (resume and run.last_path.is_file()):
         init = _pretrained_weights(config, runs_dir, data.num_classes, data_dir, source)
     resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
     branch = create_branch(
         feat_dim=config.data.feature_dim(config.branch.modality),
         hidden=config.branch.hidden,

@@ -1,0 +1,445 @@
+"""The `sfr` console tool as a user calls it: results tables, run paths, and clean user errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import lmdb
+import pytest
+import torch
+
+from sfr.data.annotations import read_segments
+from sfr.data.store import frame_key
+from sfr.data.timegrid import TimeGrid
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+USER_ERROR = 2
+TABLE_ROW = re.compile(
+    r"^[^\w\n]*(\d+(?:\.\d+)?)[^\w\n]+(\d+\.\d\d)[^\w\n]+(\d+\.\d\d)[^\w\n]*$", re.M
+)
+
+CONFIG_TOML = """\
+# a tiny rgb branch for the golden data
+[data]
+dataset = "ek55"
+feature_dims = {{ rgb = 16, flow = 16, obj = 12 }}
+
+[branch]
+modality = "rgb"
+alpha = 0.25
+s_enc = 2
+s_ant = 4
+hidden = 8
+dropout = 0.5
+{branch_extra}
+[optim]
+lr = 0.1
+batch_size = 16
+epochs = 1
+
+[run]
+seed = 0
+device = "cpu"
+"""
+
+
+def write_config(folder: Path, branch_extra: str = "", name: str = "branch.toml") -> Path:
+    path = folder / name
+    path.write_text(CONFIG_TOML.format(branch_extra=branch_extra), encoding="utf-8")
+    return path
+
+
+def preset_args(presets_dir: Path) -> list[str]:
+    """The published EK55 rgb preset, shrunk and adapted to the golden data."""
+    return [
+        "--config", str(presets_dir / "ek55" / "rgb_a0.25.toml"),
+        "--hidden", "8", "--epochs", "1", "--batch-size", "16", "--dropout", "0.5",
+        "--set", "data.feature_dims.rgb=16", "--set", "data.num_classes=24",
+        "--device", "cpu",
+    ]  # fmt: skip
+
+
+def table_rows(output: str) -> list[tuple[str, str, str]]:
+    """(τ, top-1, top-5) of every row of the results table in `output`."""
+    return TABLE_ROW.findall(output)
+
+
+def assert_user_error(code: int, output: str, error: BaseException | None, *needles: str) -> None:
+    """Exit code 2, an `Error:` line, no traceback, and every needle in the message."""
+    assert code == USER_ERROR, output
+    assert isinstance(error, SystemExit), repr(error)
+    assert "Traceback" not in output
+    assert "Error:" in output
+    for needle in needles:
+        assert needle in output, f"{needle!r} not in:\n{output}"
+
+
+def best_record(root: Path) -> dict:
+    status = json.loads((root / "status.json").read_text())
+    lines = (root / "metrics.jsonl").read_text().splitlines()
+    return next(r for r in map(json.loads, lines) if r["epoch"] == status["best_epoch"])
+
+
+# --------------------------------------------------------------------------------------------
+# successful runs
+
+
+def test_help_lists_the_commands(cli) -> None:
+    code, output, _ = cli("--help")
+    assert code == 0
+    for command in ("demo", "synth", "train-branch", "finetune"):
+        assert re.search(rf"^\W*{command}\b", output, re.M), f"{command} missing:\n{output}"
+
+
+def test_train_branch_then_finetune_with_the_published_preset(
+    cli, golden_data: Path, presets_dir: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    common = [*preset_args(presets_dir), "--data", str(golden_data), "--runs", str(runs)]
+    times = ["2", "1.75", "1.5", "1.25", "1", "0.75", "0.5", "0.25"]
+    for command, stage in (("train-branch", "pretrain"), ("finetune", "finetune")):
+        code, output, error = cli(command, *common)
+        assert code == 0, f"{output}\n{error!r}"
+        root = runs / "ek55" / "rgb-a0.25-enc6-ant8" / stage
+        assert f"{stage} rgb-a0.25-enc6-ant8" in output
+        assert str(root) in output
+        assert "τ (s)" in output and "action top-5 %" in output
+        rows = table_rows(output)
+        assert [row[0] for row in rows] == times
+        record = best_record(root)
+        for seconds, top1, top5 in rows:
+            assert top1 == f"{record[f'top1@{seconds}']:.2f}"
+            assert top5 == f"{record[f'top5@{seconds}']:.2f}"
+        assert f"top5@1s = {record['selection']:.2f}" in output
+        assert json.loads((root / "status.json").read_text())["state"] == "finished"
+        saved = json.loads((root / "config.json").read_text())
+        assert saved["branch"]["hidden"] == 8 and saved["data"]["num_classes"] == 24
+
+
+def test_named_overrides_change_the_run_dir_and_resume_extends_a_run(
+    cli, golden_data: Path, presets_dir: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    common = [*preset_args(presets_dir), "--data", str(golden_data), "--runs", str(runs)]
+    rate = ["--alpha", "0.5", "--s-enc", "6", "--s-ant", "4"]
+    code, output, error = cli("train-branch", *common, *rate)
+    assert code == 0, f"{output}\n{error!r}"
+    root = runs / "ek55" / "rgb-a0.5-enc6-ant4" / "pretrain"
+    assert str(root) in output
+    assert [row[0] for row in table_rows(output)] == ["2", "1.5", "1", "0.5"]
+    saved = json.loads((root / "config.json").read_text())
+    assert (saved["branch"]["alpha"], saved["branch"]["s_enc"], saved["branch"]["s_ant"]) == (
+        0.5,
+        6,
+        4,
+    )
+    assert not (runs / "ek55" / "rgb-a0.25-enc6-ant8").exists()
+
+    # --resume may raise --epochs
+    code, output, error = cli("train-branch", *common, *rate, "--epochs", "2", "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "resuming" in output
+    lines = (root / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+    code, output, error = cli("finetune", *common, *rate)
+    assert code == 0, f"{output}\n{error!r}"
+    assert str(runs / "ek55" / "rgb-a0.5-enc6-ant4" / "finetune") in output
+
+
+def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    runs = tmp_path / "runs"
+    args = ["--config", config, "--data", golden_data, "--runs", runs]
+    code, output, _ = cli("train-branch", *args)
+    assert code == 0, output
+    root = runs / "ek55" / "rgb-a0.25-enc2-ant4" / "pretrain"
+    before = (root / "best.safetensors").read_bytes()
+
+    code, output, error = cli("train-branch", *args)
+    assert_user_error(code, output, error, str(root), "finished run", "--resume", "--force")
+    assert (root / "best.safetensors").read_bytes() == before
+
+    code, output, error = cli("train-branch", *args, "--force", "--resume")
+    assert_user_error(code, output, error, "--force and --resume")
+    assert (root / "best.safetensors").read_bytes() == before
+
+    code, output, error = cli("train-branch", *args, "--resume", "--hidden", "12")
+    assert_user_error(code, output, error, "branch.hidden", "--force")
+
+    code, output, _ = cli("train-branch", *args, "--force")
+    assert code == 0, output
+    assert str(root) in output
+
+
+def test_finetune_without_pretraining_says_how_to_create_it(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    runs = tmp_path / "runs"
+    code, output, error = cli("finetune", "--config", config, "--data", golden_data, "--runs", runs)
+    assert_user_error(
+        code,
+        output,
+        error,
+        "No pre-trained checkpoint",
+        f"sfr train-branch --config {config} --data {golden_data} --runs {runs}",
+    )
+    assert not (runs / "ek55" / "rgb-a0.25-enc2-ant4" / "finetune").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# user errors: exit code 2, a message naming the culprit, no traceback
+
+
+def test_missing_data_folder(cli, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    missing = tmp_path / "no-such-data"
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", missing, "--runs", tmp_path / "runs"
+    )
+    assert_user_error(code, output, error, f"Data folder {missing} does not exist")
+
+
+def test_missing_config_file(cli, golden_data: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    code, output, error = cli("train-branch", "--config", missing, "--data", golden_data)
+    assert_user_error(code, output, error, f"Config file {missing} does not exist")
+
+
+def test_invalid_toml(cli, golden_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("[branch\nmodality = rgb\n")
+    code, output, error = cli("train-branch", "--config", config, "--data", golden_data)
+    assert_user_error(code, output, error, str(config), "is not valid TOML")
+
+
+@pytest.mark.parametrize("missing", ["validation.csv", "training.csv", "actions.csv"])
+def test_missing_csv(cli, golden_copy: Path, tmp_path: Path, missing: str) -> None:
+    (golden_copy / missing).unlink()
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_copy, "--runs", tmp_path / "runs"
+    )
+    assert_user_error(code, output, error, str(golden_copy / missing), "does not exist")
+
+
+def test_missing_feature_store(cli, golden_copy: Path, tmp_path: Path) -> None:
+    for path in sorted((golden_copy / "rgb").iterdir()):
+        path.unlink()
+    (golden_copy / "rgb").rmdir()
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_copy, "--runs", tmp_path / "runs"
+    )
+    assert_user_error(
+        code, output, error, "Feature store 'rgb' not found", str(golden_copy / "rgb")
+    )
+
+
+def delete_needed_key(data: Path) -> tuple[str, str]:
+    """Delete from rgb/ the newest frame read (alpha 0.25, 2 + 4 steps) by the 2nd training row."""
+    segment = read_segments(data / "training.csv")[1]
+    frames = TimeGrid(0.25, 2, 4).frames(segment.start_frame)
+    assert frames is not None
+    key = frame_key(segment.video, int(frames[-1]))
+    env = lmdb.open(str(data / "rgb"))
+    try:
+        with env.begin(write=True) as txn:
+            assert txn.delete(key.encode("utf-8"))
+    finally:
+        env.close()
+    return key, segment.id
+
+
+def test_feature_store_without_a_needed_key(cli, golden_copy: Path, tmp_path: Path) -> None:
+    key, sample_id = delete_needed_key(golden_copy)
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_copy, "--runs", tmp_path / "runs"
+    )
+    assert_user_error(
+        code,
+        output,
+        error,
+        f"no key '{key}'",
+        "Feature store 'rgb'",
+        str(golden_copy / "rgb"),
+        f"annotation id {sample_id}",
+    )
+
+
+def test_missing_key_with_dataloader_workers_has_no_traceback(
+    cli, golden_copy: Path, tmp_path: Path
+) -> None:
+    key, sample_id = delete_needed_key(golden_copy)
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_copy, "--runs", tmp_path / "runs",
+        "--num-workers", "1",
+    )  # fmt: skip
+    assert code == USER_ERROR, output
+    assert isinstance(error, SystemExit), repr(error)
+    assert f"no key '{key}'" in output and f"annotation id {sample_id}" in output
+    assert "Traceback" not in output
+    assert "Hint:" in output
+
+
+def test_wrong_feature_dimension(cli, golden_data: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "runs",
+        "--set", "data.feature_dims.rgb=20",
+    )  # fmt: skip
+    assert_user_error(
+        code, output, error, "Feature store 'rgb'", "dimension 16, expected 20", "data.feature_dims"
+    )
+
+
+def test_typo_in_config_file_names_the_field_and_the_allowed_ones(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, branch_extra="hiden = 3\n")
+    code, output, error = cli("train-branch", "--config", config, "--data", golden_data)
+    assert_user_error(code, output, error, f"{config}: branch.hiden: unknown field", "allowed:")
+    allowed = output.split("allowed:", 1)[1].split(")", 1)[0]
+    assert {name.strip() for name in allowed.split(",")} >= {"modality", "alpha", "hidden"}
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("optim.learning_rate=0.1", ["optim.learning_rate: unknown field", "lr", "momentum"]),
+        ("training.epochs=3", ["training: unknown field", "data", "branch", "optim", "run"]),
+        ("branch.hidden.size=3", ["branch.hidden", "not a section"]),
+        ("nonsense", ["'nonsense'", "section.field=value"]),
+    ],
+)
+def test_bad_set_override(
+    cli, golden_data: Path, tmp_path: Path, override: str, needles: list[str]
+) -> None:
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--set", override
+    )
+    assert_user_error(code, output, error, *needles)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--alpha", "-0.5"], ["branch.alpha", "greater than 0"]),
+        (["--s-ant", "0"], ["branch.s_ant", "greater than or equal to 1"]),
+        (["--modality", "depth"], ["branch.modality", "'rgb', 'flow' or 'obj'"]),
+        (["--dropout", "1"], ["branch.dropout", "less than 1"]),
+        (["--select", "top1"], ["run.select", "'top5' or 'mt5r'"]),
+        (["--s-ant", "2"], ["run.select_time", "allowed: 0.5, 0.25"]),
+        (["--select-time", "0.3"], ["run.select_time", "allowed: 1, 0.75, 0.5, 0.25"]),
+        (["--split", "4"], ["data.split", "less than or equal to 3"]),
+    ],
+)
+def test_invalid_values_name_the_field_and_the_allowed_values(
+    cli, golden_data: Path, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "r", *args
+    )
+    assert_user_error(code, output, error, str(config), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_num_classes_must_match_the_actions_table(
+    cli, golden_data: Path, presets_dir: Path, tmp_path: Path
+) -> None:
+    preset = presets_dir / "ek55" / "rgb_a0.25.toml"  # num_classes = 2513 (full EK55)
+    code, output, error = cli(
+        "train-branch", "--config", preset, "--data", golden_data, "--runs", tmp_path / "runs",
+        "--hidden", "8", "--set", "data.feature_dims.rgb=16",
+    )  # fmt: skip
+    assert_user_error(
+        code,
+        output,
+        error,
+        "data.num_classes is 2513",
+        str(golden_data / "actions.csv"),
+        "24 actions",
+    )
+
+
+def test_validation_split_without_usable_rows(cli, golden_copy: Path, tmp_path: Path) -> None:
+    csv = golden_copy / "validation.csv"
+    first = csv.read_text().splitlines()[0]
+    assert int(first.split(",")[2]) == 3  # starts at frame 3: the sampler discards it
+    csv.write_text(first + "\n")
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_copy, "--runs", tmp_path / "runs"
+    )
+    assert_user_error(code, output, error, str(csv))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_user_error(cli, golden_data: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "runs",
+        "--device", "cuda",
+    )  # fmt: skip
+    assert_user_error(code, output, error, "cuda")
+
+
+def test_learning_rate_beyond_float32_is_a_user_error(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "runs",
+        "--lr", "1e39",
+    )  # fmt: skip
+    assert_user_error(code, output, error)
+
+
+# --------------------------------------------------------------------------------------------
+# sfr synth
+
+
+def test_synth_writes_a_dataset_and_refuses_to_overwrite(cli, tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    small = ["--videos", "1", "--val-videos", "1", "--actions-per-video", "5"]
+    code, output, error = cli("synth", out, *small)
+    assert code == 0, f"{output}\n{error!r}"
+    assert f"Wrote {out}" in output and "5 training and 5 validation segments" in output
+    for name in ("training.csv", "validation.csv", "actions.csv", "synthetic_meta.json"):
+        assert (out / name).is_file(), name
+    for modality in ("rgb", "flow", "obj"):
+        assert (out / modality / "data.mdb").is_file()
+    assert len(read_segments(out / "training.csv")) == 5
+    assert len(read_segments(out / "validation.csv")) == 5
+    meta = json.loads((out / "synthetic_meta.json").read_text())
+    assert meta["rows"] == {"training": 5, "validation": 5}
+    before = (out / "training.csv").read_bytes()
+
+    code, output, error = cli("synth", out, *small, "--seed", "1")
+    assert_user_error(code, output, error, str(out), "not empty")
+    assert (out / "training.csv").read_bytes() == before
+
+    code, output, _ = cli("synth", out, *small, "--seed", "1", "--force")
+    assert code == 0, output
+    assert (out / "training.csv").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # no temp folders left
+
+
+def test_synth_refuses_a_file_and_a_bad_spec(cli, tmp_path: Path) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    code, output, error = cli("synth", target, "--videos", "1", "--actions-per-video", "2")
+    assert_user_error(code, output, error, str(target))
+    assert target.read_text() == "mine"
+
+    code, output, error = cli("synth", tmp_path / "new", "--videos", "0")
+    assert_user_error(code, output, error, "Invalid synthetic dataset spec")
+    assert not (tmp_path / "new").exists()
