@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.table import Table
 
@@ -44,6 +45,7 @@ def demo(
 ) -> None:
     """Generate synthetic data, pre-train and fine-tune every branch, print the results."""
     plan = DemoPlan()
+    torch.set_num_threads(plan.threads)
     began = time.perf_counter()
     with TrainingView() as view:
 

@@ -29,11 +29,12 @@ class DemoPlan:
     modalities: tuple[str, ...] = MODALITIES
     hidden: int = 64
     dropout: float = 0.5
-    pretrain_epochs: int = 3
-    finetune_epochs: int = 6
+    pretrain_epochs: int = 4
+    finetune_epochs: int = 10
     batch_size: int = 32
     lr: float = 0.05
     seed: int = 0
+    threads: int = 1  # small matrices: one thread is as fast and robust to a busy machine
 
 
 @dataclass(frozen=True)
