@@ -143,18 +143,137 @@ class BranchRunConfig(StrictModel):
         return f"{self.data.run_prefix}/{self.run.name or self.branch.slug}"
 
 
+class RateConfig(StrictModel):
+    """One rate of a slow-fast model: its branches' grid, and the encoding steps fusion reads."""
+
+    alpha: float = Field(gt=0, description="seconds between steps")
+    s_enc: int = Field(ge=0, description="encoding steps of the branch stages")
+    s_ant: int = Field(ge=1, description="anticipation steps")
+    fusion_s_enc: int | None = Field(
+        None, ge=0, description="encoding steps fed by the fusion stages (default: s_enc)"
+    )
+
+    def grid(self, fps: float, *, fusion: bool) -> TimeGrid:
+        s_enc = self.s_enc if not fusion or self.fusion_s_enc is None else self.fusion_s_enc
+        return TimeGrid(self.alpha, s_enc, self.s_ant, fps)
+
+    @property
+    def slug(self) -> str:
+        enc = self.s_enc if self.fusion_s_enc is None else self.fusion_s_enc
+        return f"a{self.alpha:g}-enc{enc}-ant{self.s_ant}"
+
+
+class FusionModelConfig(StrictModel):
+    """Branches over `modalities` × `rates`, fused by attention in Architecture 1 or 2."""
+
+    architecture: Literal["arch1", "arch2"] = Field(
+        "arch2",
+        description="arch1: rates of each modality first; arch2: modalities of each rate first",
+    )
+    modalities: list[Modality] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
+    rates: list[RateConfig] = Field(min_length=1)
+    hidden: int = Field(1024, ge=1)
+    branch_dropout: float = Field(0.8, ge=0, lt=1)
+    modality_dropout: float = Field(0.8, ge=0, lt=1, description="dropout of modality attention")
+    rate_dropout: float = Field(0.9, ge=0, lt=1, description="dropout of slow-fast attention")
+    freeze_branches: bool = Field(
+        False, description="train only the attention of each fusion stage, not the levels below"
+    )
+
+    @property
+    def alphas(self) -> list[float]:
+        return [rate.alpha for rate in self.rates]
+
+
+class FusionRunConfig(StrictModel):
+    """Everything `sfr fuse` and `sfr pipeline` need: every branch and every fusion stage."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: FusionModelConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="branch stages")
+    fusion_optim: OptimConfig = Field(default_factory=OptimConfig, description="fusion stages")
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _rates_fuse(self) -> FusionRunConfig:
+        alphas = self.model.alphas
+        if len(set(alphas)) != len(alphas):
+            raise ValueError(f"model.rates: each alpha may appear once, got {alphas}")
+        if len(set(self.model.modalities)) != len(self.model.modalities):
+            raise ValueError(
+                f"model.modalities: each modality may appear once, got {self.model.modalities}"
+            )
+        problem = rate_ratio_problem(alphas)
+        if problem:
+            raise ValueError(f"model.rates: {problem}")
+        times = self.fused_times
+        if not times:
+            listed = "; ".join(
+                f"alpha {r.alpha:g}: {', '.join(f'{t:g}' for t in r.grid(self.data.fps, fusion=True).anticipation_times)}"
+                for r in self.model.rates
+            )
+            raise ValueError(f"model.rates: the rates share no anticipation time ({listed})")
+        if as_time(self.run.select_time) not in times:
+            allowed = ", ".join(f"{t:g}" for t in times)
+            raise ValueError(
+                f"run.select_time {self.run.select_time:g} s is not a fused anticipation time; "
+                f"allowed: {allowed}"
+            )
+        return self
+
+    @property
+    def fused_times(self) -> tuple[float, ...]:
+        """Anticipation times every rate produces, oldest first."""
+        sets = [
+            set(r.grid(self.data.fps, fusion=True).anticipation_times) for r in self.model.rates
+        ]
+        return tuple(sorted(set.intersection(*sets), reverse=True))
+
+    def branch_config(self, modality: str, rate: RateConfig) -> BranchRunConfig:
+        """The config of one branch's own stages (pre-training and fine-tuning)."""
+        return BranchRunConfig(
+            data=self.data,
+            branch=BranchConfig(
+                modality=modality,
+                alpha=rate.alpha,
+                s_enc=rate.s_enc,
+                s_ant=rate.s_ant,
+                hidden=self.model.hidden,
+                dropout=self.model.branch_dropout,
+            ),
+            optim=self.optim,
+            run=self.run.model_copy(update={"name": None}),
+        )
+
+    @property
+    def fusion_dir(self) -> str:
+        """Folder of the fusion stages, e.g. `ek55/arch2-rgb+flow+obj-a0.125-enc12-ant16+a0.5-enc6-ant4`."""
+        name = self.run.name or (
+            f"{self.model.architecture}-{'+'.join(self.model.modalities)}-"
+            + "+".join(rate.slug for rate in self.model.rates)
+        )
+        return f"{self.data.run_prefix}/{name}"
+
+
+def rate_ratio_problem(alphas: Sequence[float]) -> str | None:
+    """Why a set of rates cannot be fused (a ratio that is not an integer), or None."""
+    rates = sorted(set(alphas))
+    for index, fast in enumerate(rates):
+        for slow in rates[index + 1 :]:
+            ratio = slow / fast
+            if abs(ratio - round(ratio)) > 1e-6:
+                return (
+                    f"the rates {fast:g} and {slow:g} have ratio {ratio:.4g}, which is not an "
+                    "integer (slow-fast fusion needs rates that divide each other, e.g. 0.125, 0.25, 0.5)"
+                )
+    return None
+
+
 def check_rates(alphas: Sequence[float], field: str = "alphas") -> None:
     """Refuse a set of rates unless every ratio between two of them is an integer."""
-    rates = sorted(set(alphas))
-    for slow in rates:
-        for fast in rates:
-            ratio = slow / fast
-            if slow > fast and abs(ratio - round(ratio)) > 1e-6:
-                raise ConfigError(
-                    f"{field}: the rates {fast:g} and {slow:g} have ratio {ratio:.4g}, "
-                    "which is not an integer.",
-                    "Slow-fast fusion needs rates that divide each other, e.g. 0.125, 0.25, 0.5.",
-                )
+    problem = rate_ratio_problem(alphas)
+    if problem:
+        raise ConfigError(f"{field}: {problem}.")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

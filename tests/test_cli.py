@@ -185,7 +185,7 @@ def test_finetune_without_pretraining_says_how_to_create_it(
         code,
         output,
         error,
-        "No pre-trained checkpoint",
+        "has not been trained",
         f"sfr train-branch --config {config} --data {golden_data} --runs {runs}",
     )
     assert not (runs / "ek55" / "rgb-a0.25-enc2-ant4" / "finetune").exists()

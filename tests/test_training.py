@@ -197,7 +197,7 @@ def test_finetune_refuses_a_pretraining_of_another_size(golden_data: Path, tmp_p
     with pytest.raises(RunError) as caught:
         train_branch_stage(bigger, "finetune", golden_data, runs)
     text = str(caught.value)
-    assert '"hidden": 8' in text and '"hidden": 12' in text
+    assert "model.hidden: saved 8, needed 12" in text
     assert str(run_root(runs, bigger, "pretrain") / "best.safetensors") in text
 
 

@@ -9,7 +9,7 @@ Fine-tuning starts from the pre-training's best weights, found by that conventio
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from sfr.config import BranchRunConfig
+from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig, OptimConfig
 from sfr.data.annotations import ActionsTable, Segment, read_actions, read_segments
 from sfr.data.dataset import AnticipationDataset, Stream, open_stores
 from sfr.errors import ConfigError, DataError, RunError
@@ -50,8 +50,8 @@ class BranchTask:
 
 
 @dataclass(frozen=True)
-class BranchData:
-    """Training and validation sets of one branch, and the actions table."""
+class StageData:
+    """Training and validation sets of a stage, and the actions table."""
 
     train: AnticipationDataset
     val: AnticipationDataset
@@ -78,41 +78,52 @@ def _checked_segments(path: Path, num_classes: int) -> list[Segment]:
     return segments
 
 
-def load_branch_data(
-    config: BranchRunConfig, data_dir: Path, progress: Callable[[int, int], None] | None = None
-) -> BranchData:
-    """Read the actions table, the training/validation CSVs and open the branch's feature store."""
+def load_stage_data(
+    data_config: DataConfig,
+    data_dir: Path,
+    streams: Sequence[Stream],
+    progress: Callable[[int, int], None] | None = None,
+) -> StageData:
+    """Read the actions table and the training/validation CSVs, open the streams' stores."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"Data folder {data_dir} does not exist.", "Pass the folder with --data.")
-    actions = read_actions(data_dir / config.data.actions_csv)
-    num_classes = config.data.num_classes or actions.num_actions
+    actions = read_actions(data_dir / data_config.actions_csv)
+    num_classes = data_config.num_classes or actions.num_actions
     if num_classes != actions.num_actions:
         raise ConfigError(
-            f"data.num_classes is {num_classes} but {data_dir / config.data.actions_csv} lists "
+            f"data.num_classes is {num_classes} but {data_dir / data_config.actions_csv} lists "
             f"{actions.num_actions} actions.",
             "Remove data.num_classes or point data.actions_csv at the matching table.",
         )
-    stream = branch_stream(config)
-    stores = open_stores(data_dir, {stream.modality: config.data.feature_dim(stream.modality)})
+    modalities = dict.fromkeys(stream.modality for stream in streams)
+    stores = open_stores(data_dir, {m: data_config.feature_dim(m) for m in modalities})
     sets = []
     for split in ("training", "validation"):
-        path = data_dir / config.data.csv_name(split)
+        path = data_dir / data_config.csv_name(split)
         dataset = AnticipationDataset(
             _checked_segments(path, num_classes),
-            [stream],
+            streams,
             stores,
-            preload=config.data.preload,
+            preload=data_config.preload,
             progress=progress,
         )
         if len(dataset) == 0:
+            longest = max(streams, key=lambda stream: stream.grid.alpha * stream.grid.steps)
             raise DataError(
-                f"{path} has no usable segment: {len(dataset.discarded)} segment(s), all starting "
-                f"too early in their video for the {stream.key} grid ({stream.grid.steps} steps).",
-                "Check the CSV and the branch's alpha / s_enc / s_ant.",
+                f"{path} has no usable segment: all {len(dataset.discarded)} start too early in "
+                f"their video for the {longest.key} grid ({longest.grid.steps} steps).",
+                "Check the CSV and the alpha / s_enc / s_ant settings.",
             )
         sets.append(dataset)
-    return BranchData(sets[0], sets[1], actions, num_classes)
+    return StageData(sets[0], sets[1], actions, num_classes)
+
+
+def load_branch_data(
+    config: BranchRunConfig, data_dir: Path, progress: Callable[[int, int], None] | None = None
+) -> StageData:
+    """Training and validation sets of one branch."""
+    return load_stage_data(config.data, data_dir, [branch_stream(config)], progress)
 
 
 def stage_dir(config: BranchRunConfig, runs_dir: Path, stage: Stage) -> RunDir:
@@ -133,33 +144,55 @@ def branch_metadata(config: BranchRunConfig, stage: Stage, num_classes: int) -> 
     }
 
 
-def _pretrained_weights(
-    config: BranchRunConfig, runs_dir: Path, num_classes: int, data_dir: Path, source: str | None
-) -> dict[str, Tensor]:
-    """Best pre-training weights of the same branch, checked against this config."""
-    pretrain = stage_dir(config, runs_dir, "pretrain")
-    command = (
-        f"sfr train-branch --config {source or 'CONFIG.toml'} --data {data_dir} --runs {runs_dir}"
-    )
-    if not pretrain.best_path.is_file():
+def best_weights(run: RunDir, expected: dict[str, Any], create_hint: str) -> dict[str, Tensor]:
+    """Best weights of a finished lower stage, refused if its saved model spec differs."""
+    if not run.best_path.is_file():
         raise RunError(
-            f"No pre-trained checkpoint for this branch: {pretrain.best_path} is missing.",
-            f"Create it first with the same config and overrides as this command: {command} ...",
+            f"No checkpoint at {run.best_path}: that stage has not been trained.", create_hint
         )
-    if not pretrain.finished:
+    if not run.finished:
         raise RunError(
-            f"The pre-training in {pretrain.root} was interrupted before its last epoch.",
-            f"Finish it first: {command} --resume (with the same overrides as this command).",
+            f"The stage in {run.root} was interrupted before its last epoch.",
+            f"{create_hint} (it resumes the interrupted run).",
         )
-    tensors, meta = load_checkpoint(pretrain.best_path)
-    expected = branch_metadata(config, "pretrain", num_classes)["model"]
-    if meta.get("model") != expected:
+    tensors, meta = load_checkpoint(run.best_path)
+    saved = meta.get("model")
+    if saved != expected:
         raise RunError(
-            f"The pre-trained checkpoint {pretrain.best_path} was trained with "
-            f"{json.dumps(meta.get('model'))}, this config needs {json.dumps(expected)}.",
-            "Pre-train again with this config (sfr train-branch ... --force).",
+            f"The checkpoint {run.best_path} was trained with a different configuration: "
+            f"{_spec_difference(saved, expected)}.",
+            "Train that stage again with this config (--force).",
         )
     return tensors
+
+
+def _spec_difference(saved: Any, expected: Any, path: str = "model") -> str:
+    """The first place where two model specs differ, as `path: saved X, needed Y`."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        for key in sorted(set(saved) | set(expected)):
+            if saved.get(key) != expected.get(key):
+                return _spec_difference(saved.get(key), expected.get(key), f"{path}.{key}")
+    if isinstance(saved, list) and isinstance(expected, list) and len(saved) == len(expected):
+        for index, (a, b) in enumerate(zip(saved, expected)):
+            if a != b:
+                return _spec_difference(a, b, f"{path}[{index}]")
+    return f"{path}: saved {json.dumps(saved)}, needed {json.dumps(expected)}"
+
+
+def fit_settings(config: BranchRunConfig | FusionRunConfig, optim: OptimConfig) -> FitSettings:
+    """Trainer settings from a config's run/data sections and the stage's optimiser section."""
+    return FitSettings(
+        epochs=optim.epochs,
+        batch_size=optim.batch_size,
+        lr=optim.lr,
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
+        seed=config.run.seed,
+        select=config.run.select,
+        select_time=config.run.select_time,
+        num_workers=config.data.num_workers,
+        device=config.run.device,
+    )
 
 
 def train_branch_stage(
@@ -171,7 +204,7 @@ def train_branch_stage(
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
-    data: BranchData | None = None,
+    data: StageData | None = None,
     source: str | None = None,
 ) -> FitResult:
     """Run one stage of one branch in its run directory and return its best result.
@@ -183,7 +216,12 @@ def train_branch_stage(
     data = data or load_branch_data(config, data_dir)
     init = None
     if stage == "finetune" and not (resume and run.last_path.is_file()):
-        init = _pretrained_weights(config, runs_dir, data.num_classes, data_dir, source)
+        command = f"sfr train-branch --config {source or 'CONFIG.toml'} --data {data_dir} --runs {runs_dir}"
+        init = best_weights(
+            stage_dir(config, runs_dir, "pretrain"),
+            branch_metadata(config, "pretrain", data.num_classes)["model"],
+            f"Create it first with the same config and overrides as this command: {command} ...",
+        )
     resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
     torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
     branch = create_branch(
