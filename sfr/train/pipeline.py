@@ -1,0 +1,118 @@
+"""The whole method in order: every branch's two stages, then every fusion level.
+
+Finished stages are skipped (their best checkpoint reports their measures), interrupted ones
+resumed, so running the same pipeline again after an interruption finishes it without redoing
+anything. `levels` and `branches` restrict it to part of the work (`sfr fuse --stage`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sfr.train.checkpoint import read_metadata
+from sfr.train.fusion import FusionPlan, load_fusion_data, train_fusion_unit
+from sfr.train.loop import FitResult, ProgressEvent, time_key
+from sfr.train.rundir import RunDir
+from sfr.train.stages import STAGES, StageData, load_branch_data, stage_dir, train_branch_stage
+
+
+@dataclass(frozen=True)
+class PipelineStep:
+    """One stage of the pipeline: a branch stage (level 0) or a fusion unit (level ≥ 1)."""
+
+    label: str
+    stage: str  # "pretrain", "finetune" or "fusion"
+    level: int
+    run: RunDir
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    """A step is about to run (`action` "train" or "resume") or is skipped as finished."""
+
+    index: int
+    total: int
+    step: PipelineStep
+    action: Literal["train", "resume", "skip"]
+
+
+@dataclass
+class PipelineResult:
+    """Best validation measures of every step, keyed by (label, stage)."""
+
+    times: tuple[float, ...]
+    results: dict[tuple[str, str], FitResult] = field(default_factory=dict)
+    steps: list[PipelineStep] = field(default_factory=list)
+
+
+def pipeline_steps(
+    plan: FusionPlan, levels: Collection[int] | None = None, branches: bool = True
+) -> list[PipelineStep]:
+    """Steps in training order (branches by rate then modality, then fusion units bottom-up)."""
+    steps: list[PipelineStep] = []
+    if branches:
+        for label, (modality, rate) in plan.branch_rates.items():
+            config = plan.config.branch_config(modality, rate)
+            for stage in STAGES:
+                steps.append(PipelineStep(label, stage, 0, stage_dir(config, plan.runs_dir, stage)))
+    for unit in plan.units:
+        if levels is None or unit.level in levels:
+            steps.append(PipelineStep(unit.label, "fusion", unit.level, plan.unit_dir(unit)))
+    return steps
+
+
+def finished_result(run: RunDir) -> FitResult:
+    """The best result of a finished stage, read back from its best checkpoint."""
+    meta = read_metadata(run.best_path)
+    selection = meta["selection"]
+    return FitResult(
+        str(run.root),
+        meta["epoch"],
+        meta["metrics"][time_key(selection["measure"], selection["time"])],
+        meta["metrics"],
+    )
+
+
+def run_pipeline(
+    plan: FusionPlan,
+    data_dir: Path,
+    *,
+    levels: Collection[int] | None = None,
+    branches: bool = True,
+    force: bool = False,
+    progress: Callable[[StepStarted | ProgressEvent], None] | None = None,
+    hint: str = "Run the whole pipeline first (`sfr pipeline`).",
+) -> PipelineResult:
+    """Run (or skip, or resume) every step; `force` retrains finished steps from scratch."""
+    report = progress or (lambda event: None)
+    steps = pipeline_steps(plan, levels, branches)
+    result = PipelineResult(plan.config.fused_times, steps=steps)
+    branch_data: dict[str, StageData] = {}
+    for index, step in enumerate(steps, start=1):
+        state = step.run.status()["state"]
+        if state == "finished" and not force:
+            report(StepStarted(index, len(steps), step, "skip"))
+            result.results[(step.label, step.stage)] = finished_result(step.run)
+            continue
+        resume = state != "empty" and not force
+        report(StepStarted(index, len(steps), step, "resume" if resume else "train"))
+        if step.level == 0:
+            modality, rate = plan.branch_rates[step.label]
+            config = plan.config.branch_config(modality, rate)
+            if step.label not in branch_data:
+                branch_data[step.label] = load_branch_data(config, data_dir)
+            fit = train_branch_stage(
+                config, step.stage, data_dir, plan.runs_dir, force=force, resume=resume,
+                progress=report, data=branch_data[step.label],
+            )  # fmt: skip
+        else:
+            unit = plan.by_label[step.label]
+            fit = train_fusion_unit(
+                plan, unit, data_dir, force=force, resume=resume, progress=report,
+                data=load_fusion_data(plan, unit, data_dir), hint=hint,
+            )  # fmt: skip
+        result.results[(step.label, step.stage)] = fit
+    return result
