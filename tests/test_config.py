@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sfr.config import BranchRunConfig, build_config, check_rates, load_config, parse_override
+from sfr.config import (
+    BranchRunConfig,
+    FusionRunConfig,
+    build_config,
+    check_rates,
+    load_config,
+    parse_override,
+)
 from sfr.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -14,7 +21,7 @@ BASE = {"branch": {"modality": "rgb", "alpha": 0.5, "s_enc": 6, "s_ant": 4}}
 
 
 @pytest.mark.parametrize(
-    "path", sorted(CONFIGS.glob("*/*.toml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+    "path", sorted(CONFIGS.glob("*/*_a[0-9]*.toml")), ids=lambda p: f"{p.parent.name}/{p.name}"
 )
 def test_every_preset_is_valid_and_starts_with_its_command(path: Path) -> None:
     config = load_config(BranchRunConfig, path)
@@ -33,7 +40,7 @@ def test_every_preset_is_valid_and_starts_with_its_command(path: Path) -> None:
 
 
 def test_preset_set_is_complete() -> None:
-    names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/*.toml")}
+    names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/*_a[0-9]*.toml")}
     for dataset in ("ek55", "ek100", "egtea"):
         for modality in ("rgb", "flow", "obj"):
             for alpha in ("0.25", "0.5", "0.125"):
@@ -116,3 +123,81 @@ def test_egtea_split_names_its_csvs() -> None:
     assert config.data.csv_name("validation") == "validation2.csv"
     with pytest.raises(ConfigError, match=r"data.split: Input should be less than or equal to 3"):
         build_config(BranchRunConfig, {**BASE, "data": {"dataset": "egtea", "split": 4}})
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(CONFIGS.glob("*/*arch*.toml")) + sorted(CONFIGS.glob("*/rulstm_matt.toml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_fusion_presets(path: Path) -> None:
+    config = load_config(FusionRunConfig, path)
+    assert path.read_text().startswith(f"# sfr pipeline configs/{path.parent.name}/{path.name}")
+    if path.stem == "rulstm_matt":
+        assert config.fused_times == (2.0, 1.75, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25)
+    else:
+        assert config.fused_times == (2.0, 1.5, 1.0, 0.5)
+        assert config.model.rate_dropout == 0.9
+
+
+def test_published_arch2_feeds_the_fast_rate_12_plus_16_steps_at_fusion() -> None:
+    config = load_config(FusionRunConfig, CONFIGS / "ek55" / "sf_arch2.toml")
+    fast, slow = config.model.rates
+    assert (fast.alpha, fast.s_enc, fast.s_ant, fast.fusion_s_enc) == (0.125, 24, 16, 12)
+    assert fast.grid(30, fusion=True).steps == 28 and fast.grid(30, fusion=False).steps == 40
+    assert config.branch_config("rgb", fast).branch.slug == "rgb-a0.125-enc24-ant16"
+    assert (slow.alpha, slow.s_enc, slow.s_ant) == (0.5, 6, 4)
+
+
+FUSION = {
+    "model": {
+        "rates": [
+            {"alpha": 0.125, "s_enc": 24, "s_ant": 16},
+            {"alpha": 0.5, "s_enc": 6, "s_ant": 4},
+        ]
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            {
+                "model.rates": [
+                    {"alpha": 0.25, "s_enc": 6, "s_ant": 8},
+                    {"alpha": 0.375, "s_enc": 6, "s_ant": 4},
+                ]
+            },
+            "model.rates: the rates 0.25 and 0.375 have ratio 1.5",
+        ),
+        (
+            {
+                "model.rates": [
+                    {"alpha": 0.25, "s_enc": 6, "s_ant": 1},
+                    {"alpha": 0.5, "s_enc": 6, "s_ant": 1},
+                ]
+            },
+            "share no anticipation time (alpha 0.25: 0.25; alpha 0.5: 0.5)",
+        ),
+        (
+            {
+                "model.rates": [
+                    {"alpha": 0.25, "s_enc": 6, "s_ant": 8},
+                    {"alpha": 0.25, "s_enc": 2, "s_ant": 8},
+                ]
+            },
+            "each alpha may appear once",
+        ),
+        (
+            {"model.modalities": ["rgb", "depth"]},
+            "model.modalities.1: Input should be 'rgb', 'flow' or 'obj'",
+        ),
+        ({"model.architecture": "arch3"}, "model.architecture: Input should be 'arch1' or 'arch2'"),
+        ({"run.select_time": 0.25}, "not a fused anticipation time; allowed: 2, 1.5, 1, 0.5"),
+    ],
+)
+def test_invalid_fusion_configs(override: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(FusionRunConfig, FUSION, override, source="sf.toml")
+    assert expected in str(caught.value)

@@ -6,6 +6,8 @@ import typer
 
 from sfr.cli.demo import demo
 from sfr.cli.finetune import finetune
+from sfr.cli.fuse import fuse
+from sfr.cli.pipeline import pipeline
 from sfr.cli.synth import synth
 from sfr.cli.train_branch import train_branch
 
@@ -20,6 +22,8 @@ app.command("demo")(demo)
 app.command("synth")(synth)
 app.command("train-branch")(train_branch)
 app.command("finetune")(finetune)
+app.command("fuse")(fuse)
+app.command("pipeline")(pipeline)
 
 
 def main() -> None:

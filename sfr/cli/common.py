@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from sfr.errors import SfrError
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
+from sfr.train.pipeline import PipelineResult, StepStarted
 
 USER_ERROR_EXIT = 2
 console = Console()
@@ -133,3 +135,46 @@ def stage_table(result: FitResult, times: tuple[float, ...], title: str) -> Tabl
             f"{result.metrics[f'top5@{seconds:g}']:.2f}",
         )
     return table
+
+
+def results_table(
+    rows: Sequence[tuple[str, FitResult]],
+    times: Sequence[float],
+    title: str,
+    caption: str | None = None,
+) -> Table:
+    """Models side by side: one row per model, one `top-1/top-5` column per anticipation time."""
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("model (L = fusion level)", no_wrap=True)
+    for seconds in times:
+        table.add_column(f"τ={seconds:g}s", justify="right", no_wrap=True)
+    for name, fit in rows:
+        table.add_row(
+            name,
+            *(f"{fit.metrics[f'top1@{t:g}']:.1f}/{fit.metrics[f'top5@{t:g}']:.1f}" for t in times),
+        )
+    return table
+
+
+def pipeline_rows(result: PipelineResult) -> list[tuple[str, FitResult]]:
+    """Rows of a pipeline's results table: fine-tuned branches, then fusion units bottom-up."""
+    rows = []
+    for step in result.steps:
+        if step.stage in ("finetune", "fusion"):
+            name = step.label if step.level == 0 else f"L{step.level} {step.label}"
+            rows.append((name, result.results[(step.label, step.stage)]))
+    return rows
+
+
+def step_line(event: StepStarted) -> str:
+    """Header line of a pipeline step."""
+    step = event.step
+    what = f"{step.stage} {step.label}" if step.level == 0 else f"fusion L{step.level} {step.label}"
+    action = {"train": "", "resume": " (resuming)", "skip": " [dim](finished, skipped)[/]"}
+    return f"[bold][{event.index}/{event.total}] {what}[/]{action[event.action]}"

@@ -1,8 +1,9 @@
-"""`sfr demo`: synthetic data in the public format, then every branch trained in both stages.
+"""`sfr demo`: synthetic data in the public format, then the whole Architecture 2 pipeline.
 
 The embedded default trains rgb, flow and obj branches at the published slow-fast rates
-(alpha 0.125 with 24 + 16 steps and alpha 0.5 with 6 + 4) at a small hidden size, each first
-pre-trained by sequence completion and then fine-tuned for anticipation.
+(alpha 0.125 with 24 + 16 steps, fed 12 + 16 at fusion, and alpha 0.5 with 6 + 4) at a small
+hidden size — each pre-trained by sequence completion, then fine-tuned — then the modality
+attention of each rate, then the slow-fast attention over both rates.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sfr.config import MODALITIES, BranchRunConfig, build_config
+from sfr.config import MODALITIES, FusionRunConfig, build_config
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
 from sfr.errors import DataError
-from sfr.train.loop import FitResult, ProgressEvent
-from sfr.train.stages import STAGES, Stage, load_branch_data, train_branch_stage
+from sfr.train.fusion import FusionPlan
+from sfr.train.loop import ProgressEvent
+from sfr.train.pipeline import PipelineResult, StepStarted, run_pipeline
 
 
 @dataclass(frozen=True)
@@ -25,26 +27,18 @@ class DemoPlan:
     """What the demo generates and trains (small enough for 2 CPU cores in a few minutes)."""
 
     spec: SyntheticSpec = field(default_factory=SyntheticSpec)
-    rates: tuple[tuple[float, int, int], ...] = ((0.125, 24, 16), (0.5, 6, 4))
+    architecture: str = "arch2"
+    # (alpha, S_enc, S_ant, S_enc fed by the fusion stages)
+    rates: tuple[tuple[float, int, int, int], ...] = ((0.125, 24, 16, 12), (0.5, 6, 4, 6))
     modalities: tuple[str, ...] = MODALITIES
     hidden: int = 64
     dropout: float = 0.5
-    pretrain_epochs: int = 4
-    finetune_epochs: int = 10
+    branch_epochs: int = 8
+    fusion_epochs: int = 6
     batch_size: int = 32
     lr: float = 0.05
     seed: int = 0
     threads: int = 1  # small matrices: one thread is as fast and robust to a busy machine
-
-
-@dataclass(frozen=True)
-class DemoStep:
-    """A stage of one branch is about to start (index counts from 1)."""
-
-    index: int
-    total: int
-    branch: str
-    stage: Stage
 
 
 @dataclass(frozen=True)
@@ -54,42 +48,44 @@ class DemoDataReady:
 
 @dataclass
 class DemoResult:
-    """Where everything went and the best validation measures of every branch and stage."""
+    """Where everything went, the baselines, and every stage's best validation measures."""
 
     data_dir: Path
     runs_dir: Path
     num_classes: int
     prior_top5: float  # % of validation hit by the 5 most frequent training actions
-    results: dict[tuple[str, Stage], FitResult] = field(default_factory=dict)
+    pipeline: PipelineResult
 
 
-DemoEvent = DemoStep | DemoDataReady | ProgressEvent
+DemoEvent = DemoDataReady | StepStarted | ProgressEvent
 
 
-def demo_configs(plan: DemoPlan) -> list[BranchRunConfig]:
-    """One branch config per (modality, rate) of the plan."""
+def demo_config(plan: DemoPlan) -> FusionRunConfig:
+    """The pipeline config of the demo plan."""
     dims = dict(zip(MODALITIES, plan.spec.dims, strict=True))
-    return [
-        build_config(
-            BranchRunConfig,
-            {
-                "data": {"name": "synthetic", "feature_dims": dims, "preload": True},
-                "branch": {
-                    "modality": modality,
-                    "alpha": alpha,
-                    "s_enc": s_enc,
-                    "s_ant": s_ant,
-                    "hidden": plan.hidden,
-                    "dropout": plan.dropout,
-                },
-                "optim": {"lr": plan.lr, "batch_size": plan.batch_size, "epochs": 1},
-                "run": {"seed": plan.seed, "device": "cpu"},
+    optim = {"lr": plan.lr, "batch_size": plan.batch_size}
+    return build_config(
+        FusionRunConfig,
+        {
+            "data": {"name": "synthetic", "feature_dims": dims, "preload": True},
+            "model": {
+                "architecture": plan.architecture,
+                "modalities": list(plan.modalities),
+                "rates": [
+                    {"alpha": a, "s_enc": e, "s_ant": s, "fusion_s_enc": f}
+                    for a, e, s, f in plan.rates
+                ],
+                "hidden": plan.hidden,
+                "branch_dropout": plan.dropout,
+                "modality_dropout": plan.dropout,
+                "rate_dropout": plan.dropout,
             },
-            source="demo plan",
-        )
-        for alpha, s_enc, s_ant in plan.rates
-        for modality in plan.modalities
-    ]
+            "optim": {**optim, "epochs": plan.branch_epochs},
+            "fusion_optim": {**optim, "epochs": plan.fusion_epochs},
+            "run": {"seed": plan.seed, "device": "cpu"},
+        },
+        source="demo plan",
+    )
 
 
 def frequency_prior_top5(data_dir: Path) -> float:
@@ -106,7 +102,7 @@ def run_demo(
     *,
     progress: Callable[[DemoEvent], None] | None = None,
 ) -> DemoResult:
-    """Generate the synthetic data under `out/data` and train every branch under `out/runs`.
+    """Generate the synthetic data under `out/data` and run the pipeline under `out/runs`.
 
     `out` must be empty, absent, or an earlier demo folder (which is replaced).
     """
@@ -122,27 +118,8 @@ def run_demo(
     data_dir, runs_dir = out / "data", out / "runs"
     summary = write_synthetic(data_dir, plan.spec, force=True)
     report(DemoDataReady(summary))
-    configs = demo_configs(plan)
-    result = DemoResult(data_dir, runs_dir, summary.num_actions, frequency_prior_top5(data_dir))
-    total = len(configs) * len(STAGES)
-    index = 0
-    for config in configs:
-        data = load_branch_data(config, data_dir)
-        for stage in STAGES:
-            index += 1
-            epochs = plan.pretrain_epochs if stage == "pretrain" else plan.finetune_epochs
-            staged = config.model_copy(
-                update={"optim": config.optim.model_copy(update={"epochs": epochs})}
-            )
-            report(DemoStep(index, total, config.branch.slug, stage))
-            result.results[(config.branch.slug, stage)] = train_branch_stage(
-                staged,
-                stage,
-                data_dir,
-                runs_dir,
-                force=True,
-                progress=report,
-                data=data,
-                source="(demo)",
-            )
-    return result
+    fusion_plan = FusionPlan(demo_config(plan), runs_dir)
+    pipeline = run_pipeline(fusion_plan, data_dir, force=True, progress=report)
+    return DemoResult(
+        data_dir, runs_dir, summary.num_actions, frequency_prior_top5(data_dir), pipeline
+    )

@@ -1,0 +1,63 @@
+"""What `sfr fuse` and `sfr pipeline` share: loading a fusion config, running and rendering."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from sfr.cli.common import TrainingView, console, pipeline_rows, results_table, step_line
+from sfr.config import FusionRunConfig, load_config, parse_override
+from sfr.train.fusion import FusionPlan
+from sfr.train.pipeline import StepStarted, run_pipeline
+
+
+def load_fusion_config(
+    config: Path, named: dict[str, Any], set_: list[str] | None
+) -> FusionRunConfig:
+    """The config file with `--set` overrides, then the named options, on top."""
+    overrides = dict(parse_override(item) for item in set_ or [])
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    return load_config(FusionRunConfig, config, overrides)
+
+
+def run_and_report(
+    resolved: FusionRunConfig,
+    data: Path,
+    runs: Path,
+    *,
+    levels: Collection[int] | None,
+    branches: bool,
+    force: bool,
+    hint: str,
+) -> None:
+    """Run the requested steps with progress bars, then print the side-by-side table."""
+    plan = FusionPlan(resolved, runs)
+    model = resolved.model
+    console.print(
+        f"[bold]{model.architecture}[/] over {', '.join(model.modalities)} at alpha "
+        f"{', '.join(f'{a:g}' for a in model.alphas)}: fused anticipation times "
+        f"{', '.join(f'{t:g}' for t in resolved.fused_times)} s  →  {runs / resolved.fusion_dir}",
+        highlight=False,
+    )
+    with TrainingView() as view:
+
+        def show(event: object) -> None:
+            if isinstance(event, StepStarted):
+                view.title = f"{event.step.stage} {event.step.label}"
+                view.bars.console.print(step_line(event), highlight=False)
+            else:
+                view(event)
+
+        result = run_pipeline(
+            plan, data, levels=levels, branches=branches, force=force, progress=show, hint=hint
+        )
+    console.print(
+        results_table(
+            pipeline_rows(result),
+            result.times,
+            "Validation action accuracy (%), top-1/top-5 at the fused anticipation times",
+            f"best epochs chosen by {resolved.run.select}@{resolved.run.select_time:g}s; "
+            "every time and measure per epoch: metrics.jsonl in each run folder",
+        )
+    )

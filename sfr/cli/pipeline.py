@@ -1,0 +1,50 @@
+"""`sfr pipeline CONFIG`: every stage of a slow-fast model, in order, ending with one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sfr.cli.branch_stage import DataOpt, RunsOpt, SetOpt
+from sfr.cli.common import user_errors
+from sfr.cli.fusion_common import load_fusion_config, run_and_report
+
+
+@user_errors
+def pipeline(
+    config: Annotated[
+        Path, typer.Argument(help="Fusion config (configs/ek55/sf_arch2.toml, ...).")
+    ],
+    data: DataOpt,
+    runs: RunsOpt = Path("runs"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain every stage from scratch.")
+    ] = False,
+    freeze_branches: Annotated[
+        bool | None,
+        typer.Option(
+            "--freeze-branches/--train-branches", help="Fusion stages train only attention."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Pre-train and fine-tune every branch, then train every fusion level.
+
+    Finished stages are skipped and interrupted ones resumed, so the same command finishes an
+    interrupted pipeline. Example: sfr pipeline configs/ek55/sf_arch2.toml --data DATA --runs runs
+    """
+    resolved = load_fusion_config(
+        config,
+        {"model.freeze_branches": freeze_branches, "run.device": device, "run.seed": seed},
+        set_,
+    )
+    run_and_report(
+        resolved, data, runs, levels=None, branches=True, force=force,
+        hint=f"Run the whole pipeline: sfr pipeline {config} --data {data} --runs {runs}",
+    )  # fmt: skip
