@@ -28,3 +28,4 @@ def bench(session: nox.Session) -> None:
     """Speed benchmarks at real dimensions, printed as side-by-side ratios."""
     session.install(TORCH, "-e", ".")
     session.run("python", "benchmarks/bench_branch.py", *session.posargs)
+    session.run("python", "benchmarks/bench_fusion.py", *session.posargs)

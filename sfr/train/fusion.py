@@ -158,11 +158,11 @@ def train_fusion_unit(
     config = plan.config
     run = plan.unit_dir(unit)
     data = data or load_fusion_data(plan, unit, data_dir)
-    resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
     torch.manual_seed(config.run.seed)
     node = plan.build(unit.label, data.num_classes, config.model.freeze_branches)
-    if not resuming:
+    if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written
         plan.initialise(node, unit, data.num_classes, hint)
+    resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
     metadata = {
         "kind": "fusion",
         "stage": unit.label,
