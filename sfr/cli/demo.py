@@ -33,6 +33,21 @@ def demo_table(result: DemoResult) -> Table:
     )
 
 
+def headline(result: DemoResult) -> str:
+    """The final fusion against the best single branch at 1 s (or the latest fused time)."""
+    times = result.pipeline.times
+    seconds = 1.0 if 1.0 in times else times[-1]
+    key = f"top5@{seconds:g}"
+    rows = pipeline_rows(result.pipeline)
+    branches = [(name, fit) for name, fit in rows if not name.startswith("L")]
+    best_name, best = max(branches, key=lambda row: row[1].metrics[key])
+    final_name, final = rows[-1]
+    return (
+        f"At τ = {seconds:g} s the final fusion {final_name} reaches {final.metrics[key]:.1f}% "
+        f"top-5; the best single branch, {best_name}, {best.metrics[key]:.1f}%."
+    )
+
+
 @user_errors
 def demo(
     out: Annotated[
@@ -61,6 +76,7 @@ def demo(
 
         result = run_demo(out, plan, progress=show)
     console.print(demo_table(result))
+    console.print(headline(result), highlight=False)
     console.print(
         f"Done in {time.perf_counter() - began:.0f} s. Runs (metrics.jsonl, safetensors "
         f"checkpoints) are in {result.runs_dir}.",
