@@ -102,3 +102,20 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, BaseEx
         return result.exit_code, output, result.exception
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def module_torch_thread():
+    """`single_torch_thread` for the module-scoped fixtures that train a pipeline once."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_data: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the session's synthetic dataset."""
+    return writable_copy(synthetic_data, tmp_path / "synthetic-copy")

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sfr.cli.common import TrainingView, console, fail, stage_table, user_errors
+from sfr.cli.common import TrainingView, console, fail, handles_user_errors, stage_table
 from sfr.config import BranchRunConfig, load_config, parse_override
 from sfr.train.stages import Stage, train_branch_stage
 
@@ -137,4 +137,4 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         )
 
     command.__doc__ = doc
-    return user_errors(command)
+    return handles_user_errors("run the same command with --resume to continue.")(command)

@@ -39,23 +39,29 @@ def fail(message: str, hint: str | None = None) -> typer.Exit:
     return typer.Exit(USER_ERROR_EXIT)
 
 
-def user_errors(command: CommandT) -> CommandT:
-    """Turn `SfrError` into a one-paragraph message and exit code 2, never a traceback."""
+def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
+    """Decorator: `SfrError` becomes a one-paragraph message and exit 2, never a traceback;
+    Ctrl-C says how to continue (`resume_advice`) and exits 130."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except SfrError as error:
-            raise fail(error.message, error.hint) from None
-        except KeyboardInterrupt:
-            err_console.print(
-                "[yellow]Interrupted.[/] Checkpoints are written atomically: run the same "
-                "command with --resume to continue."
-            )
-            raise typer.Exit(130) from None
+    def decorate(command: CommandT) -> CommandT:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except SfrError as error:
+                raise fail(error.message, error.hint) from None
+            except KeyboardInterrupt:
+                err_console.print(
+                    f"[yellow]Interrupted.[/] Checkpoints are written atomically: {resume_advice}"
+                )
+                raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+user_errors = handles_user_errors("run the same command again to continue.")
 
 
 class TrainingView:

@@ -8,6 +8,7 @@ attention of each rate, then the slow-fast attention over both rates.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ def run_demo(
         )
     data_dir, runs_dir = out / "data", out / "runs"
     summary = write_synthetic(data_dir, plan.spec, force=True)
+    if runs_dir.exists():
+        shutil.rmtree(runs_dir)  # the runs of an earlier demo, whatever its plan
     report(DemoDataReady(summary))
     fusion_plan = FusionPlan(demo_config(plan), runs_dir)
     pipeline = run_pipeline(fusion_plan, data_dir, force=True, progress=report)

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from sfr.data.dataset import open_stores
+from sfr.errors import RunError
 from sfr.train.checkpoint import read_metadata
 from sfr.train.fusion import FusionPlan, load_fusion_data, train_fusion_unit
 from sfr.train.loop import FitResult, ProgressEvent, time_key
-from sfr.train.rundir import RunDir
+from sfr.train.rundir import RunDir, config_differences
 from sfr.train.stages import STAGES, StageData, load_branch_data, stage_dir, train_branch_stage
 
 
@@ -76,6 +78,32 @@ def finished_result(run: RunDir) -> FitResult:
     )
 
 
+def step_config(step: PipelineStep, plan: FusionPlan) -> dict[str, Any]:
+    """The resolved config a step runs with (a branch's own config for branch stages)."""
+    if step.level == 0:
+        modality, rate = plan.branch_rates[step.label]
+        return plan.config.branch_config(modality, rate).model_dump(mode="json")
+    return plan.config.model_dump(mode="json")
+
+
+def _same_run(step: PipelineStep, plan: FusionPlan) -> bool:
+    """Whether a finished step was trained with this config (True) or only fewer epochs (False).
+
+    A finished step trained with another config is refused, naming the differing fields.
+    """
+    saved = step.run.saved_config() or {}
+    current = step_config(step, plan)
+    changed = config_differences(saved, current)
+    if changed:
+        raise RunError(
+            f"The finished stage in {step.run.root} was trained with another config: it "
+            f"differs in {', '.join(changed)}.",
+            "Pass --force to retrain, or use another --runs folder (or run.name) for this config.",
+        )
+    epochs = "optim" if step.level == 0 else "fusion_optim"
+    return saved.get(epochs, {}).get("epochs") == current[epochs]["epochs"]
+
+
 def run_pipeline(
     plan: FusionPlan,
     data_dir: Path,
@@ -88,12 +116,14 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run (or skip, or resume) every step; `force` retrains finished steps from scratch."""
     report = progress or (lambda event: None)
+    data_config = plan.config.data
+    open_stores(data_dir, {m: data_config.feature_dim(m) for m in plan.config.model.modalities})
     steps = pipeline_steps(plan, levels, branches)
     result = PipelineResult(plan.config.fused_times, steps=steps)
     branch_data: dict[str, StageData] = {}
     for index, step in enumerate(steps, start=1):
         state = step.run.status()["state"]
-        if state == "finished" and not force:
+        if state == "finished" and not force and _same_run(step, plan):
             report(StepStarted(index, len(steps), step, "skip"))
             result.results[(step.label, step.stage)] = finished_result(step.run)
             continue

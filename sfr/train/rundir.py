@@ -21,7 +21,13 @@ from sfr.errors import RunError
 from sfr.train.checkpoint import atomic_write_text
 
 # Settings that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_CHANGES = ("optim.epochs", "run.device", "data.num_workers", "data.preload")
+RESUMABLE_CHANGES = (
+    "optim.epochs",
+    "fusion_optim.epochs",
+    "run.device",
+    "data.num_workers",
+    "data.preload",
+)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -161,7 +161,7 @@ def best_weights(run: RunDir, expected: dict[str, Any], create_hint: str) -> dic
         raise RunError(
             f"The checkpoint {run.best_path} was trained with a different configuration: "
             f"{_spec_difference(saved, expected)}.",
-            "Train that stage again with this config (--force).",
+            f"Retrain that stage with this config, adding --force to replace it: {create_hint}",
         )
     return tensors
 
