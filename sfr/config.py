@@ -119,6 +119,13 @@ class RunConfig(StrictModel):
     name: str | None = Field(None, description="run folder name (default from the branch)")
 
 
+def _check_select_time(seconds: float, times: tuple[float, ...], what: str) -> None:
+    """ValueError unless the selection time is one of `times`."""
+    if as_time(seconds) not in times:
+        allowed = ", ".join(f"{t:g}" for t in times)
+        raise ValueError(f"run.select_time {seconds:g} s is not {what}; allowed: {allowed}")
+
+
 class BranchRunConfig(StrictModel):
     """Everything `sfr train-branch` and `sfr finetune` need."""
 
@@ -130,12 +137,8 @@ class BranchRunConfig(StrictModel):
     @model_validator(mode="after")
     def _selection_time_on_grid(self) -> BranchRunConfig:
         times = self.branch.grid(self.data.fps).anticipation_times
-        if as_time(self.run.select_time) not in times:
-            allowed = ", ".join(f"{t:g}" for t in times)
-            raise ValueError(
-                f"run.select_time {self.run.select_time:g} s is not an anticipation time of the "
-                f"branch (alpha {self.branch.alpha:g}, s_ant {self.branch.s_ant}); allowed: {allowed}"
-            )
+        what = f"an anticipation time of the branch (alpha {self.branch.alpha:g}, s_ant {self.branch.s_ant})"
+        _check_select_time(self.run.select_time, times, what)
         return self
 
     @property
@@ -213,12 +216,7 @@ class FusionRunConfig(StrictModel):
                 for r in self.model.rates
             )
             raise ValueError(f"model.rates: the rates share no anticipation time ({listed})")
-        if as_time(self.run.select_time) not in times:
-            allowed = ", ".join(f"{t:g}" for t in times)
-            raise ValueError(
-                f"run.select_time {self.run.select_time:g} s is not a fused anticipation time; "
-                f"allowed: {allowed}"
-            )
+        _check_select_time(self.run.select_time, times, "a fused anticipation time")
         return self
 
     @property

@@ -9,14 +9,16 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
+from clitools import assert_user_error
 
+from sfr.cli.common import USER_ERROR_EXIT
 from sfr.data.annotations import read_segments
 from sfr.data.store import frame_key
 from sfr.data.timegrid import TimeGrid
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-USER_ERROR = 2
+USER_ERROR = USER_ERROR_EXIT
 TABLE_ROW = re.compile(
     r"^[^\w\n]*(\d+(?:\.\d+)?)[^\w\n]+(\d+\.\d\d)[^\w\n]+(\d+\.\d\d)[^\w\n]*$", re.M
 )
@@ -65,16 +67,6 @@ def preset_args(presets_dir: Path) -> list[str]:
 def table_rows(output: str) -> list[tuple[str, str, str]]:
     """(τ, top-1, top-5) of every row of the results table in `output`."""
     return TABLE_ROW.findall(output)
-
-
-def assert_user_error(code: int, output: str, error: BaseException | None, *needles: str) -> None:
-    """Exit code 2, an `Error:` line, no traceback, and every needle in the message."""
-    assert code == USER_ERROR, output
-    assert isinstance(error, SystemExit), repr(error)
-    assert "Traceback" not in output
-    assert "Error:" in output
-    for needle in needles:
-        assert needle in output, f"{needle!r} not in:\n{output}"
 
 
 def best_record(root: Path) -> dict:

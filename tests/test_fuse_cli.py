@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import assert_user_error
 from safetensors.torch import load_file
 
-from sfr.cli.common import TrainingView
+from sfr.cli.common import USER_ERROR_EXIT, TrainingView
 from sfr.config import FusionRunConfig, load_config
 from sfr.train.checkpoint import read_metadata
 from sfr.train.fusion import FusionPlan
@@ -26,7 +27,7 @@ from sfr.train.pipeline import run_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-USER_ERROR = 2
+USER_ERROR = USER_ERROR_EXIT
 RATES_TOML = """
 [[model.rates]]
 alpha = 0.25
@@ -120,16 +121,6 @@ def assert_in_order(output: str, needles: list[str]) -> None:
         assert needle in output, f"{needle!r} not in:\n{output}"
         positions.append(output.index(needle))
     assert positions == sorted(positions), needles
-
-
-def assert_user_error(code: int, output: str, error: BaseException | None, *needles: str) -> None:
-    """Exit code 2, an `Error:` line, no traceback, and every needle in the message."""
-    assert code == USER_ERROR, output
-    assert isinstance(error, SystemExit), repr(error)
-    assert "Traceback" not in output
-    assert "Error:" in output
-    for needle in needles:
-        assert needle in output, f"{needle!r} not in:\n{output}"
 
 
 def hint_of(output: str) -> str:
