@@ -230,7 +230,8 @@ def test_config_refuses_rates_without_a_common_time() -> None:
     with pytest.raises(ConfigError, match=r"model\.rates: .*share no anticipation time") as error:
         _config(rates)
     assert "0.25" in str(error.value) and "0.5" in str(error.value)
-    _config([{**rates[0], "s_ant": 2}, rates[1]])  # 0.5 s in common: accepted
+    tree = {"model": {"rates": [{**rates[0], "s_ant": 2}, rates[1]]}, "run": {"select_time": 0.5}}
+    assert build_config(FusionRunConfig, tree).fused_times == (0.5,)  # 0.5 s in common: accepted
 
 
 def test_config_refuses_rates_whose_ratio_is_not_an_integer() -> None:
