@@ -39,7 +39,7 @@ class FusionUnit:
     label: str
     inputs: tuple[str, ...]
     fuses: Literal["modalities", "rates"]
-    level: int  # 1 = fuses branches, 2 = fuses level-1 units (or branches where level 1 is empty)
+    level: int  # 1 = the first fusion level, 2 = the fusion of level-1 units
 
     @property
     def dropout_field(self) -> str:
@@ -72,7 +72,7 @@ def plan_architecture(
         inputs = tuple(unit.inputs[0] for unit in firsts)
         if len(inputs) == 1:
             return []
-        return [FusionUnit(final_label, inputs, second_fuses, 2)]
+        return [FusionUnit(final_label, inputs, second_fuses, 1)]
     if len(firsts) == 1:  # level 1 already fuses everything
         return [FusionUnit(final_label, firsts[0].inputs, firsts[0].fuses, 1)]
     return [*firsts, FusionUnit(final_label, tuple(u.label for u in firsts), second_fuses, 2)]
