@@ -115,9 +115,9 @@ class TrainingView:
             )
             marker = " [green]★ best[/]" if event.is_best else ""
             self.bars.console.print(
-                f"  epoch {event.epoch + 1:>3}/{event.epochs}  train loss {event.train_loss:.4f}  "
-                f"val loss {event.val_loss:.4f}  selection {event.selection:6.2f}{marker}  "
-                f"({event.seconds:.1f} s)",
+                f"  epoch {event.epoch + 1:>3}/{event.epochs}  loss {event.train_loss:.4f} "
+                f"(val {event.val_loss:.4f})  selection {event.selection:6.2f}{marker}  "
+                f"{event.seconds:.1f} s",
                 highlight=False,
             )
 

@@ -18,7 +18,14 @@ from sfr.train.checkpoint import read_metadata
 from sfr.train.fusion import FusionPlan, load_fusion_data, train_fusion_unit
 from sfr.train.loop import FitResult, ProgressEvent, time_key
 from sfr.train.rundir import RunDir, config_differences
-from sfr.train.stages import STAGES, StageData, load_branch_data, stage_dir, train_branch_stage
+from sfr.train.stages import (
+    STAGES,
+    StageData,
+    load_branch_data,
+    require_data_dir,
+    stage_dir,
+    train_branch_stage,
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,8 @@ def run_pipeline(
     """Run (or skip, or resume) every step; `force` retrains finished steps from scratch."""
     report = progress or (lambda event: None)
     data_config = plan.config.data
-    open_stores(data_dir, {m: data_config.feature_dim(m) for m in plan.config.model.modalities})
+    stores = {m: data_config.feature_dim(m) for m in plan.config.model.modalities}
+    open_stores(require_data_dir(data_dir), stores)  # every store exists before any training
     steps = pipeline_steps(plan, levels, branches)
     result = PipelineResult(plan.config.fused_times, steps=steps)
     branch_data: dict[str, StageData] = {}

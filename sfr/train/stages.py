@@ -78,6 +78,14 @@ def _checked_segments(path: Path, num_classes: int) -> list[Segment]:
     return segments
 
 
+def require_data_dir(data_dir: Path) -> Path:
+    """The data folder, or a DataError if it does not exist."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"Data folder {data_dir} does not exist.", "Pass the folder with --data.")
+    return data_dir
+
+
 def load_stage_data(
     data_config: DataConfig,
     data_dir: Path,
@@ -85,9 +93,7 @@ def load_stage_data(
     progress: Callable[[int, int], None] | None = None,
 ) -> StageData:
     """Read the actions table and the training/validation CSVs, open the streams' stores."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"Data folder {data_dir} does not exist.", "Pass the folder with --data.")
+    data_dir = require_data_dir(data_dir)
     actions = read_actions(data_dir / data_config.actions_csv)
     num_classes = data_config.num_classes or actions.num_actions
     if num_classes != actions.num_actions:
