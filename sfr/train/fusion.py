@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sfr.config import FusionRunConfig
 from sfr.data.dataset import Stream
-from sfr.models.architectures import FusionUnit, plan_architecture
+from sfr.models.architectures import FusionUnit, leaf_label, plan_architecture
 from sfr.models.branch import create_branch
 from sfr.models.fusion import BranchNode, FusionNode
 from sfr.train.loop import FitResult, Progress, Trainer
@@ -56,14 +56,11 @@ class FusionPlan:
         self.runs_dir = Path(runs_dir)
         model = config.model
         self.units = plan_architecture(model.architecture, model.modalities, model.alphas)
+        leaves = [(leaf_label(m, r.alpha), m, r) for r in model.rates for m in model.modalities]
         self.streams = {
-            f"{m}@{r.alpha:g}": Stream(m, r.grid(config.data.fps, fusion=True))
-            for r in model.rates
-            for m in model.modalities
+            label: Stream(m, r.grid(config.data.fps, fusion=True)) for label, m, r in leaves
         }
-        self.branch_rates = {
-            f"{m}@{r.alpha:g}": (m, r) for r in model.rates for m in model.modalities
-        }
+        self.branch_rates = {label: (m, r) for label, m, r in leaves}
         self.by_label = {unit.label: unit for unit in self.units}
 
     @property

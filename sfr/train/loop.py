@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from sfr.errors import ConfigError, SfrError, TrainingError
-from sfr.eval.metrics import mean_topk_recall, topk_accuracy, topk_hits
+from sfr.eval.metrics import mean_topk_recall, topk_accuracy
 from sfr.train.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
 from sfr.train.rundir import RunDir
 
@@ -135,6 +135,12 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
 
 def _to_device(features: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in features.items()}
+
+
+def _top5_hits(scores: Tensor, labels: Tensor) -> int:
+    """How many rows of (B, C) scores rank their label among the top 5 (running accuracy)."""
+    top5 = scores.topk(min(5, scores.shape[-1]), dim=1).indices  # (B, 5)
+    return int((top5 == labels[:, None]).any(dim=1).sum())
 
 
 def anticipation_loss(scores: Tensor, labels: Tensor) -> Tensor:
@@ -293,8 +299,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(labels)
-            top5 = scores[:, k_sel].topk(min(5, scores.shape[-1]), dim=1).indices  # (B, 5)
-            hits += int((top5 == labels[:, None]).any(dim=1).sum())
+            hits += _top5_hits(scores[:, k_sel], labels)
             seen += len(labels)
             rate = seen / max(time.perf_counter() - began, 1e-9)
             self.progress(
@@ -308,7 +313,7 @@ class Trainer:
     def _validate(self, module: nn.Module, epoch: int) -> tuple[float, dict[str, float]]:
         module.eval()
         loader = self._loader(self.val_set, epoch, shuffle=False)
-        all_scores, all_labels, total, began = [], [], 0.0, time.perf_counter()
+        all_scores, all_labels, total, hits, began = [], [], 0.0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
         for index, batch in enumerate(_batches(loader)):
             labels = batch["action"].to(self.device)
@@ -316,12 +321,12 @@ class Trainer:
             total += anticipation_loss(scores, labels).item() * len(labels)
             all_scores.append(scores.float().cpu().numpy())
             all_labels.append(labels.cpu().numpy())
+            hits += _top5_hits(scores[:, k_sel], labels)
             seen = sum(len(lab) for lab in all_labels)
-            hits = topk_hits(np.concatenate(all_scores)[:, k_sel], np.concatenate(all_labels), 5)
             rate = seen / max(time.perf_counter() - began, 1e-9)
             self.progress(
                 BatchDone(
-                    "val", epoch, index + 1, len(loader), total / seen, 100 * hits.mean(), rate
+                    "val", epoch, index + 1, len(loader), total / seen, 100 * hits / seen, rate
                 )
             )
         scores = np.concatenate(all_scores)

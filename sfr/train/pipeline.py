@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sfr.data.dataset import open_stores
 from sfr.errors import RunError
 from sfr.train.checkpoint import read_metadata
-from sfr.train.fusion import FusionPlan, load_fusion_data, train_fusion_unit
+from sfr.train.fusion import FusionPlan, train_fusion_unit
 from sfr.train.loop import FitResult, ProgressEvent, time_key
 from sfr.train.rundir import RunDir, config_differences
 from sfr.train.stages import (
@@ -149,8 +149,7 @@ def run_pipeline(
         else:
             unit = plan.by_label[step.label]
             fit = train_fusion_unit(
-                plan, unit, data_dir, force=force, resume=resume, progress=report,
-                data=load_fusion_data(plan, unit, data_dir), hint=hint,
+                plan, unit, data_dir, force=force, resume=resume, progress=report, hint=hint,
             )  # fmt: skip
         result.results[(step.label, step.stage)] = fit
     return result
