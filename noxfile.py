@@ -26,6 +26,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Speed benchmarks at real dimensions, printed as side-by-side ratios."""
-    session.install(TORCH, "-e", ".")
+    session.install(TORCH, "-e", ".[video]")
     session.run("python", "benchmarks/bench_branch.py", *session.posargs)
     session.run("python", "benchmarks/bench_fusion.py", *session.posargs)
+    session.run("python", "benchmarks/bench_features.py", *session.posargs)

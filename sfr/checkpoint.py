@@ -8,14 +8,17 @@ any moment leaves either the previous file or the new one, never a torn file.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sfr.errors import RunError
+from sfr.errors import DataError, RunError
 from sfr.files import atomic_write
 
 METADATA_KEY = "sfr"
@@ -62,3 +65,49 @@ def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 def add_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors renamed to `prefix.<name>`."""
     return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+# What numpy float64 scalars in a pickle need (the `perf` values of published checkpoints).
+NUMPY_SCALAR_GLOBALS: list[Any] = [
+    np._core.multiarray.scalar,
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np.dtype,
+    np.dtypes.Float64DType,
+]
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+def safe_torch_load(path: Path, *, allowed: Sequence[Any], what: str, hint: str) -> Any:
+    """A PyTorch pickle read with `torch.load(weights_only=True)`, admitting only `allowed` globals.
+
+    `what` says what such files legitimately hold and `hint` what to do, for the message naming a
+    refused Python object. Raises DataError for a missing file, a refused object or bytes that
+    are no PyTorch checkpoint (nothing from the file is ever run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Checkpoint {path} does not exist.")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types on bytes that are no checkpoint
+        raise _unreadable(path, error, what, hint) from None
+
+
+def _unreadable(path: Path, failure: Exception, what: str, hint: str) -> DataError:
+    """Why torch refused a file: a Python object sfr does not unpickle, or no checkpoint at all."""
+    text = str(failure)
+    refused = _UNSAFE_GLOBAL.search(text)
+    if refused is not None:
+        return DataError(
+            f"{path} refers to the Python object {refused.group(1)}, which sfr does not unpickle: "
+            f"{what} (nothing from the file was run).",
+            hint,
+        )
+    detail = (text.partition("WeightsUnpickler error:")[2] or text).strip()
+    reason = type(failure).__name__ + (f": {detail.splitlines()[0]}" if detail else "")
+    return DataError(
+        f"{path} cannot be read as a PyTorch checkpoint ({reason}).",
+        "Check that it is a complete .pth.tar file (a download sfr made: sfr download verify).",
+    )

@@ -8,6 +8,7 @@ from sfr.cli.convert import convert
 from sfr.cli.demo import demo
 from sfr.cli.download import download_app
 from sfr.cli.export import export
+from sfr.cli.features import features_app
 from sfr.cli.finetune import finetune
 from sfr.cli.fuse import fuse
 from sfr.cli.pipeline import pipeline
@@ -31,6 +32,7 @@ app.command("finetune")(finetune)
 app.command("fuse")(fuse)
 app.command("pipeline")(pipeline)
 app.add_typer(download_app, name="download")
+app.add_typer(features_app, name="features")
 app.command("convert")(convert)
 app.command("report")(report)
 app.command("validate")(validate)

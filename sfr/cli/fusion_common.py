@@ -8,6 +8,7 @@ from typing import Any
 
 from sfr.cli.common import TrainingView, console, pipeline_rows, results_table, step_line
 from sfr.config import FusionRunConfig, load_config, parse_override
+from sfr.data.provenance import fill_recorded_dims
 from sfr.train.fusion import FusionPlan
 from sfr.train.pipeline import StepStarted, run_pipeline
 
@@ -32,6 +33,9 @@ def run_and_report(
     hint: str,
 ) -> None:
     """Run the requested steps with progress bars, then print the side-by-side table."""
+    resolved.data.feature_dims = fill_recorded_dims(
+        resolved.data.feature_dims, data, resolved.model.modalities
+    )
     plan = FusionPlan(resolved, runs)
     model = resolved.model
     console.print(

@@ -115,6 +115,11 @@ class FeatureStoreWriter:
         self._commit_every = commit_every
         self._pending: list[tuple[bytes, bytes]] = []
 
+    @property
+    def env(self) -> lmdb.Environment:
+        """The open environment (for reading keys already written)."""
+        return self._env
+
     def put(self, video: str, frame: int, vector: np.ndarray) -> None:
         self._pending.append(
             (frame_key(video, frame).encode("utf-8"), np.asarray(vector, np.float32).tobytes())

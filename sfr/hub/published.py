@@ -7,24 +7,13 @@ exactly the numpy globals such scalars need and nothing else.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
+from sfr.checkpoint import NUMPY_SCALAR_GLOBALS, safe_torch_load
 from sfr.errors import DataError
-
-_NUMPY_SCALAR_GLOBALS: list[Any] = [
-    np._core.multiarray.scalar,
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-    np.dtype,
-    np.dtypes.Float64DType,
-]
-
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 # Published branch key -> sfr `RULSTMBranch` key (one-layer LSTMs).
 _BRANCH_KEYS = {
@@ -37,36 +26,16 @@ _BRANCH_KEYS = {
 def load_published_checkpoint(path: Path) -> dict[str, Any]:
     """The published checkpoint container, loaded without executing arbitrary pickled code."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Checkpoint {path} does not exist.")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
-            container = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types on bytes that are no checkpoint
-        raise _unreadable(path, error) from None
+    container = safe_torch_load(
+        path,
+        allowed=NUMPY_SCALAR_GLOBALS,
+        what="published RU-LSTM checkpoints hold only tensors and numpy float64 scalars",
+        hint="Convert only checkpoints saved by the RU-LSTM code, or re-save the file with "
+        "tensors and plain numbers only.",
+    )
     if not isinstance(container, dict) or "state_dict" not in container:
         raise DataError(f"{path} holds no 'state_dict': not a published RU-LSTM checkpoint.")
     return container
-
-
-def _unreadable(path: Path, failure: Exception) -> DataError:
-    """Why torch refused a file: a Python object sfr does not unpickle, or no checkpoint at all."""
-    text = str(failure)
-    refused = _UNSAFE_GLOBAL.search(text)
-    if refused is not None:
-        return DataError(
-            f"{path} refers to the Python object {refused.group(1)}, which sfr does not unpickle: "
-            "published RU-LSTM checkpoints hold only tensors and numpy float64 scalars (nothing "
-            "from the file was run).",
-            "Convert only checkpoints saved by the RU-LSTM code, or re-save the file with "
-            "tensors and plain numbers only.",
-        )
-    detail = (text.partition("WeightsUnpickler error:")[2] or text).strip()
-    reason = type(failure).__name__ + (f": {detail.splitlines()[0]}" if detail else "")
-    return DataError(
-        f"{path} cannot be read as a PyTorch checkpoint ({reason}).",
-        "Check that it is a complete .pth.tar file (a download sfr made: sfr download verify).",
-    )
 
 
 def branch_state_from_published(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:

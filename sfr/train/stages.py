@@ -27,6 +27,7 @@ from sfr.data.annotations import (
     read_segments,
 )
 from sfr.data.dataset import AnticipationDataset, Stream, open_stores
+from sfr.data.provenance import fill_recorded_dims
 from sfr.errors import ConfigError, DataError, RunError
 from sfr.models.branch import RULSTMBranch, create_branch
 from sfr.models.tree import branch_spec
@@ -217,6 +218,9 @@ def train_branch_stage(
     `data` may be passed to share loaded datasets between stages; `source` names the config
     file in hints.
     """
+    config.data.feature_dims = fill_recorded_dims(
+        config.data.feature_dims, data_dir, [config.branch.modality]
+    )
     run = stage_dir(config, runs_dir, stage)
     data = data or load_branch_data(config, data_dir)
     init = None

@@ -1,0 +1,1 @@
+"""Feature extraction: frames, videos, optical flow and detections into LMDB feature stores."""
