@@ -28,7 +28,9 @@ def write_frame_folder(folder: Path, frames: int, seed: int = 0) -> Path:
     """EPIC layout: `folder/frame_0000000001.jpg` ... (1-based), written with pillow."""
     folder.mkdir(parents=True, exist_ok=True)
     for frame in range(1, frames + 1):
-        Image.fromarray(frame_image(seed, frame)).save(folder / f"frame_{frame:010d}.jpg", quality=95)
+        Image.fromarray(frame_image(seed, frame)).save(
+            folder / f"frame_{frame:010d}.jpg", quality=95
+        )
     return folder
 
 

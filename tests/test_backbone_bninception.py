@@ -271,8 +271,15 @@ def test_missing_extra_and_misshaped_keys_are_refused(tmp_path: Path) -> None:
     message = _refusal(tmp_path, missing)
     assert "2 missing (first: 'inception_3a_3x3.weight')" in message
 
-    extra = {**base, "fc.weight": torch.zeros(1000, 1024), "zz.bias": torch.zeros(3)}
-    assert "2 unexpected (first: 'fc.weight')" in _refusal(tmp_path, extra)
+    extra = {**base, "classifier.weight": torch.zeros(9, 1024), "zz.bias": torch.zeros(3)}
+    assert "2 unexpected (first: 'classifier.weight')" in _refusal(tmp_path, extra)
+
+    # Classifiers the extraction never runs are dropped: TSN's `fc` (a model trained with
+    # dropout 0 replaces the last layer in place) and pretrainedmodels' `last_linear`.
+    heads = {**base, "fc.weight": torch.zeros(125, 1024), "last_linear.bias": torch.zeros(1000)}
+    path = tmp_path / "TSN-heads.pth.tar"
+    torch.save(tsn_checkpoint(heads), path)
+    load_tsn_weights(create_bninception(in_channels=3), path)
 
     misshaped = {**base, "inception_4c_1x1.weight": torch.zeros(160, 576, 3, 3)}
     message = _refusal(tmp_path, misshaped)

@@ -14,8 +14,6 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from featuredata import (
     frame_image,
     write_detections,
@@ -25,6 +23,8 @@ from featuredata import (
     write_tsn_checkpoint,
     write_video,
 )
+from PIL import Image
+
 from sfr.data.provenance import read_record
 from sfr.data.store import frame_key
 from sfr.data.timegrid import TimeGrid
@@ -110,9 +110,10 @@ def test_rgb_from_frame_folders_follows_the_published_recipe(
     assert result.written == 8 and sorted(result.completed) == ["P01_01", "P01_02"]
     store = read_store(out)
     assert sorted(store) == sorted(
-        [frame_key("P01_01", f) for f in range(1, 6)] + [frame_key("P01_02", f) for f in range(1, 4)]
+        [frame_key("P01_01", f) for f in range(1, 6)]
+        + [frame_key("P01_02", f) for f in range(1, 4)]
     )
-    for video, seed, frame in (("P01_01", 0, 1), ("P01_01", 0, 5), ("P01_02", 1, 2)):
+    for video, frame in (("P01_01", 1), ("P01_01", 5), ("P01_02", 2)):
         decoded = np.asarray(Image.open(videos / video / f"frame_{frame:010d}.jpg").convert("RGB"))
         expected = published_rgb(tsn_nets["rgb"], decoded)
         assert store[frame_key(video, frame)].shape == (1024,)
@@ -163,7 +164,9 @@ def test_rerun_skips_complete_videos_and_resumes_a_killed_run(
     assert again.written == 0 and sorted(again.skipped) == ["A", "B"]
 
 
-def test_video_files_are_retimed_to_30_fps(tsn, tsn_nets, tmp_path: Path, single_torch_thread) -> None:
+def test_video_files_are_retimed_to_30_fps(
+    tsn, tsn_nets, tmp_path: Path, single_torch_thread
+) -> None:
     videos = tmp_path / "videos"
     write_video(videos / "V25.mp4", frames=10, fps=25, seed=0)  # 0.4 s → 12 frames at 30 fps
     write_video(videos / "V60.mp4", frames=12, fps=60, seed=1)  # 0.2 s → 6 frames at 30 fps
@@ -182,7 +185,9 @@ def test_video_files_are_retimed_to_30_fps(tsn, tsn_nets, tmp_path: Path, single
     # (next at 1/25 s), and frames 3..7 show source frames 2..6.
     np.testing.assert_array_equal(store[frame_key("V25", 1)], store[frame_key("V25", 2)])
     for frame in range(2, 7):
-        assert not np.array_equal(store[frame_key("V25", frame)], store[frame_key("V25", frame + 1)])
+        assert not np.array_equal(
+            store[frame_key("V25", frame)], store[frame_key("V25", frame + 1)]
+        )
     # 60 → 30 fps keeps every second source frame: all 6 differ.
     vectors = [store[frame_key("V60", f)].tobytes() for f in range(1, 7)]
     assert len(set(vectors)) == 6
@@ -194,7 +199,9 @@ def test_sparse_layout_holds_exactly_the_frames_of_the_grids(
     videos = tmp_path / "videos"
     write_frame_folder(videos / "P01_01", 40, seed=0)
     csv = tmp_path / "training.csv"
-    csv.write_text("1, P01_01, 0000000030, 0000000040, 1, 2, 3\n2, P01_01, 0000000038, 0000000039, 0, 0, 0\n")
+    csv.write_text(
+        "1, P01_01, 0000000030, 0000000040, 1, 2, 3\n2, P01_01, 0000000038, 0000000039, 0, 0, 0\n"
+    )
     grids = (TimeGrid(0.25, 2, 1), TimeGrid(0.5, 1, 1))
     plan = FramePlan(grids=grids, starts={"P01_01": (30, 38)})
     out = tmp_path / "rgb"
@@ -306,7 +313,9 @@ def test_objects_from_detections(tmp_path: Path) -> None:
     per_frame = write_detections(detections / "P01_01.npy", frames=6, classes=12, seed=0)
     out = tmp_path / "obj"
     result = run_request(
-        FeatureRequest(modality="obj", out=out, inputs=InputOptions(detections=detections, classes=12))
+        FeatureRequest(
+            modality="obj", out=out, inputs=InputOptions(detections=detections, classes=12)
+        )
     )
     assert result.written == 6
     store = read_store(out)
@@ -332,9 +341,7 @@ def test_a_store_made_another_way_is_refused(tsn, tmp_path: Path, single_torch_t
     slowfast = tmp_path / "sf.pyth"
     write_slowfast_checkpoint(slowfast, seed=0)
     with pytest.raises(DataError, match="dim"):
-        run_request(
-            rgb_request(tsn, videos, out, backbone="slowfast-r50", weights=slowfast)
-        )
+        run_request(rgb_request(tsn, videos, out, backbone="slowfast-r50", weights=slowfast))
     foreign = tmp_path / "public"
     foreign.mkdir()
     env = lmdb.open(str(foreign))
@@ -345,7 +352,9 @@ def test_a_store_made_another_way_is_refused(tsn, tmp_path: Path, single_torch_t
         run_request(rgb_request(tsn, videos, foreign))
 
 
-def test_failures_are_listed_and_the_other_videos_done(tsn, tmp_path: Path, single_torch_thread) -> None:
+def test_failures_are_listed_and_the_other_videos_done(
+    tsn, tmp_path: Path, single_torch_thread
+) -> None:
     videos = tmp_path / "videos"
     write_frame_folder(videos / "good", 2, seed=0)
     gap = write_frame_folder(videos / "gap", 4, seed=1)
@@ -357,9 +366,10 @@ def test_failures_are_listed_and_the_other_videos_done(tsn, tmp_path: Path, sing
     assert set(failed) == {"gap", "broken"}
     assert "frame_0000000003.jpg" in failed["gap"]
     assert "broken.mp4" in failed["broken"]
-    assert not read_record(tmp_path / "rgb").videos.get("gap", None) or not read_record(
-        tmp_path / "rgb"
-    ).videos["gap"].complete
+    assert (
+        not read_record(tmp_path / "rgb").videos.get("gap", None)
+        or not read_record(tmp_path / "rgb").videos["gap"].complete
+    )
 
 
 def test_shards_merge_into_the_single_run_store(tsn, tmp_path: Path, single_torch_thread) -> None:

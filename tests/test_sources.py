@@ -86,6 +86,7 @@ def test_frame_folder_reads_every_frame_in_order(tmp_path: Path) -> None:
     assert [n for n, _ in frames] == list(range(1, 8))
     for number, image in frames:
         assert image.shape == (24, 32, 3) and image.dtype == np.uint8
+        assert image.flags.writeable  # torch.from_numpy warns about read-only arrays
         assert frame_of(image) == number
 
 
@@ -122,7 +123,7 @@ def test_gap_names_the_first_missing_frame(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
         list(reader.read())
     assert str(folder / "frame_0000000003.jpg") in caught.value.message
-    with pytest.raises(DataError, match="frame_0000000003.jpg"):
+    with pytest.raises(DataError, match=r"frame_0000000003\.jpg"):
         reader.frame_count()
 
 
@@ -244,3 +245,13 @@ def test_open_frames_dispatches(tmp_path: Path) -> None:
         open_frames(video, backend="opencv")
     with pytest.raises(ValueError, match="FlowFrameReader"):
         open_frames(VideoInput("P01_01", folder, "flow"))
+
+
+def test_discovery_follows_links_once_and_stops_at_frame_folders(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_frames(root / "P01_01", range(1, 4))
+    touch_video(root / "P01_01" / "inside" / "ignored.mp4")  # a frame folder is a leaf
+    touch_video(root / "clips" / "c1.mkv")
+    (root / "clips" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    assert [v.name for v in discover_videos(root)] == ["P01_01", "c1"]

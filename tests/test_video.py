@@ -108,6 +108,8 @@ def test_25_fps_repeats_every_fifth_frame(videos: dict[str, Path]) -> None:
     assert reader.frame_count() == 60  # estimated from the duration before reading
     result = shown(reader)
     assert result == expected_constant(50, Fraction(25))
+    (_, image), *_ = reader.read([1])
+    assert image.shape == (HEIGHT, WIDTH, 3) and image.dtype == np.uint8 and image.flags.writeable
     assert [index for _, index in result[:13]] == [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]
     assert len(result) == 60 and reader.frame_count() == 60
 
@@ -194,8 +196,9 @@ def test_sparse_read_equals_full_read(videos: dict[str, Path]) -> None:
 
 
 def test_repeated_frames_are_separate_arrays(videos: dict[str, Path]) -> None:
-    frames = list(VideoFileReader(videos["25"], name="v25").read([1, 2]))
+    frames = list(VideoFileReader(videos["25"], name="v25").read([7, 8]))  # both source 5
     first, second = frames[0][1], frames[1][1]
+    assert source_index(first) == 5
     assert np.array_equal(first, second) and first is not second
     first[:] = 0
     assert second.any()
@@ -276,7 +279,7 @@ def test_a_seek_that_overshoots_decodes_from_the_start(
     log: dict[str, int] = {}
     spy_on(monkeypatch, log, overshoot=5 * 12800)  # lands 5 s after the asked time
     sparse = list(reader.read([2, 400, 401, 880]))
-    assert log["seeks"] >= 1
+    assert log["seeks"] == 1  # after the overshoot, one decode from the start without seeking
     assert [n for n, _ in sparse] == [2, 400, 401, 880]
     for frame, image in sparse:
         assert np.array_equal(image, full[frame]), frame
@@ -289,14 +292,14 @@ def test_random_bytes_are_refused_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
         list(reader.read())
     assert str(path) in caught.value.message and caught.value.hint
-    with pytest.raises(DataError, match="broken.mp4"):
+    with pytest.raises(DataError, match=r"broken\.mp4"):
         reader.frame_count()
 
 
 def test_truncated_video_is_refused(videos: dict[str, Path], tmp_path: Path) -> None:
     path = tmp_path / "cut.mp4"
     path.write_bytes(videos["long"].read_bytes()[:20000])  # mp4 index (moov) is at the end
-    with pytest.raises(DataError, match="cut.mp4"):
+    with pytest.raises(DataError, match=r"cut\.mp4"):
         list(VideoFileReader(path, name="cut").read([1]))
 
 
@@ -304,7 +307,9 @@ def test_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
     path = tmp_path / "sound.mkv"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), np.int16), format="s16", layout="mono"
+        )
         frame.rate = 8000
         for packet in stream.encode(frame):
             container.mux(packet)

@@ -250,7 +250,7 @@ class ExtractionView:
         if isinstance(event, ExtractionStarted):
             if event.skipped_videos:
                 bars.console.print(
-                    f"  {event.skipped_videos} videos already complete in the store: skipped"
+                    f"  {_videos(event.skipped_videos)} already complete in the store: skipped"
                 )
             self.total = bars.add_task("videos", total=event.videos, info="")
         elif isinstance(event, VideoStarted):
@@ -292,11 +292,15 @@ class ExtractionView:
             self.bars.advance(self.total, 1)
 
 
-def _report(result: ExtractionResult, out: Path, dim: str) -> None:
+def _videos(count: int) -> str:
+    return f"{count} video" + ("" if count == 1 else "s")
+
+
+def _report(result: ExtractionResult, out: Path) -> None:
     table = Table(title=f"Feature store {out}", title_justify="left", show_header=False)
     table.add_column()
     table.add_column(justify="right")
-    table.add_row("vectors written", f"{result.written:,} ({dim})")
+    table.add_row("vectors written", f"{result.written:,} × {result.dim}-d ({result.backbone})")
     table.add_row("videos completed", str(len(result.completed)))
     table.add_row("videos already complete", str(len(result.skipped)))
     table.add_row("videos failed", str(len(result.failed)))
@@ -315,8 +319,7 @@ def _report(result: ExtractionResult, out: Path, dim: str) -> None:
 def _run(request: FeatureRequest) -> None:
     with ExtractionView() as view:
         result = run_request(request, view)
-    dim = "detections" if request.modality == "obj" else request.backbone
-    _report(result, request.out, dim)
+    _report(result, request.out)
 
 
 @features_app.command("rgb")

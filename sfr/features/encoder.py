@@ -129,8 +129,15 @@ class BackboneEncoder:
         if weights is not None:
             backbone.load(model, weights)
         self.model = model.eval().to(self.device)
+        self._memory_format: torch.memory_format | None = None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            # fp32 means fp32: TF32 convolutions would move features by ~1e-3 of their scale.
+            torch.backends.cudnn.allow_tf32 = precision != "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+            video = preprocessing.channels != "uv" and preprocessing.clip_frames > 1
+            self._memory_format = torch.channels_last_3d if video else torch.channels_last
+            self.model = self.model.to(memory_format=self._memory_format)
         channels = preprocessing.channels_per_frame
         repeat = preprocessing.clip_frames if preprocessing.channels == "uv" else 1
         mean = torch.tensor(preprocessing.mean * repeat, dtype=torch.float32)
@@ -162,6 +169,8 @@ class BackboneEncoder:
         x = batch.to(self.device, non_blocking=True).float()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x = (x * (pre.scale / 255.0) - self._mean.view(shape)) / self._std.view(shape)
+        if self._memory_format is not None:  # cuDNN's fast layout for convolutions on CUDA
+            x = x.contiguous(memory_format=self._memory_format)
         autocast: Any = (
             torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
             if self.precision != "fp32"

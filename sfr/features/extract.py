@@ -98,6 +98,8 @@ ExtractionEvent = (
 class ExtractionResult:
     """What a run did: vectors written, videos completed, skipped or failed (with reasons)."""
 
+    backbone: str = ""
+    dim: int = 0
     written: int = 0
     completed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -157,7 +159,7 @@ def extract_features(
     if batch_size < 1 or workers < 1:
         raise DataError("--batch-size and --workers must be at least 1.")
     record = _open_record(out, record)
-    result = ExtractionResult()
+    result = ExtractionResult(backbone=record.backbone, dim=record.dim)
     started = time.perf_counter()
     try:
         writer = FeatureStoreWriter(out, commit_every=1 << 30)

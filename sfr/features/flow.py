@@ -104,11 +104,15 @@ def flow_layout(folder: Path) -> tuple[FlowLayout, NumberedImages, NumberedImage
     return None
 
 
+def _is_dense_flow_name(name: str) -> bool:
+    return name.startswith(("flow_x_", "flow_y_"))
+
+
 def _has_flow(folder: Path, dirs: Sequence[str], files: Iterable[str]) -> bool:
     names = set(dirs)
     if any(first in names and second in names for first, second in FLOW_COMPONENT_PAIRS):
         return True
-    return any(name.startswith(("flow_x_", "flow_y_")) for name in files)
+    return any(map(_is_dense_flow_name, files))
 
 
 def discover_flow_videos(root: Path, *, names: Sequence[str] | None = None) -> list[VideoInput]:
@@ -121,7 +125,7 @@ def discover_flow_videos(root: Path, *, names: Sequence[str] | None = None) -> l
     """
     root = check_root(root, "flow")
     found: list[VideoInput] = []
-    for folder, dirs, files in walk_folders(root):
+    for folder, dirs, files in walk_folders(root, leaf=_is_dense_flow_name):
         if _has_flow(folder, dirs, files) and flow_layout(folder) is not None:
             dirs[:] = []
             found.append(VideoInput(folder.name, folder, "flow"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -92,7 +92,7 @@ def require(module: str, extra: str = "video") -> ModuleType:
     `module` is the import name (`av`, `cv2`, `PIL`); `extra` the `sfr` extra that brings it.
     A package that is installed but fails to load (a missing shared library) is reported too.
     """
-    label = _PACKAGES.get(module, f"the `{module}` package")
+    label = _PACKAGES.get(module.partition(".")[0], f"the `{module}` package")
     try:
         return importlib.import_module(module)
     except ImportError as error:
@@ -220,12 +220,10 @@ def rgb_frame_files(folder: Path) -> NumberedImages | None:
     return next(iter(groups.values()), None)
 
 
-def _has_rgb_frames(names: Iterable[str]) -> bool:
-    for name in names:
-        match = _NUMBERED.match(name)
-        if match is not None and match.group("prefix").lower() in RGB_FRAME_PREFIXES:
-            return True
-    return False
+def is_rgb_frame_name(name: str) -> bool:
+    """Whether a file name is that of an rgb frame (`frame_0000000001.jpg`, `img_00001.png`)."""
+    match = _NUMBERED.match(name)
+    return match is not None and match.group("prefix").lower() in RGB_FRAME_PREFIXES
 
 
 def load_image(path: Path, mode: Literal["RGB", "L"], *, frame: int | None = None) -> np.ndarray:
@@ -235,7 +233,7 @@ def load_image(path: Path, mode: Literal["RGB", "L"], *, frame: int | None = Non
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
+            return np.array(image.convert(mode))  # a writable copy (asarray is read-only)
     except FileNotFoundError:
         what = f"Frame {frame} ({path})" if frame is not None else f"The image {path}"
         raise DataError(
@@ -253,25 +251,56 @@ def load_image(path: Path, mode: Literal["RGB", "L"], *, frame: int | None = Non
 # -- discovery --------------------------------------------------------------------------------
 
 
-def walk_folders(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
-    """`os.walk` in sorted order, following links but never a folder twice, skipping hidden ones.
+def walk_folders(
+    root: Path, *, leaf: Callable[[str], bool] | None = None
+) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """The folders under `root` (itself first), depth first in sorted order, like `os.walk`.
 
-    The caller may prune `dirs` in place, as with os.walk.
+    Yields `(folder, sub-folder names, file names)`, both sorted; the caller may prune the
+    sub-folder list in place to skip them. Links are followed but no folder is visited twice;
+    hidden entries (a leading dot) are skipped. When `leaf(file name)` holds for a file, the
+    folder is a leaf: listing stops there and it is yielded without sub-folders, with the files
+    seen so far, so that discovering 700 EPIC frame folders does not list their 20 million
+    frames. A folder that cannot be listed is a DataError.
     """
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirs, files in os.walk(root, followlinks=True):
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
         try:
-            stat = os.stat(dirpath)
+            stat = os.stat(folder)
         except OSError:
-            dirs[:] = []
+            continue  # a dangling link
+        if (stat.st_dev, stat.st_ino) in seen:
             continue
-        key = (stat.st_dev, stat.st_ino)
-        if key in seen:
-            dirs[:] = []
-            continue
-        seen.add(key)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield Path(dirpath), dirs, sorted(f for f in files if not f.startswith("."))
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs: list[str] = []
+        files: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        continue
+                    if is_dir:
+                        dirs.append(entry.name)
+                        continue
+                    files.append(entry.name)
+                    if leaf is not None and leaf(entry.name):
+                        dirs = []
+                        break
+        except OSError as error:
+            raise DataError(
+                f"Cannot list the folder {folder}: {error.strerror or error}.",
+                "Check that you can read it, or point at a folder without it.",
+            ) from None
+        dirs.sort()
+        files.sort()
+        yield folder, dirs, files
+        stack.extend(folder / name for name in reversed(dirs))
 
 
 def check_root(root: Path, what: str) -> Path:
@@ -342,7 +371,9 @@ def discover_videos(root: Path, *, names: Sequence[str] | None = None) -> list[V
     frame folder directly holds `frame_0000000001.jpg`, ... (other digit widths, `img_` and .png
     are accepted too) and is named by the folder, so EPIC-100's `P01/rgb_frames/P01_01/` gives
     `P01_01`. Folders that are one half of a flow video (`u` beside `v`, `flow_x` beside `flow_y`)
-    are not rgb videos and are skipped. `root` may also be a single video file or frame folder.
+    are not rgb videos and are skipped. A frame folder is not searched further (nor listed in
+    full: video files or folders inside it are ignored). `root` may also be a single video file
+    or frame folder.
     Sorted by name; two inputs with the same name are an error naming both paths; `names`
     keeps only those videos (an unknown name is an error listing a few available ones).
     """
@@ -356,11 +387,12 @@ def discover_videos(root: Path, *, names: Sequence[str] | None = None) -> list[V
             )
         found.append(VideoInput(root.stem, root, "video"))
     else:
-        for folder, dirs, files in walk_folders(root):
-            if _has_rgb_frames(files):
-                dirs[:] = []  # a frame folder holds frames, not more videos
+        for folder, _dirs, files in walk_folders(root, leaf=is_rgb_frame_name):
+            if any(map(is_rgb_frame_name, files)):
+                # a frame folder holds frames, not more videos (its listing stopped at a frame)
                 if not _is_flow_component(folder):
                     found.append(VideoInput(folder.name, folder, "frames"))
+                continue
             for file in files:
                 path = folder / file
                 if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():

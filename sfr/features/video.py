@@ -263,8 +263,9 @@ def _frame_time(
 
 def _frame_duration(frame: Any, time_base: Fraction | None, default: Fraction) -> Fraction:
     base = Fraction(frame.time_base) if frame.time_base else time_base
-    if frame.duration and base is not None:
-        return frame.duration * base
+    duration = getattr(frame, "duration", None)  # PyAV >= 13
+    if duration and duration > 0 and base is not None:
+        return duration * base
     return default
 
 
