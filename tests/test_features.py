@@ -413,3 +413,54 @@ def test_store_json_is_valid(tsn, tmp_path: Path, single_torch_thread) -> None:
     run_request(rgb_request(tsn, videos, tmp_path / "rgb"))
     document = json.loads((tmp_path / "rgb" / "sfr-features.json").read_text())
     assert document["schema"] == "sfr-features/1" and document["fps"] == 30.0
+
+
+def test_a_full_disk_is_a_message_and_a_rerun_completes(
+    tsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_torch_thread
+) -> None:
+    from sfr.data.store import FeatureStoreWriter
+
+    videos = tmp_path / "videos"
+    write_frame_folder(videos / "V", 6, seed=0)
+    out = tmp_path / "rgb"
+    real_flush = FeatureStoreWriter.flush
+    calls = []
+
+    def flush_then_fill_the_disk(self) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        real_flush(self)
+
+    monkeypatch.setattr(FeatureStoreWriter, "flush", flush_then_fill_the_disk)
+    with pytest.raises(DataError, match="No space left") as info:
+        run_request(rgb_request(tsn, videos, out, workers=1, batch_size=2))
+    assert str(out) in str(info.value) and "run the same command again" in str(info.value)
+    monkeypatch.setattr(FeatureStoreWriter, "flush", real_flush)
+    kept = read_store(out)  # whole batches only (the failed one may be committed on close)
+    assert len(kept) in (2, 4) and all(v.shape == (1024,) for v in kept.values())
+    result = run_request(rgb_request(tsn, videos, out, workers=1, batch_size=2))
+    assert result.written == 6 - len(kept) and len(read_store(out)) == 6
+
+
+def test_a_video_shorter_than_one_clip_is_padded_and_said_so(
+    tmp_path: Path, single_torch_thread
+) -> None:
+    weights = tmp_path / "sf.pyth"
+    write_slowfast_checkpoint(weights, depth=50, seed=0)
+    videos = tmp_path / "videos"
+    write_frame_folder(videos / "short", 3, seed=0)
+    result = run_request(
+        FeatureRequest(
+            modality="rgb",
+            out=tmp_path / "rgb",
+            inputs=InputOptions(videos=videos),
+            backbone="slowfast-r50",
+            weights=weights,
+            preprocessing={"short_side": 32, "crop": 32, "clip_frames": 8, "clip_stride": 2},
+        )
+    )
+    assert result.written == 3 and not result.failed
+    assert len(result.notices) == 1
+    video, message = result.notices[0]
+    assert video == "short" and "shorter than one clip (15 frames)" in message

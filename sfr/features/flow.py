@@ -36,6 +36,7 @@ from sfr.features.sources import (
     check_root,
     load_image,
     numbered_images,
+    one_numbering,
     require,
     select_inputs,
     walk_folders,
@@ -71,15 +72,11 @@ def flow_to_image(flow: np.ndarray, bound: float = FLOW_BOUND) -> np.ndarray:
 
 def _single_prefix(folder: Path) -> NumberedImages | None:
     """The numbered images of one flow component folder (one prefix: frame_, img_, x_, ...)."""
-    groups = numbered_images(folder)
-    if len(groups) > 1:
-        raise DataError(
-            f"The flow folder {folder} mixes files named "
-            + " and ".join(f"{prefix}_*" for prefix in sorted(groups))
-            + ".",
-            "Keep one numbering per flow component folder.",
-        )
-    return next(iter(groups.values()), None)
+    return one_numbering(
+        numbered_images(folder),
+        f"The flow folder {folder} mixes files named",
+        "Keep one numbering per flow component folder.",
+    )
 
 
 def flow_layout(folder: Path) -> tuple[FlowLayout, NumberedImages, NumberedImages] | None:

@@ -210,12 +210,20 @@ def numbered_images(folder: Path) -> dict[str, NumberedImages]:
 def rgb_frame_files(folder: Path) -> NumberedImages | None:
     """The rgb frame files of a folder (`frame_*.jpg` or `img_*.jpg`), or None when it has none."""
     groups = {p: g for p, g in numbered_images(folder).items() if p.lower() in RGB_FRAME_PREFIXES}
+    return one_numbering(
+        groups,
+        f"The frame folder {folder} mixes frame files named",
+        "Keep the frames of one video in one numbering (EPIC: frame_0000000001.jpg).",
+    )
+
+
+def one_numbering(
+    groups: dict[str, NumberedImages], message: str, hint: str
+) -> NumberedImages | None:
+    """The only numbering in `groups` (None if empty); DataError `message PREFIX_* and ...`."""
     if len(groups) > 1:
         raise DataError(
-            f"The frame folder {folder} mixes frame files named "
-            + " and ".join(f"{prefix}_*" for prefix in sorted(groups))
-            + ".",
-            "Keep the frames of one video in one numbering (EPIC: frame_0000000001.jpg).",
+            f"{message} " + " and ".join(f"{prefix}_*" for prefix in sorted(groups)) + ".", hint
         )
     return next(iter(groups.values()), None)
 

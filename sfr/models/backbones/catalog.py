@@ -184,6 +184,20 @@ _SLOWFAST_RGB = Preprocessing(
     clip_stride=2,
 )
 
+
+def _slowfast(depth: int, description: str) -> Backbone:
+    return Backbone(
+        name=f"slowfast-r{depth}",
+        dim=2304,
+        description=description,
+        preprocessing={"rgb": _SLOWFAST_RGB},
+        default_weights={"rgb": f"slowfast-r{depth}-kinetics"},
+        build=_slowfast_build(depth),
+        load=_slowfast_load,
+        features=_slowfast_features,
+    )
+
+
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
@@ -196,25 +210,9 @@ BACKBONES: dict[str, Backbone] = {
             build=_tsn_build,
             load=_tsn_load,
         ),
-        Backbone(
-            name="slowfast-r50",
-            dim=2304,
-            description="SlowFast 8x8 R50 (pytorchvideo layout, Kinetics-400 weights)",
-            preprocessing={"rgb": _SLOWFAST_RGB},
-            default_weights={"rgb": "slowfast-r50-kinetics"},
-            build=_slowfast_build(50),
-            load=_slowfast_load,
-            features=_slowfast_features,
-        ),
-        Backbone(
-            name="slowfast-r101",
-            dim=2304,
-            description="SlowFast 8x8 R101 (pytorchvideo layout, fusion kernel 5x1x1, Kinetics-400)",
-            preprocessing={"rgb": _SLOWFAST_RGB},
-            default_weights={"rgb": "slowfast-r101-kinetics"},
-            build=_slowfast_build(101),
-            load=_slowfast_load,
-            features=_slowfast_features,
+        _slowfast(50, "SlowFast 8x8 R50 (pytorchvideo layout, Kinetics-400 weights)"),
+        _slowfast(
+            101, "SlowFast 8x8 R101 (pytorchvideo layout, fusion kernel 5x1x1, Kinetics-400)"
         ),
     )
 }
