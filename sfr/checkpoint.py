@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,8 @@ def safe_torch_load(path: Path, *, allowed: Sequence[Any], what: str, hint: str)
     if not path.is_file():
         raise DataError(f"Checkpoint {path} does not exist.")
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter; errors still raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on bytes that are no checkpoint
         raise _unreadable(path, error, what, hint) from None

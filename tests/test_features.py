@@ -464,3 +464,46 @@ def test_a_video_shorter_than_one_clip_is_padded_and_said_so(
     assert len(result.notices) == 1
     video, message = result.notices[0]
     assert video == "short" and "shorter than one clip (15 frames)" in message
+
+
+def test_sparse_runs_say_what_has_no_annotation_and_keep_full_records(
+    tsn, tmp_path: Path, single_torch_thread
+) -> None:
+    videos = tmp_path / "videos"
+    write_frame_folder(videos / "A", 4, seed=0)
+    write_frame_folder(videos / "B", 4, seed=1)
+    out = tmp_path / "rgb"
+    run_request(rgb_request(tsn, videos, out))  # the full layout
+    events = []
+    plan = FramePlan(grids=(TimeGrid(0.05, 1, 1),), starts={"A": (4,), "Z": (30,)})
+    result = run_request(rgb_request(tsn, videos, out, plan=plan), events.append)
+    assert result.written == 0 and sorted(result.skipped) == ["A", "B"]
+    record = read_record(out)
+    assert record.videos["A"].layout == "full" and record.videos["A"].complete
+    messages = [e.message for e in events if hasattr(e, "message")]
+    assert any("1 annotated videos have no input (Z)" in m for m in messages), messages
+    fresh = tmp_path / "fresh"
+    result = run_request(rgb_request(tsn, videos, fresh, plan=plan))
+    assert ("B", "no annotated action: nothing to extract") in result.notices
+    assert "B" not in read_record(fresh).videos
+
+
+def test_bad_output_and_preprocessing_are_refused_before_a_store_exists(
+    tsn, tmp_path: Path
+) -> None:
+    from sfr.errors import ConfigError
+
+    videos = write_frame_folder(tmp_path / "videos" / "V", 1).parent
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        run_request(rgb_request(tsn, videos, a_file))
+    with pytest.raises(ConfigError, match="--crop 1000"):
+        run_request(rgb_request(tsn, videos, tmp_path / "o", preprocessing={"crop": 1000}))
+    with pytest.raises(ConfigError, match="--backend"):
+        run_request(
+            rgb_request(
+                tsn, videos, tmp_path / "o", inputs=InputOptions(videos=videos, backend="x")
+            )
+        )
+    assert not (tmp_path / "o").exists()

@@ -166,7 +166,8 @@ def test_bad_options_are_messages(cli, tsn_rgb: Path, tmp_path: Path) -> None:
     base = ["features", "rgb", "--videos", videos, "--weights", tsn_rgb, "--out", tmp_path / "o"]
     cases = [
         (["--grids", "0.5:6"], ["--grids", "ALPHA:S_ENC:S_ANT"]),
-        (["--grids", "0.5:6:4"], ["needs both the annotations and the grids"]),
+        (["--grids", "0.5:6:4"], ["needs the annotations", "--annotations"]),
+        (["--annotations", "a.csv"], ["needs both the annotations and the grids"]),
         (["--shard", "3/2"], ["--shard", "I/N"]),
         (["--backbone", "resnet"], ["Unknown backbone 'resnet'", "tsn-bninception"]),
         (["--precision", "fp16", "--device", "cpu"], ["--precision fp16 needs a CUDA device"]),

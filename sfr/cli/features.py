@@ -181,6 +181,12 @@ def _plan(
     if config is not None:
         from_config, key_fps = grids_of_config(config)
         parsed += from_config
+    if parsed and not csvs:
+        raise ConfigError(
+            "The sparse layout (--grids or --config) needs the annotations whose actions the "
+            "grids read before: --annotations training.csv validation.csv.",
+            "Without --grids and --config, every frame is extracted (the full layout).",
+        )
     if bool(csvs) != bool(parsed):
         raise ConfigError(
             "The sparse layout needs both the annotations and the grids: --annotations "
@@ -357,7 +363,7 @@ def rgb(
     ] = "pyav",
     rest: RestArg = None,
 ) -> None:
-    """rgb features of every frame (or of the frames some time grids read) of your videos.
+    """RGB features of every frame (or of the frames some time grids read) of your videos.
 
     Example: sfr features rgb --videos VIDEOS --weights tsn-rgb --out DATA/rgb
     """

@@ -156,6 +156,8 @@ def extract_features(
     others go on. Raises DataError when the store cannot be written (full disk: rerun to resume).
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: a feature store is a folder (data.mdb inside).")
     if batch_size < 1 or workers < 1:
         raise DataError("--batch-size and --workers must be at least 1.")
     record = _open_record(out, record)
@@ -170,8 +172,13 @@ def extract_features(
         todo: list[tuple[VideoJob, set[int]]] = []
         for job in jobs:
             done = record.videos.get(job.name)
-            if done is not None and done.complete and done.layout == label:
-                result.skipped.append(job.name)
+            if done is not None and done.complete and done.layout in (label, "full"):
+                result.skipped.append(job.name)  # every frame is there, or this plan's
+                continue
+            if plan.keyed(job.name) == []:
+                notice = VideoNotice(job.name, "no annotated action: nothing to extract")
+                result.notices.append((notice.video, notice.message))
+                progress(notice)
                 continue
             todo.append((job, _present_frames(writer, job.name)))
         progress(ExtractionStarted(len(todo), None, len(result.skipped)))

@@ -42,6 +42,12 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
     missing, empty, or holds two videos of the same name.
     """
     names = list(options.names) if options.names else None
+    if options.backend != "pyav":
+        raise ConfigError(
+            f"--backend {options.backend}: this version of sfr decodes videos with PyAV only "
+            "(torchcodec could not be loaded where it was tried).",
+            "Drop --backend (the default is pyav).",
+        )
     if modality == "obj":
         if options.detections is None:
             raise ConfigError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lmdb
 
-from sfr.data.provenance import StoreRecord, check_same_maker, read_record, write_record
+from sfr.data.provenance import StoreRecord, read_record, write_record
 from sfr.errors import DataError
 
 _BATCH = 4096
@@ -41,9 +41,13 @@ def merge_stores(
     if not shards:
         raise DataError("Nothing to merge: name the shard stores after the output store.")
     records = [(Path(s), _shard_record(Path(s))) for s in shards]
+    seen: set[Path] = set()
     for path, _ in records:
         if path.resolve() == out.resolve():
             raise DataError(f"{path} is both a shard and the output store.")
+        if path.resolve() in seen:
+            raise DataError(f"{path} is named twice among the shards.")
+        seen.add(path.resolve())
     merged = read_record(out)
     if merged is None and (out / "data.mdb").is_file():
         raise DataError(
@@ -51,9 +55,9 @@ def merge_stores(
             "into it.",
             "Merge into a new folder.",
         )
-    reference = records[0][1] if merged is None else merged
+    reference_path, reference = records[0] if merged is None else (out, merged)
     for path, record in records:
-        check_same_maker(reference, record, path)
+        _check_mergeable(reference_path, reference, path, record)
     merged = merged or reference.model_copy(deep=True, update={"videos": {}, "layouts": []})
     copied = present = 0
     try:
@@ -71,6 +75,18 @@ def merge_stores(
     finally:
         target.close()
     return MergeResult(copied, present, len(merged.videos))
+
+
+def _check_mergeable(first_path: Path, first: StoreRecord, path: Path, record: StoreRecord) -> None:
+    """DataError naming both stores and the first field in which their makers differ."""
+    for field, value in first.identity().items():
+        other = record.identity()[field]
+        if other != value:
+            raise DataError(
+                f"{path} ({field} = {other!r}) cannot be merged with {first_path} ({field} = "
+                f"{value!r}): stores made two ways are never mixed.",
+                "Merge only the shards of one extraction (the same command with --shard I/N).",
+            )
 
 
 def _shard_record(path: Path) -> StoreRecord:

@@ -121,6 +121,8 @@ def action_starts(csvs: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     """Video → sorted unique action start frames over annotation CSVs (train, validation, test)."""
     starts: dict[str, set[int]] = defaultdict(set)
     for path in csvs:
+        if not Path(path).is_file():
+            raise ConfigError(f"--annotations {path}: no such file.")
         segments: list[Segment] = read_segments(Path(path))
         for segment in segments:
             starts[segment.video].add(segment.start_frame)

@@ -16,7 +16,13 @@ from sfr import __version__
 from sfr.data.provenance import StoreRecord, now
 from sfr.errors import ConfigError
 from sfr.features.encoder import BackboneEncoder, DetectionEncoder, Encoder, Precision
-from sfr.features.extract import ExtractionEvent, ExtractionResult, VideoJob, extract_features
+from sfr.features.extract import (
+    ExtractionEvent,
+    ExtractionResult,
+    VideoJob,
+    VideoNotice,
+    extract_features,
+)
 from sfr.features.inputs import InputOptions, video_jobs
 from sfr.features.plan import FramePlan
 from sfr.models.backbones.catalog import get_backbone
@@ -134,6 +140,18 @@ def run_request(
 ) -> ExtractionResult:
     """Plan, then extract (see `extract_features` for resuming and failures)."""
     encoder, record, jobs = plan_request(request)
+    inputs = request.inputs
+    if request.plan.layout == "sparse" and inputs.shard is None and not inputs.names:
+        found = {job.name for job in jobs}
+        absent = sorted(video for video in request.plan.starts if video not in found)
+        if absent:
+            shown = ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else "")
+            progress(
+                VideoNotice(
+                    "annotations",
+                    f"{len(absent)} annotated videos have no input ({shown}): they get no vectors",
+                )
+            )
     return extract_features(
         jobs=jobs,
         encoder=encoder,

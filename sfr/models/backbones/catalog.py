@@ -66,8 +66,17 @@ class Preprocessing:
                 raise ConfigError(f"Preprocessing {name} must be at least 8 pixels, not {value}.")
         if self.size is not None and min(self.size) < 8:
             raise ConfigError(f"Preprocessing size must be at least 8x8 pixels, not {self.size}.")
+        resized = min(self.size) if self.size is not None else self.short_side
+        if self.crop is not None and resized is not None and self.crop > resized:
+            raise ConfigError(
+                f"--crop {self.crop} is larger than the resized frame's short side ({resized}).",
+                "Use a crop no larger than --short-side (TSN backbones resize to 256x454).",
+            )
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ConfigError("Normalisation needs one positive std per mean value.")
+            raise ConfigError(
+                f"--mean {list(self.mean)} and --std {list(self.std)} need one positive std per "
+                "mean value (one per channel, or one value for all).",
+            )
 
     @property
     def channels_per_frame(self) -> int:
