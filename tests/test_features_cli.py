@@ -99,6 +99,13 @@ def test_videos_to_stores_to_a_trained_branch(
         assert saved["data"]["feature_dims"] == (
             {"obj": 12} if modality == "obj" else {"rgb": 1024}
         )
+    # Another grid needs other frames: the hint says how to extract them into this store.
+    code, output, error = cli(
+        "train-branch", "--config", "configs/ek55/rgb_a0.5.toml", "--alpha", "0.25", "--s-enc",
+        "1", "--s-ant", "2", "--hidden", "8", "--epochs", "1", "--set", "run.select_time=0.5",
+        "--set", "data.num_classes=24", "--data", data, "--runs", runs, "--device", "cpu",
+    )  # fmt: skip
+    assert_user_error(code, output, error, "extracted by sfr features for grid 0.5:1:2")
 
 
 def test_weights_by_registry_name(cli, tsn_rgb: Path, tmp_path: Path, single_torch_thread) -> None:

@@ -64,9 +64,7 @@ class FeatureStore:
                     raise DataError(
                         f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
                         f"needed by annotation id {sample_id}.",
-                        "The store may be a sparse one (the public EK55 sparse stores hold only the "
-                        "frames of the alpha 0.25 grid): other rates need the full-frame-rate store, "
-                        "sfr download features ek55 --full --data DATA.",
+                        self._missing_key_hint(),
                     )
                 found = len(value) // 4
                 if found != self.dim or len(value) % 4:
@@ -77,6 +75,26 @@ class FeatureStore:
                     )
                 out[row] = np.frombuffer(value, dtype=np.float32)
         return out
+
+    def _missing_key_hint(self) -> str:
+        """What to do about a missing key: extract more frames (own store) or fetch a full one."""
+        from sfr.data.provenance import read_record
+
+        try:
+            record = read_record(self.path)
+        except DataError:
+            record = None
+        if record is not None:
+            return (
+                f"This store was extracted by sfr features for {', '.join(record.layouts)}: "
+                f"extract this branch's frames into it too, e.g. sfr features {self.name} ... "
+                f"--out {self.path} --annotations CSV... --grids ALPHA:S_ENC:S_ANT."
+            )
+        return (
+            "The store may be a sparse one (the public EK55 sparse stores hold only the "
+            "frames of the alpha 0.25 grid): other rates need the full-frame-rate store, "
+            "sfr download features ek55 --full --data DATA."
+        )
 
     def close(self) -> None:
         """Forget this store's handle (the shared environment stays open for other readers)."""
