@@ -5,6 +5,7 @@ Torch-free, so that light modules (reports, downloads) can use it without import
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -54,3 +55,17 @@ def check_writable_dir(folder: Path, what: str) -> Path:
             "Choose a folder you can write to.",
         ) from None
     return folder
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file, read in chunks (`on_bytes` is told each chunk's size)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return digest.hexdigest()

@@ -77,21 +77,26 @@ def sample_bars() -> Progress:
     )
 
 
+def info_bars() -> Progress:
+    """Transient bars with counts, an `info` text field, elapsed time and ETA."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 class TrainingView:
     """Rich rendering of training progress events: epoch and batch bars, one line per epoch."""
 
     def __init__(self, title: str = "") -> None:
         self.title = title
-        self.bars = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
+        self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
 

@@ -13,17 +13,17 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
-from sfr.cli.common import USER_ERROR_EXIT, console, err_console, handles_user_errors
+from sfr.cli.common import (
+    USER_ERROR_EXIT,
+    console,
+    err_console,
+    handles_user_errors,
+    info_bars,
+)
 from sfr.errors import ConfigError
 from sfr.features.encoder import resolve_device
 from sfr.features.extract import (
@@ -231,16 +231,7 @@ class ExtractionView:
     """Rich rendering: a bar per video being extracted, a total line with frames/s."""
 
     def __init__(self) -> None:
-        self.bars = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
+        self.bars = info_bars()
         self.total: TaskID | None = None
         self.videos: dict[str, TaskID] = {}
 

@@ -53,25 +53,19 @@ def prepare_frame(image: np.ndarray, pre: Preprocessing) -> Tensor:
     height, width = image.shape[:2]
     out_h, out_w = pre.size if pre.size is not None else _short_side(height, width, pre.short_side)
     if pre.interpolation == "pil-bilinear":
-        image_mod = require("PIL.Image", "video")
-        planes = image if pre.channels != "uv" else None
-        if planes is not None:
-            resized = np.asarray(
-                image_mod.fromarray(planes).resize((out_w, out_h), image_mod.BILINEAR)
-            )
-        else:  # each flow component is its own grey image
-            resized = np.stack(
-                [
-                    np.asarray(
-                        image_mod.fromarray(np.ascontiguousarray(image[:, :, c])).resize(
-                            (out_w, out_h), image_mod.BILINEAR
-                        )
-                    )
-                    for c in range(2)
-                ],
-                axis=2,
-            )
-        tensor = torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # (C, h, w)
+        pil = require("PIL.Image", "video")
+        # Each flow component is its own grey image; rgb frames are resized whole.
+        planes = [image[:, :, c] for c in range(2)] if pre.channels == "uv" else [image]
+        resized = np.concatenate(
+            [
+                np.asarray(
+                    pil.fromarray(np.ascontiguousarray(plane)).resize((out_w, out_h), pil.BILINEAR)
+                ).reshape(out_h, out_w, -1)
+                for plane in planes
+            ],
+            axis=2,
+        )
+        tensor = torch.from_numpy(resized).permute(2, 0, 1)  # (C, h, w); a fresh array
     else:
         chw = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
         tensor = torch.nn.functional.interpolate(

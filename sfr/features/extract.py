@@ -32,7 +32,7 @@ from sfr.data.provenance import (
     read_record,
     write_record,
 )
-from sfr.data.store import FeatureStoreWriter, frame_key
+from sfr.data.store import FeatureStoreWriter
 from sfr.errors import DataError, SfrError
 from sfr.features.encoder import Encoder
 from sfr.features.plan import FramePlan
@@ -113,6 +113,15 @@ class ExtractionResult:
 
 
 @dataclass(frozen=True)
+class _Todo:
+    """A video to extract: the frames already stored, and its keyed frames (None: all)."""
+
+    job: VideoJob
+    have: set[int]
+    keyed: list[int] | None
+
+
+@dataclass(frozen=True)
 class _Item:
     video: str
     frame: int
@@ -169,18 +178,19 @@ def extract_features(
         raise _store_error(out, error) from None
     try:
         label = "+".join(plan.labels)
-        todo: list[tuple[VideoJob, set[int]]] = []
+        todo: list[_Todo] = []
         for job in jobs:
             done = record.videos.get(job.name)
             if done is not None and done.complete and done.layout in (label, "full"):
                 result.skipped.append(job.name)  # every frame is there, or this plan's
                 continue
-            if plan.keyed(job.name) == []:
+            keyed = plan.keyed(job.name)
+            if keyed == []:
                 notice = VideoNotice(job.name, "no annotated action: nothing to extract")
                 result.notices.append((notice.video, notice.message))
                 progress(notice)
                 continue
-            todo.append((job, _present_frames(writer, job.name)))
+            todo.append(_Todo(job, _present_frames(writer, job.name), keyed))
         progress(ExtractionStarted(len(todo), None, len(result.skipped)))
         _run(todo, encoder, plan, writer, record, label, out, batch_size, workers, progress, result)
     finally:
@@ -230,7 +240,7 @@ def _present_frames(writer: FeatureStoreWriter, video: str) -> set[int]:
 
 
 def _run(
-    todo: list[tuple[VideoJob, set[int]]],
+    todo: list[_Todo],
     encoder: Encoder,
     plan: FramePlan,
     writer: FeatureStoreWriter,
@@ -260,7 +270,7 @@ def _run(
     batch: list[_Item] = []
     queued: dict[str, _Done] = {}
     written: dict[str, int] = {}
-    present = {job.name: len(have) for job, have in todo}
+    present = {entry.job.name: len(entry.have) for entry in todo}
     finished_threads = 0
     start = time.perf_counter()
 
@@ -336,9 +346,9 @@ def _worker(
         entry = jobs.get()
         if entry is _STOP:
             break
-        job, have = entry
+        job = entry.job
         try:
-            _extract_video(job, have, items, encoder, plan, stop, progress)
+            _extract_video(entry, items, encoder, plan, stop, progress)
         except _Stopped:
             break
         except SfrError as error:
@@ -372,8 +382,7 @@ class _Stopped(Exception):
 
 
 def _extract_video(
-    job: VideoJob,
-    have: set[int],
+    entry: _Todo,
     items: queue.Queue,
     encoder: Encoder,
     plan: FramePlan,
@@ -382,7 +391,7 @@ def _extract_video(
 ) -> None:
     """Decode one video and queue the clip of every keyed frame not yet in the store."""
     started = time.time()
-    keyed = plan.keyed(job.name)
+    job, have, keyed = entry.job, entry.have, entry.keyed
     if keyed is not None:
         wanted_keys = [k for k in keyed if k not in have]
         if not wanted_keys:
@@ -478,12 +487,3 @@ def _close(writer: FeatureStoreWriter, out: Path) -> DataError | None:
     except lmdb.Error as error:
         return _store_error(out, error)
     return None
-
-
-def store_keys(out: Path, video: str) -> list[str]:
-    """Keys of `video` in a store written by `extract_features` (for tests and merges)."""
-    writer = FeatureStoreWriter(out)
-    try:
-        return [frame_key(video, f) for f in sorted(_present_frames(writer, video))]
-    finally:
-        writer.close()

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sfr.config import BranchRunConfig, FusionRunConfig, load_config
 from sfr.data.annotations import Segment, read_segments
@@ -151,7 +151,3 @@ def shard_of(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
         return list(items)
     index, count = shard
     return [item for position, item in enumerate(items) if position % count == index - 1]
-
-
-def describe_grids(grids: Sequence[TimeGrid]) -> list[dict[str, Any]]:
-    return [{"alpha": g.alpha, "s_enc": g.s_enc, "s_ant": g.s_ant} for g in grids]

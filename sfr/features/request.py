@@ -14,7 +14,7 @@ from typing import Any
 
 from sfr import __version__
 from sfr.data.provenance import StoreRecord, now
-from sfr.errors import ConfigError
+from sfr.errors import ConfigError, DataError
 from sfr.features.encoder import BackboneEncoder, DetectionEncoder, Encoder, Precision
 from sfr.features.extract import (
     ExtractionEvent,
@@ -25,8 +25,8 @@ from sfr.features.extract import (
 )
 from sfr.features.inputs import InputOptions, video_jobs
 from sfr.features.plan import FramePlan
+from sfr.files import sha256_file
 from sfr.models.backbones.catalog import get_backbone
-from sfr.models.backbones.weights import file_sha256
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,10 @@ def plan_request(request: FeatureRequest) -> tuple[Encoder, StoreRecord, list[Vi
     if request.modality == "flow" and request.inputs.flow_stride > 1:
         # Flow frames at 1/stride of the frame rate: 5 consecutive flow frames end at the key.
         preprocessing = preprocessing.replace(clip_stride=request.inputs.flow_stride)
-    weights_sha = file_sha256(request.weights)
+    try:
+        weights_sha = sha256_file(request.weights)
+    except OSError as error:
+        raise DataError(f"Cannot read {request.weights}: {error.strerror or error}.") from None
     encoder = BackboneEncoder(
         backbone,
         request.modality,

@@ -37,8 +37,7 @@ from sfr.config import (
 )
 from sfr.data.timegrid import TimeGrid, as_time
 from sfr.errors import ConfigError, DataError, RunError, SfrError
-from sfr.files import atomic_write_text
-from sfr.hub.download import sha256_file
+from sfr.files import atomic_write_text, sha256_file
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
 from sfr.models.architectures import leaf_label
 from sfr.models.tree import ModelTree, branch_spec

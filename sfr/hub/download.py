@@ -27,8 +27,8 @@ import requests
 import urllib3
 
 from sfr.errors import SfrError
+from sfr.files import CHUNK_BYTES
 
-CHUNK_BYTES = 1 << 20
 DEFAULT_RETRIES = 5
 DEFAULT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
@@ -168,17 +168,6 @@ def mirror_url(url: str, base_url: str) -> str:
     original = urlsplit(url)
     path = f"{base.path.rstrip('/')}/{original.netloc}{original.path}"
     return urlunsplit((base.scheme, base.netloc, path, original.query, ""))
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """Hex sha256 of a file, read in chunks (`on_bytes` is told each chunk's size)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return digest.hexdigest()
 
 
 def remote_size(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:

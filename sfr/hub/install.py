@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 import requests
 
 from sfr.errors import SfrError
+from sfr.files import sha256_file
 from sfr.hub.archive import extract_zip
 from sfr.hub.download import (
     DownloadError,
@@ -28,7 +29,6 @@ from sfr.hub.download import (
     UnreachableError,
     fetch,
     mirror_url,
-    sha256_file,
 )
 from sfr.hub.manifest import (
     InstalledFile,

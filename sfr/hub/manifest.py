@@ -26,8 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sfr.errors import DataError
-from sfr.files import atomic_write_text
-from sfr.hub.download import sha256_file
+from sfr.files import atomic_write_text, sha256_file
 
 MANIFEST_NAME = ".sfr-manifest.json"
 MANIFEST_FORMAT = "sfr-download-manifest"

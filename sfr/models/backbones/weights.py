@@ -10,7 +10,6 @@ every remaining key must be one of the model's with the same shape.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,15 +109,3 @@ def load_backbone_state(
             )
     with torch.no_grad():
         model.load_state_dict(dict(state), strict=False)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (recorded in the stores a backbone writes)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    except OSError as error:
-        raise DataError(f"Cannot read {path}: {error.strerror or error}.") from None
-    return digest.hexdigest()
