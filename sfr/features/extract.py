@@ -23,6 +23,7 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
+import torch
 from torch import Tensor
 
 from sfr.data.provenance import (
@@ -342,6 +343,10 @@ def _worker(
     progress: Callable[[ExtractionEvent], None],
 ) -> None:
     """Take videos from `jobs` until the stop marker; put their clips on `items`."""
+    # Parallelism comes from the worker threads themselves: the torch ops of one frame's
+    # preparation run on this thread alone (the setting is per thread), so N workers never
+    # start N intra-op thread teams that fight each other and the backbone for the cores.
+    torch.set_num_threads(1)
     while not stop.is_set():
         entry = jobs.get()
         if entry is _STOP:
