@@ -507,3 +507,37 @@ def test_bad_output_and_preprocessing_are_refused_before_a_store_exists(
             )
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_detections_and_frame_folders_at_another_rate_are_retimed(
+    tsn, tmp_path: Path, single_torch_thread
+) -> None:
+    detections = tmp_path / "detections"
+    per_frame = write_detections(detections / "V.npy", frames=12, classes=12, seed=0)  # 60 fps
+    out = tmp_path / "obj"
+    result = run_request(
+        FeatureRequest(
+            modality="obj",
+            out=out,
+            inputs=InputOptions(detections=detections, classes=12, source_fps=60),
+        )
+    )
+    assert result.written == 6  # 0.2 s at 30 fps
+    store = read_store(out)
+    for frame in range(1, 7):  # keyed frame n shows source frame 2n - 1
+        expected = np.zeros(12, np.float32)
+        for row in per_frame[2 * frame - 2]:
+            expected[int(row[0])] += row[5]
+        np.testing.assert_allclose(store[frame_key("V", frame)], expected, rtol=1e-6)
+    videos = tmp_path / "videos"
+    write_frame_folder(videos / "V", 6, seed=0)  # 60 fps frames → 3 keys
+    rgb = tmp_path / "rgb"
+    run_request(rgb_request(tsn, videos, rgb, inputs=InputOptions(videos=videos, source_fps=60)))
+    twice = tmp_path / "rgb30"
+    run_request(rgb_request(tsn, videos, twice))
+    at60, at30 = read_store(rgb), read_store(twice)
+    assert sorted(at60) == [frame_key("V", f) for f in (1, 2, 3)]
+    for frame in (1, 2, 3):
+        np.testing.assert_array_equal(
+            at60[frame_key("V", frame)], at30[frame_key("V", 2 * frame - 1)]
+        )

@@ -181,6 +181,7 @@ def test_bad_options_are_messages(cli, tsn_rgb: Path, tmp_path: Path) -> None:
         (["--fps", "60"], ["--fps 60"]),
         (["--video", "nope"], ["nope"]),
         (["stray"], ["Unexpected argument 'stray'"]),
+        (["--source-fps", "0"], ["--source-fps 0 must be above 0"]),
     ]
     for extra, needles in cases:
         code, output, error = cli(*base, *extra)

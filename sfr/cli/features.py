@@ -122,6 +122,14 @@ PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", help="fp32, or on CUDA bf16/fp16 (autocast; stored as float32)."),
 ]
+SourceFpsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--source-fps",
+        help="Frame rate of the frame folders (or detection files) when not 30: their frames are "
+        "re-timed to 30 fps keys as videos are (video files carry their own timing).",
+    ),
+]
 RestArg = Annotated[
     list[str] | None,
     typer.Argument(
@@ -352,6 +360,7 @@ def rgb(
     backend: Annotated[
         str, typer.Option("--backend", help="Video decoder: pyav, or torchcodec if installed.")
     ] = "pyav",
+    source_fps: SourceFpsOpt = None,
     rest: RestArg = None,
 ) -> None:
     """RGB features of every frame (or of the frames some time grids read) of your videos.
@@ -368,7 +377,11 @@ def rgb(
             modality="rgb",
             out=out,
             inputs=InputOptions(
-                videos=videos, names=video, shard=parse_shard(shard), backend=backend
+                videos=videos,
+                names=video,
+                shard=parse_shard(shard),
+                backend=backend,
+                source_fps=source_fps,
             ),
             plan=_plan(annotations, grids, config, fps, rest),
             backbone=backbone,
@@ -426,6 +439,7 @@ def flow(
     backend: Annotated[
         str, typer.Option("--backend", help="Video decoder: pyav, or torchcodec if installed.")
     ] = "pyav",
+    source_fps: SourceFpsOpt = None,
     rest: RestArg = None,
 ) -> None:
     """Optical-flow features: 5 stacked (u, v) pairs ending at each keyed frame (TSN flow).
@@ -445,6 +459,7 @@ def flow(
                 flow_stride=flow_stride,
                 flow_height=flow_height,
                 backend=backend,
+                source_fps=source_fps,
             ),
             plan=_plan(annotations, grids, config, fps, rest),
             backbone=backbone,
@@ -485,6 +500,7 @@ def obj(
     video: VideoOpt = None,
     shard: ShardOpt = None,
     workers: WorkersOpt = 2,
+    source_fps: SourceFpsOpt = None,
     rest: RestArg = None,
 ) -> None:
     """Object features: per frame, the sum of the detection scores of each class (352-d).
@@ -501,6 +517,7 @@ def obj(
                 shard=parse_shard(shard),
                 classes=classes,
                 class_offset=class_offset,
+                source_fps=source_fps,
             ),
             plan=_plan(annotations, grids, config, fps, rest),
             batch_size=512,

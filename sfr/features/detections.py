@@ -28,7 +28,16 @@ from typing import IO, Any
 import numpy as np
 
 from sfr.errors import DataError
-from sfr.features.sources import VideoInput, check_root, select_inputs, walk_folders, wanted_frames
+from sfr.features.sources import (
+    VideoInput,
+    as_fraction,
+    check_root,
+    retimed_count,
+    retimed_index,
+    select_inputs,
+    walk_folders,
+    wanted_frames,
+)
 
 OBJ_CLASSES = 352
 """Dimension of the published obj features: EPIC-KITCHENS-55's noun classes."""
@@ -310,6 +319,8 @@ class DetectionsReader:
         name: str,
         classes: int = OBJ_CLASSES,
         class_offset: int = 0,
+        fps: float = 30.0,
+        source_fps: float | None = None,
     ) -> None:
         if classes < 1 or class_offset < 0:
             raise ValueError(f"bad classes={classes} or class_offset={class_offset}")
@@ -317,6 +328,8 @@ class DetectionsReader:
         self.name = name
         self.classes = classes
         self.class_offset = class_offset
+        self.fps = as_fraction(fps)
+        self.source_fps = self.fps if source_fps is None else as_fraction(source_fps)
         self._detections: np.ndarray | list[np.ndarray | None] | None = None
 
     def _load(self) -> np.ndarray | list[np.ndarray | None]:
@@ -325,25 +338,31 @@ class DetectionsReader:
         return self._detections
 
     def frame_count(self) -> int:
-        """The number of frames in the file (exact)."""
-        return len(self._load())
+        """The number of keyed frames (exact): the file's frames, re-timed to `fps` if needed."""
+        return retimed_count(len(self._load()), self.fps, self.source_fps)
 
     def read(self, wanted: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield `(frame, (classes,) float32 obj feature)` for each wanted frame."""
+        """Yield `(frame, (classes,) float32 obj feature)` for each wanted frame.
+
+        Detections made at `source_fps` (every frame of a 60 fps video, say) are re-timed as
+        videos are: keyed frame n takes the detections of the frame on screen at (n - 1) / fps.
+        """
         detections = self._load()
+        count = self.frame_count()
         frames = wanted_frames(wanted)
-        numbers = range(1, len(detections) + 1) if frames is None else frames
+        numbers = range(1, count + 1) if frames is None else frames
         for frame in numbers:
-            if frame > len(detections):
+            if frame > count:
                 return
+            index = retimed_index(frame, self.fps, self.source_fps)
             yield (
                 frame,
                 frame_feature(
-                    detections[frame - 1],
+                    detections[index - 1],
                     classes=self.classes,
                     class_offset=self.class_offset,
                     source=self.path,
-                    frame=frame,
+                    frame=index,
                 ),
             )
 

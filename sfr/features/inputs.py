@@ -16,7 +16,7 @@ from sfr.features.detections import DetectionsReader, discover_detections
 from sfr.features.extract import VideoJob
 from sfr.features.flow import FlowFrameReader, TVL1FlowReader, discover_flow_videos
 from sfr.features.plan import shard_of
-from sfr.features.sources import VideoInput, discover_videos, open_frames
+from sfr.features.sources import FrameReader, VideoInput, discover_videos, open_frames
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class InputOptions:
     classes: int = 352
     class_offset: int = 0
     backend: str = "pyav"
+    source_fps: float | None = None  # frame folders / detection files not at 30 fps
 
 
 def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
@@ -42,6 +43,8 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
     missing, empty, or holds two videos of the same name.
     """
     names = list(options.names) if options.names else None
+    if options.source_fps is not None and options.source_fps <= 0:
+        raise ConfigError(f"--source-fps {options.source_fps:g} must be above 0.")
     if options.backend != "pyav":
         raise ConfigError(
             f"--backend {options.backend}: this version of sfr decodes videos with PyAV only "
@@ -72,20 +75,26 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
         return [
             _job(
                 v,
-                lambda v=v: TVL1FlowReader(
-                    open_frames(v, backend=options.backend), height=options.flow_height
-                ),
+                lambda v=v: TVL1FlowReader(_frames(v, options), height=options.flow_height),
             )
             for v in inputs
         ]
-    return [_job(v, lambda v=v: open_frames(v, backend=options.backend)) for v in inputs]
+    return [_job(v, lambda v=v: _frames(v, options)) for v in inputs]
 
 
 def _job(video: VideoInput, open_reader) -> VideoJob:  # type: ignore[no-untyped-def]
     return VideoJob(name=video.name, open=open_reader, source=str(video.path))
 
 
+def _frames(video: VideoInput, options: InputOptions) -> FrameReader:
+    return open_frames(video, backend=options.backend, folder_fps=options.source_fps)
+
+
 def _detections(video: VideoInput, options: InputOptions) -> DetectionsReader:
     return DetectionsReader(
-        video.path, name=video.name, classes=options.classes, class_offset=options.class_offset
+        video.path,
+        name=video.name,
+        classes=options.classes,
+        class_offset=options.class_offset,
+        source_fps=options.source_fps,
     )

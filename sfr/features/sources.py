@@ -454,6 +454,15 @@ def retimed_index(frame: int, fps: Fraction, source_fps: Fraction) -> int:
     return (frame - 1) * source_fps // fps + 1
 
 
+def retimed_count(count: int, fps: Fraction, source_fps: Fraction) -> int:
+    """Keyed frames (at `fps`) of `count` source frames at `source_fps`: the n with
+    (n - 1) / fps < count / source_fps, when the last source frame stops showing."""
+    if source_fps == fps:
+        return count
+    end = Fraction(count) / source_fps
+    return int(-(-end * fps // 1))  # ceil(end * fps)
+
+
 class FrameFolderReader:
     """The frames of an EPIC frame folder (`frame_%010d.jpg`, 1-based), decoded with pillow.
 
@@ -505,11 +514,7 @@ class FrameFolderReader:
 
     def frame_count(self) -> int:
         """The number of keyed frames (exact): the folder's frames, re-timed to `fps` if needed."""
-        count = self._frames().last
-        if self.source_fps == self.fps:
-            return count
-        end = Fraction(count) / self.source_fps  # the last folder frame stops showing here
-        return -(-end * self.fps // 1)  # the n with (n - 1) / fps < end: ceil(end * fps)
+        return retimed_count(self._frames().last, self.fps, self.source_fps)
 
     def read(self, wanted: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield `(frame, (H, W, 3) uint8 RGB)` for each wanted frame (all when None)."""
