@@ -235,3 +235,17 @@ def test_merge_through_the_cli(cli, tmp_path: Path) -> None:
     code, output, error = cli("features", "merge", tmp_path / "all", tmp_path / "missing")
     assert_user_error(code, output, error, str(tmp_path / "missing"))
     np.testing.assert_equal(len(keys(tmp_path / "shard1")) + len(keys(tmp_path / "shard2")), 9)
+
+
+def test_ctrl_c_says_what_is_kept(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sfr.cli.features as command
+
+    def interrupted(request, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_request", interrupted)
+    detections = tmp_path / "detections"
+    write_detections(detections / "V.npy", frames=2, classes=352)
+    code, output, _ = cli("features", "obj", "--detections", detections, "--out", tmp_path / "o")
+    assert code == 130 and "Traceback" not in output, output
+    assert "Interrupted. Every committed vector is kept: run the same command again" in output

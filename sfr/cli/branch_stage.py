@@ -137,4 +137,6 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         )
 
     command.__doc__ = doc
-    return handles_user_errors("run the same command with --resume to continue.")(command)
+    return handles_user_errors(
+        "Checkpoints are written atomically: run the same command with --resume to continue."
+    )(command)

@@ -52,9 +52,7 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
             except SfrError as error:
                 raise fail(error.message, error.hint) from None
             except KeyboardInterrupt:
-                err_console.print(
-                    f"[yellow]Interrupted.[/] Checkpoints are written atomically: {resume_advice}"
-                )
+                err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
                 raise typer.Exit(130) from None
 
         return wrapper  # type: ignore[return-value]
@@ -62,7 +60,9 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
     return decorate
 
 
-user_errors = handles_user_errors("run the same command again to continue.")
+user_errors = handles_user_errors(
+    "Checkpoints are written atomically: run the same command again to continue."
+)
 
 
 def sample_bars() -> Progress:

@@ -55,7 +55,7 @@ from sfr.hub.manifest import manifest_path, total_bytes, verify_folder
 from sfr.hub.registry import Artefact, check_choice, load_registry
 
 download_errors = handles_user_errors(
-    "partial downloads are kept as .part files; run the same command again to resume."
+    "Partial downloads are kept as .part files: run the same command again to resume."
 )
 
 download_app = typer.Typer(

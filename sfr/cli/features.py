@@ -45,7 +45,7 @@ from sfr.hub.registry import load_registry
 from sfr.models.backbones.catalog import backbone_names
 
 features_errors = handles_user_errors(
-    "every committed vector is kept; run the same command again to continue where it stopped."
+    "Every committed vector is kept: run the same command again to continue where it stopped."
 )
 
 features_app = typer.Typer(
