@@ -498,15 +498,30 @@ def test_bad_output_and_preprocessing_are_refused_before_a_store_exists(
     a_file.write_text("x")
     with pytest.raises(DataError, match="is a file"):
         run_request(rgb_request(tsn, videos, a_file))
-    with pytest.raises(ConfigError, match="--crop 1000"):
-        run_request(rgb_request(tsn, videos, tmp_path / "o", preprocessing={"crop": 1000}))
-    with pytest.raises(ConfigError, match="--backend"):
-        run_request(
-            rgb_request(
-                tsn, videos, tmp_path / "o", inputs=InputOptions(videos=videos, backend="x")
+    with pytest.raises(DataError, match="cannot be created"):
+        run_request(rgb_request(tsn, videos, a_file / "rgb"))
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match="--crop does not apply to tsn-bninception") as info:
+        run_request(rgb_request(tsn, videos, out, preprocessing={"crop": 200}))
+    assert "slowfast-r50, slowfast-r101" in str(info.value)
+    for changes, message in (
+        ({"crop": 1000}, "--crop 1000 is larger"),
+        ({"mean": (0.5, 0.5), "std": (1.0, 1.0, 1.0)}, "--mean has 2 values and --std 3"),
+        ({"std": (0.0, 0.0, 0.0)}, "--std values must be above 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run_request(
+                rgb_request(tsn, videos, out, backbone="slowfast-r50", preprocessing=changes)
             )
-        )
-    assert not (tmp_path / "o").exists()
+    for backend, message in (("x", "unknown decoder"), ("torchcodec", "PyAV only")):
+        with pytest.raises(ConfigError, match=message):
+            run_request(
+                rgb_request(tsn, videos, out, inputs=InputOptions(videos=videos, backend=backend))
+            )
+    plan = FramePlan(grids=(TimeGrid(0.5, 1, 1),), starts={"XX": (60,), "YY": (90,)})
+    with pytest.raises(DataError, match="None of the 1 input videos has an annotated action"):
+        run_request(rgb_request(tsn, videos, out, plan=plan))
+    assert not out.exists()
 
 
 def test_detections_and_frame_folders_at_another_rate_are_retimed(
@@ -541,3 +556,17 @@ def test_detections_and_frame_folders_at_another_rate_are_retimed(
         np.testing.assert_array_equal(
             at60[frame_key("V", frame)], at30[frame_key("V", 2 * frame - 1)]
         )
+
+
+def test_merge_refuses_other_layouts_and_creates_parents(tmp_path: Path) -> None:
+    detections = tmp_path / "detections"
+    write_detections(detections / "A.npy", frames=40, classes=12, seed=0)
+    inputs = InputOptions(detections=detections, classes=12)
+    full, sparse = tmp_path / "full", tmp_path / "sparse"
+    run_request(FeatureRequest(modality="obj", out=full, inputs=inputs))
+    plan = FramePlan(grids=(TimeGrid(0.5, 1, 1),), starts={"A": (40,)})
+    run_request(FeatureRequest(modality="obj", out=sparse, inputs=inputs, plan=plan))
+    with pytest.raises(DataError, match=r"layouts grid 0\.5:1:1.*layouts full"):
+        merge_stores(tmp_path / "m", [full, sparse])
+    result = merge_stores(tmp_path / "new" / "deep" / "obj", [full])
+    assert result.copied == 40

@@ -168,6 +168,13 @@ def extract_features(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file: a feature store is a folder (data.mdb inside).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"The store folder {out} cannot be created: {error.strerror or error}.",
+            "Choose an --out folder under a folder you can write to.",
+        ) from None
     if batch_size < 1 or workers < 1:
         raise DataError("--batch-size and --workers must be at least 1.")
     record = _open_record(out, record)

@@ -45,6 +45,8 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
     names = list(options.names) if options.names else None
     if options.source_fps is not None and options.source_fps <= 0:
         raise ConfigError(f"--source-fps {options.source_fps:g} must be above 0.")
+    if options.backend not in ("pyav", "torchcodec"):
+        raise ConfigError(f"--backend {options.backend}: unknown decoder; one of pyav, torchcodec.")
     if options.backend != "pyav":
         raise ConfigError(
             f"--backend {options.backend}: this version of sfr decodes videos with PyAV only "

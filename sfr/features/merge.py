@@ -59,6 +59,12 @@ def merge_stores(
     for path, record in records:
         _check_mergeable(reference_path, reference, path, record)
     merged = merged or reference.model_copy(deep=True, update={"videos": {}, "layouts": []})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"The merged store {out} cannot be created: {error.strerror or error}."
+        ) from None
     copied = present = 0
     try:
         target = lmdb.open(str(out), map_size=1 << 34, subdir=True)
@@ -79,6 +85,12 @@ def merge_stores(
 
 def _check_mergeable(first_path: Path, first: StoreRecord, path: Path, record: StoreRecord) -> None:
     """DataError naming both stores and the first field in which their makers differ."""
+    if first.layouts and sorted(record.layouts) != sorted(first.layouts):
+        raise DataError(
+            f"{path} (layouts {', '.join(record.layouts)}) cannot be merged with {first_path} "
+            f"(layouts {', '.join(first.layouts)}): shards of one extraction share one layout.",
+            "Merge only the shards of one extraction (the same command with --shard I/N).",
+        )
     for field, value in first.identity().items():
         other = record.identity()[field]
         if other != value:

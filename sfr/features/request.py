@@ -71,13 +71,12 @@ def plan_request(request: FeatureRequest) -> tuple[Encoder, StoreRecord, list[Vi
         )
         return encoder, record, jobs
     backbone = get_backbone(request.backbone)
-    backbone.check_modality(request.modality)
+    preprocessing = backbone.preprocessing_for(request.modality, request.preprocessing)
     if request.weights is None:
         raise ConfigError(
             f"--weights is needed: the checkpoint of {backbone.name} for {request.modality} "
             f"(a file, or a name such as {backbone.default_weights[request.modality]}).",
         )
-    preprocessing = backbone.preprocessing[request.modality].replace(**request.preprocessing)
     if request.modality == "flow" and request.inputs.flow_stride > 1:
         # Flow frames at 1/stride of the frame rate: 5 consecutive flow frames end at the key.
         preprocessing = preprocessing.replace(clip_stride=request.inputs.flow_stride)
@@ -144,7 +143,19 @@ def run_request(
     """Plan, then extract (see `extract_features` for resuming and failures)."""
     encoder, record, jobs = plan_request(request)
     inputs = request.inputs
-    if request.plan.layout == "sparse" and inputs.shard is None and not inputs.names:
+    plan = request.plan
+    if (
+        plan.layout == "sparse"
+        and inputs.shard is None
+        and not any(plan.keyed(job.name) for job in jobs)
+    ):
+        raise DataError(
+            f"None of the {len(jobs)} input videos has an annotated action in the annotations "
+            f"(they name {len(plan.starts)} other videos, e.g. "
+            f"{', '.join(sorted(plan.starts)[:3]) or 'none'}): nothing to extract.",
+            "Check that the video names (file stems or folder names) are those of the CSVs.",
+        )
+    if plan.layout == "sparse" and inputs.shard is None and not inputs.names:
         found = {job.name for job in jobs}
         absent = sorted(video for video in request.plan.starts if video not in found)
         if absent:

@@ -104,7 +104,8 @@ def load_stage_data(
         raise ConfigError(
             f"data.num_classes is {num_classes} but {data_dir / data_config.actions_csv} lists "
             f"{actions.num_actions} actions.",
-            "Remove data.num_classes or point data.actions_csv at the matching table.",
+            "Remove data.num_classes (or override it: --set data.num_classes=N) or point "
+            "data.actions_csv at the matching table.",
         )
     modalities = dict.fromkeys(stream.modality for stream in streams)
     stores = open_stores(data_dir, {m: data_config.feature_dim(m) for m in modalities})

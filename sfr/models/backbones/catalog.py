@@ -72,11 +72,13 @@ class Preprocessing:
                 f"--crop {self.crop} is larger than the resized frame's short side ({resized}).",
                 "Use a crop no larger than --short-side (TSN backbones resize to 256x454).",
             )
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+        if len(self.mean) != len(self.std):
             raise ConfigError(
-                f"--mean {list(self.mean)} and --std {list(self.std)} need one positive std per "
-                "mean value (one per channel, or one value for all).",
+                f"--mean has {len(self.mean)} values and --std {len(self.std)}: give one value "
+                "per channel (3 for rgb), or one for all."
             )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"--std values must be above 0, not {list(self.std)}.")
 
     @property
     def channels_per_frame(self) -> int:
@@ -119,6 +121,24 @@ class Backbone:
     build: Callable[[str], nn.Module]
     load: Callable[[nn.Module, Path], None]
     features: Callable[[nn.Module, Tensor], Tensor] = field(default=lambda model, x: model(x))
+    adjustable: tuple[str, ...] = ("mean", "std")  # preprocessing fields options may change
+
+    def preprocessing_for(self, modality: str, changes: dict[str, Any]) -> Preprocessing:
+        """The published preprocessing of `modality` with `changes` (command-line options);
+        ConfigError for a field this backbone's recipe does not have (TSN resizes whole
+        frames: no crop, short side or clip settings)."""
+        self.check_modality(modality)
+        given = {k: v for k, v in changes.items() if v is not None}
+        fixed = [k for k in given if k not in self.adjustable]
+        if fixed:
+            flag = "--" + fixed[0].replace("_", "-")
+            takes = [b.name for b in BACKBONES.values() if fixed[0] in b.adjustable]
+            raise ConfigError(
+                f"{flag} does not apply to {self.name}, whose recipe is fixed "
+                f"({self.description}).",
+                f"{flag} applies to {', '.join(takes)}." if takes else None,
+            )
+        return self.preprocessing[modality].replace(**given)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -204,6 +224,7 @@ def _slowfast(depth: int, description: str) -> Backbone:
         build=_slowfast_build(depth),
         load=_slowfast_load,
         features=_slowfast_features,
+        adjustable=("short_side", "crop", "mean", "std", "clip_frames", "clip_stride"),
     )
 
 
