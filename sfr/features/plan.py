@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -70,13 +71,21 @@ class FramePlan:
         """
         if not self.grids:
             return None
-        frames: set[int] = set()
-        for start in self.starts.get(video, ()):
-            for grid in self.grids:
-                read = grid.frames(start)
-                if read is not None:
-                    frames.update(int(f) for f in read)
-        return sorted(frames)
+        return list(self._sparse_frames.get(video, ()))
+
+    @cached_property
+    def _sparse_frames(self) -> dict[str, tuple[int, ...]]:
+        """Every annotated video's sparse frames, computed once per plan."""
+        out = {}
+        for video, starts in self.starts.items():
+            frames: set[int] = set()
+            for start in starts:
+                for grid in self.grids:
+                    read = grid.frames(start)
+                    if read is not None:
+                        frames.update(int(f) for f in read)
+            out[video] = tuple(sorted(frames))
+        return out
 
     def keeps(self, frame: int) -> bool:
         """Whether the full layout keeps `frame` (always, unless subsampled by --fps)."""
