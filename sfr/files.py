@@ -44,6 +44,10 @@ def _umask() -> int:
 def check_writable_dir(folder: Path, what: str) -> Path:
     """Create `folder` if needed and prove a file can be written there, before long work."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunError(
+            f"The {what} folder {folder} is a file.", "Choose a folder (or a new path) instead."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".sfr-write-test.", dir=folder)

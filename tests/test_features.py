@@ -28,7 +28,7 @@ from PIL import Image
 from sfr.data.provenance import read_record
 from sfr.data.store import frame_key
 from sfr.data.timegrid import TimeGrid
-from sfr.errors import DataError
+from sfr.errors import DataError, SfrError
 from sfr.features.extract import FramesWritten
 from sfr.features.inputs import InputOptions
 from sfr.features.merge import merge_stores
@@ -496,9 +496,9 @@ def test_bad_output_and_preprocessing_are_refused_before_a_store_exists(
     videos = write_frame_folder(tmp_path / "videos" / "V", 1).parent
     a_file = tmp_path / "afile"
     a_file.write_text("x")
-    with pytest.raises(DataError, match="is a file"):
+    with pytest.raises(SfrError, match=r"store \(--out\) folder .*afile is a file"):
         run_request(rgb_request(tsn, videos, a_file))
-    with pytest.raises(DataError, match="cannot be created"):
+    with pytest.raises(SfrError, match="cannot be written"):
         run_request(rgb_request(tsn, videos, a_file / "rgb"))
     out = tmp_path / "o"
     with pytest.raises(ConfigError, match="--crop does not apply to tsn-bninception") as info:
@@ -508,10 +508,16 @@ def test_bad_output_and_preprocessing_are_refused_before_a_store_exists(
         ({"crop": 1000}, "--crop 1000 is larger"),
         ({"mean": (0.5, 0.5), "std": (1.0, 1.0, 1.0)}, "--mean has 2 values and --std 3"),
         ({"std": (0.0, 0.0, 0.0)}, "--std values must be above 0"),
+        ({"clip_frames": 6}, "--clip-frames 6 is not a multiple of 4"),
     ):
         with pytest.raises(ConfigError, match=message):
             run_request(
                 rgb_request(tsn, videos, out, backbone="slowfast-r50", preprocessing=changes)
+            )
+    for fps in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"--source-fps .* is not a frame rate"):
+            run_request(
+                rgb_request(tsn, videos, out, inputs=InputOptions(videos=videos, source_fps=fps))
             )
     for backend, message in (("x", "unknown decoder"), ("torchcodec", "PyAV only")):
         with pytest.raises(ConfigError, match=message):
@@ -538,6 +544,7 @@ def test_detections_and_frame_folders_at_another_rate_are_retimed(
         )
     )
     assert result.written == 6  # 0.2 s at 30 fps
+    assert read_record(out).preprocessing["source_fps"] == 60
     store = read_store(out)
     for frame in range(1, 7):  # keyed frame n shows source frame 2n - 1
         expected = np.zeros(12, np.float32)
@@ -568,5 +575,9 @@ def test_merge_refuses_other_layouts_and_creates_parents(tmp_path: Path) -> None
     run_request(FeatureRequest(modality="obj", out=sparse, inputs=inputs, plan=plan))
     with pytest.raises(DataError, match=r"layouts grid 0\.5:1:1.*layouts full"):
         merge_stores(tmp_path / "m", [full, sparse])
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(SfrError, match=r"merged store folder .*afile is a file"):
+        merge_stores(a_file, [full])
     result = merge_stores(tmp_path / "new" / "deep" / "obj", [full])
     assert result.copied == 40

@@ -181,7 +181,8 @@ def test_bad_options_are_messages(cli, tsn_rgb: Path, tmp_path: Path) -> None:
         (["--fps", "60"], ["--fps 60"]),
         (["--video", "nope"], ["nope"]),
         (["stray"], ["Unexpected argument 'stray'"]),
-        (["--source-fps", "0"], ["--source-fps 0 must be above 0"]),
+        (["--mean", "abc"], ["--mean 'abc' is not comma-separated numbers"]),
+        (["--source-fps", "0"], ["--source-fps 0 is not a frame rate"]),
     ]
     for extra, needles in cases:
         code, output, error = cli(*base, *extra)

@@ -151,9 +151,10 @@ def _preprocessing_overrides(
         if text is None:
             return None
         try:
-            return tuple(float(v) for v in text.split(","))
+            values = tuple(float(v) for v in text.split(","))
         except ValueError:
             raise ConfigError(f"{flag} {text!r} is not comma-separated numbers.") from None
+        return values * 3 if len(values) == 1 else values  # one value for the 3 rgb channels
 
     return {
         "short_side": short_side,
@@ -367,10 +368,6 @@ def rgb(
 
     Example: sfr features rgb --videos VIDEOS --weights tsn-rgb --out DATA/rgb
     """
-    if mean is not None and "," not in mean:
-        mean = ",".join([mean] * 3)
-    if std is not None and "," not in std:
-        std = ",".join([std] * 3)
     path, name = _weights(weights, runs)
     _run(
         FeatureRequest(

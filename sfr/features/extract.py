@@ -38,6 +38,7 @@ from sfr.errors import DataError, SfrError
 from sfr.features.encoder import Encoder
 from sfr.features.plan import FramePlan
 from sfr.features.sources import FrameReader
+from sfr.files import check_writable_dir
 
 
 @dataclass(frozen=True)
@@ -166,15 +167,7 @@ def extract_features(
     others go on. Raises DataError when the store cannot be written (full disk: rerun to resume).
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file: a feature store is a folder (data.mdb inside).")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(
-            f"The store folder {out} cannot be created: {error.strerror or error}.",
-            "Choose an --out folder under a folder you can write to.",
-        ) from None
+    check_writable_dir(out, "store (--out)")
     if batch_size < 1 or workers < 1:
         raise DataError("--batch-size and --workers must be at least 1.")
     record = _open_record(out, record)

@@ -7,6 +7,7 @@ rgb reads frame folders or video files (`--videos`); flow reads existing flow fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,10 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
     missing, empty, or holds two videos of the same name.
     """
     names = list(options.names) if options.names else None
-    if options.source_fps is not None and options.source_fps <= 0:
-        raise ConfigError(f"--source-fps {options.source_fps:g} must be above 0.")
+    if options.source_fps is not None and not 0 < options.source_fps < math.inf:
+        raise ConfigError(
+            f"--source-fps {options.source_fps:g} is not a frame rate: give a finite number above 0."
+        )
     if options.backend not in ("pyav", "torchcodec"):
         raise ConfigError(f"--backend {options.backend}: unknown decoder; one of pyav, torchcodec.")
     if options.backend != "pyav":

@@ -16,6 +16,7 @@ import lmdb
 
 from sfr.data.provenance import StoreRecord, read_record, write_record
 from sfr.errors import DataError
+from sfr.files import check_writable_dir
 
 _BATCH = 4096
 
@@ -59,12 +60,7 @@ def merge_stores(
     for path, record in records:
         _check_mergeable(reference_path, reference, path, record)
     merged = merged or reference.model_copy(deep=True, update={"videos": {}, "layouts": []})
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(
-            f"The merged store {out} cannot be created: {error.strerror or error}."
-        ) from None
+    check_writable_dir(out, "merged store")
     copied = present = 0
     try:
         target = lmdb.open(str(out), map_size=1 << 34, subdir=True)

@@ -66,6 +66,7 @@ def plan_request(request: FeatureRequest) -> tuple[Encoder, StoreRecord, list[Vi
             preprocessing={
                 "classes": request.inputs.classes,
                 "class_offset": request.inputs.class_offset,
+                "source_fps": request.inputs.source_fps,
                 "feature": "sum of detection scores per class",
             },
         )
@@ -102,6 +103,7 @@ def plan_request(request: FeatureRequest) -> tuple[Encoder, StoreRecord, list[Vi
             "sha256": weights_sha,
         },
         preprocessing=preprocessing.to_json()
+        | {"source_fps": request.inputs.source_fps}  # frame folders' rate, when not 30
         | ({"flow": _flow_source(request)} if request.modality == "flow" else {}),
     )
     return encoder, record, jobs

@@ -122,6 +122,7 @@ class Backbone:
     load: Callable[[nn.Module, Path], None]
     features: Callable[[nn.Module, Tensor], Tensor] = field(default=lambda model, x: model(x))
     adjustable: tuple[str, ...] = ("mean", "std")  # preprocessing fields options may change
+    clip_multiple: int = 1  # clip lengths must be multiples of this (SlowFast: alpha = 4)
 
     def preprocessing_for(self, modality: str, changes: dict[str, Any]) -> Preprocessing:
         """The published preprocessing of `modality` with `changes` (command-line options);
@@ -138,7 +139,14 @@ class Backbone:
                 f"({self.description}).",
                 f"{flag} applies to {', '.join(takes)}." if takes else None,
             )
-        return self.preprocessing[modality].replace(**given)
+        preprocessing = self.preprocessing[modality].replace(**given)
+        if preprocessing.clip_frames % self.clip_multiple:
+            raise ConfigError(
+                f"--clip-frames {preprocessing.clip_frames} is not a multiple of "
+                f"{self.clip_multiple}: the slow pathway of {self.name} takes every "
+                f"{self.clip_multiple}th frame of the clip."
+            )
+        return preprocessing
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -225,6 +233,7 @@ def _slowfast(depth: int, description: str) -> Backbone:
         load=_slowfast_load,
         features=_slowfast_features,
         adjustable=("short_side", "crop", "mean", "std", "clip_frames", "clip_stride"),
+        clip_multiple=4,
     )
 
 
