@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from sfr.errors import DataError
-from sfr.features import video as video_module
 from sfr.features.video import VideoFileReader
 
 WIDTH, HEIGHT, BLOCK = 64, 48, 16
@@ -328,9 +327,3 @@ def test_without_pyav(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(DataError, match=r"needs PyAV .*pip install 'sfr\[video\]'"):
         list(VideoFileReader(videos["25"], name="v25").read())
-
-
-def test_torchcodec_backend_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="torchcodec") as caught:
-        video_module.torchcodec_reader(tmp_path / "x.mp4", name="x")
-    assert "pyav" in (caught.value.hint or "")

@@ -50,12 +50,10 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
         )
     if options.backend not in ("pyav", "torchcodec"):
         raise ConfigError(f"--backend {options.backend}: unknown decoder; one of pyav, torchcodec.")
-    if options.backend != "pyav":
-        raise ConfigError(
-            f"--backend {options.backend}: this version of sfr decodes videos with PyAV only "
-            "(torchcodec could not be loaded where it was tried).",
-            "Drop --backend (the default is pyav).",
-        )
+    if options.backend == "torchcodec":
+        from sfr.features.video_torchcodec import load_torchcodec
+
+        load_torchcodec()  # before any store exists: say now if it cannot load
     if modality == "obj":
         if options.detections is None:
             raise ConfigError(

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class VideoFileReader:
             container = av.open(str(self.path), mode="r")
         except (av.error.FFmpegError, OSError, ValueError) as error:
             raise DataError(
-                f"Cannot open the video {self.path}: {_reason(error)}.", _DAMAGED_HINT
+                f"Cannot open the video {self.path}: {ffmpeg_reason(error)}.", _DAMAGED_HINT
             ) from None
         if not container.streams.video:
             container.close()
@@ -136,7 +136,7 @@ class VideoFileReader:
         container, stream = self._open()
         step = 1 / self.fps
         time_base = Fraction(stream.time_base) if stream.time_base else None
-        default_duration = _default_duration(stream, self.fps)
+        default_duration = default_frame_duration(stream, self.fps)
         if frames is not None:
             frames = [frame for frame in frames if frame > after]
         index = 0  # position in `frames` (sparse) or the next frame number - 1 (full read)
@@ -166,7 +166,7 @@ class VideoFileReader:
                     last = target()
                     where = f"before frame {last}" if last is not None else "at its end"
                     raise DataError(
-                        f"Cannot decode the video {self.path} {where}: {_reason(error)}.",
+                        f"Cannot decode the video {self.path} {where}: {ffmpeg_reason(error)}.",
                         _DAMAGED_HINT,
                     ) from None
                 if awaiting_key and not frame.key_frame:
@@ -237,12 +237,12 @@ class VideoFileReader:
             container.close()
 
 
-def _reason(error: Exception) -> str:
+def ffmpeg_reason(error: Exception) -> str:
     """An FFmpeg error's own words ("Invalid data found when processing input")."""
     return str(getattr(error, "strerror", None) or error)
 
 
-def _default_duration(stream: Any, fps: Fraction) -> Fraction:
+def default_frame_duration(stream: Any, fps: Fraction) -> Fraction:
     """How long a frame without a recorded duration shows: 1 / the stream's average rate."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate:
@@ -275,25 +275,3 @@ def _tolerance(frame: Any, time_base: Fraction | None) -> Fraction:
     if base is None:
         return Fraction(0)
     return min(base / 2, _MAX_TOLERANCE)
-
-
-def torchcodec_reader(path: Path, *, name: str, fps: float = 30.0) -> NoReturn:
-    """The torchcodec backend: not available in this version of sfr (PyAV decodes every video).
-
-    Raises a DataError saying why: torchcodec is not installed or cannot load (its wheels need
-    FFmpeg and CUDA libraries that a CPU machine may lack), or sfr does not support it yet.
-    """
-    try:
-        import torchcodec  # noqa: F401
-    except (ImportError, OSError) as error:
-        reason = (
-            "it is not installed" if isinstance(error, ModuleNotFoundError) else "it cannot load"
-        )
-        raise DataError(
-            f"The torchcodec video backend cannot read {path}: {reason}.",
-            "Use the default backend, pyav (pip install 'sfr[video]').",
-        ) from None
-    raise DataError(
-        f"The torchcodec video backend cannot read {path}: this version of sfr supports only PyAV.",
-        "Use the default backend, pyav (pip install 'sfr[video]').",
-    )
