@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from clitools import assert_user_error
 from featuredata import write_tsn_checkpoint
-from test_video import VFR_PTS, source_index, write_video
+from test_video import source_index
+from test_video import videos as videos  # the same test videos (a shared fixture)
 
 from sfr.errors import DataError
 from sfr.features import video_torchcodec
@@ -41,20 +42,6 @@ def torchcodec_loads() -> bool:
 needs_torchcodec = pytest.mark.skipif(
     not torchcodec_loads(), reason="torchcodec is not installed or cannot load here"
 )
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("videos")
-    ms = Fraction(1, 1000)
-    return {
-        "25": write_video(folder / "v25.mp4", 50, 25),
-        "60mkv": write_video(folder / "v60.mkv", 120, 60),
-        "ntsc": write_video(folder / "ntsc.mp4", 48, Fraction(24000, 1001)),
-        "mpeg4": write_video(folder / "v25.avi", 50, 25, codec="mpeg4"),
-        "vfr": write_video(folder / "vfr.mp4", len(VFR_PTS), 30, pts=VFR_PTS, time_base=ms),
-        "long": write_video(folder / "long.mp4", 750, 25, gop=25),
-    }
 
 
 @pytest.fixture(scope="module")
