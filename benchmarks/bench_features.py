@@ -158,14 +158,20 @@ def decoding_rates(work: Path, frames: int, min_seconds: float) -> list[tuple]:
         return sum(1 for _ in reader.read(None))
 
     sync = lambda: None  # noqa: E731
-    rows = [("PyAV decode 456x256 H.264, 60→30 fps", per_second(pyav, min_seconds, sync))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the extraction's decoding threads
     try:
-        load_torchcodec()
-    except DataError as error:
-        print(f"torchcodec row skipped: {error.message}")
-    else:
-        rows.append(("torchcodec decode, same video", per_second(torchcodec, min_seconds, sync)))
-    rows.append(("pillow jpg read + TSN resize", per_second(jpeg, min_seconds, sync)))
+        rows = [("PyAV decode 456x256 H.264, 60→30 fps", per_second(pyav, min_seconds, sync))]
+        try:
+            load_torchcodec()
+        except DataError as error:
+            print(f"torchcodec row skipped: {error.message}")
+        else:
+            rate = per_second(torchcodec, min_seconds, sync)
+            rows.append(("torchcodec decode, same video", rate))
+        rows.append(("pillow jpg read + TSN resize", per_second(jpeg, min_seconds, sync)))
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 

@@ -6,6 +6,7 @@ torchcodec loads (it needs FFmpeg 4-8 on the system and a release built for the 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from fractions import Fraction
@@ -13,11 +14,19 @@ from importlib.abc import MetaPathFinder
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 from clitools import assert_user_error
-from featuredata import write_tsn_checkpoint
-from test_video import source_index
+from featuredata import write_frame_folder, write_tsn_checkpoint
+from test_video import (
+    code_image,
+    set_rotation,
+    source_index,
+    write_10_bit,
+    write_trimmed,
+    write_video,
+)
 from test_video import videos as videos  # the same test videos (a shared fixture)
 
 from sfr.errors import DataError
@@ -97,6 +106,57 @@ def test_full_read_equals_pyav(
         assert np.abs(image.astype(int) - expected[n].astype(int)).max() <= 2, n
 
 
+@pytest.fixture(scope="module")
+def edge_videos(videos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("edge")
+    return [
+        write_trimmed(videos["long"], folder / "trim.mp4", Fraction(11, 10)),  # an edit list
+        set_rotation(write_video(folder / "phone.mp4", 20, 30), 90),
+        write_10_bit(folder / "ten.mp4", 6),
+    ]
+
+
+@needs_torchcodec
+def test_trimmed_rotated_and_10_bit_videos_equal_pyav(edge_videos: list[Path]) -> None:
+    """Both backends show the picture `ffmpeg -i` makes: cut, upright, converted by FFmpeg."""
+    for path in edge_videos:
+        ours = dict(TorchCodecVideoReader(path, name=path.stem).read())
+        pyav = dict(VideoFileReader(path, name=path.stem).read())
+        assert list(ours) == list(pyav), path.name
+        for frame, image in ours.items():
+            assert np.array_equal(image, pyav[frame]), (path.name, frame)
+
+
+@needs_torchcodec
+def test_a_video_torchcodec_cannot_decode_points_to_the_default_backend(tmp_path: Path) -> None:
+    """An AVI with packed B-frames (DivX style): torchcodec loses its last frame, PyAV reads it."""
+    path = tmp_path / "divx.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.max_b_frames = 2
+        for index in range(30):
+            image = av.VideoFrame.from_ndarray(code_image(index), format="rgb24")
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert len(list(VideoFileReader(path, name="divx").read())) == 36
+    with pytest.raises(
+        DataError, match=r"torchcodec cannot decode the video .*divx\.avi"
+    ) as caught:
+        list(TorchCodecVideoReader(path, name="divx").read())
+    assert "drop --backend torchcodec" in (caught.value.hint or "")
+    assert ".cpp" not in caught.value.message and ".." not in caught.value.message
+
+
+def test_timeline_of_a_trimmed_video_skips_the_discarded_frames(edge_videos: list[Path]) -> None:
+    timeline = read_timeline(edge_videos[0])
+    assert len(timeline.times) == 722 and timeline.times[0] == 0
+    assert timeline.start == 0  # the edit list puts the first frame after the cut at 0
+    assert timeline.frame_count(Fraction(30)) == 867
+
+
 @needs_torchcodec
 def test_sparse_reads_and_batches(
     videos: dict[str, Path],
@@ -134,9 +194,49 @@ def test_damaged_and_missing_files_are_named(tmp_path: Path, videos: dict[str, P
     broken.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(DataError, match=r"broken\.mp4") as caught:
         list(TorchCodecVideoReader(broken, name="broken").read())
-    assert "--backend pyav" in (caught.value.hint or "")
+    assert "re-download" in (caught.value.hint or "")
     with pytest.raises(DataError, match="does not exist"):
         TorchCodecVideoReader(tmp_path / "gone.mp4", name="gone").frame_count()
+
+
+REPORT = """Could not load libtorchcodec. Likely causes:
+          1. FFmpeg is not properly installed in your environment.
+
+[start of libtorchcodec loading traceback]
+FFmpeg version 8:
+Traceback (most recent call last):
+OSError: libavutil.so.60: cannot open shared object file: No such file or directory
+
+The above exception was the direct cause of the following exception:
+
+OSError: Could not load this library: /x/libtorchcodec_core8.so
+
+FFmpeg version 7:
+OSError: libavutil.so.59: cannot open shared object file: No such file or directory
+OSError: Could not load this library: /x/libtorchcodec_core7.so
+
+FFmpeg version 5:
+OSError: /x/libtorchcodec_core5.so: undefined symbol: _ZN3c10
+[end of libtorchcodec loading traceback]."""
+
+
+def test_load_failures_tell_each_ffmpeg_version_once() -> None:
+    assert video_torchcodec.load_failures(RuntimeError(REPORT)) == (
+        "FFmpeg 8: libavutil.so.60: cannot open shared object file: No such file or directory; "
+        "FFmpeg 7: libavutil.so.59: cannot open shared object file: No such file or directory; "
+        "FFmpeg 5: /x/libtorchcodec_core5.so: undefined symbol: _ZN3c10"
+    )
+    assert video_torchcodec.load_failures(RuntimeError("no luck.")) == "no luck"
+
+
+def test_torchcodec_reason_drops_its_source_location() -> None:
+    error = RuntimeError(
+        "decodeAVFrame, /__w/torchcodec/src/SingleStreamDecoder.cpp:1450, Could not receive frame "
+        "from decoder: Invalid data found when processing input."
+    )
+    assert video_torchcodec.torchcodec_reason(error) == (
+        "Could not receive frame from decoder: Invalid data found when processing input"
+    )
 
 
 class RefusingFinder(MetaPathFinder):
@@ -166,7 +266,7 @@ def test_missing_or_unloadable_torchcodec_is_a_clear_error(
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
     with pytest.raises(DataError, match="not installed") as caught:
         load_torchcodec()
-    assert "sfr[video,torchcodec]" in (caught.value.hint or "")
+    assert '.[video,torchcodec]"' in (caught.value.hint or "")
 
 
 def test_cli_refuses_an_unloadable_backend_before_writing(
@@ -183,6 +283,16 @@ def test_cli_refuses_an_unloadable_backend_before_writing(
     )  # fmt: skip
     assert_user_error(code, output, error, "torchcodec", "cannot load")
     assert not out.exists()
+    # frame folders need no video decoder: the option does not stop them
+    frames = tmp_path / "frames"
+    write_frame_folder(frames / "P01_01", 12)
+    code, output, error = cli(
+        "features", "rgb", "--videos", frames, "--weights", tmp_path / "TSN-rgb.pth.tar",
+        "--out", out, "--backend", "torchcodec",
+    )  # fmt: skip
+    assert code == 0, output
+    record = json.loads((out / "sfr-features.json").read_text())
+    assert record["videos"]["P01_01"]["decoder"] is None
 
 
 @needs_torchcodec
@@ -203,6 +313,8 @@ def test_cli_extracts_with_torchcodec_as_with_pyav(
             "--out", out, "--backend", backend, "--fps", "5",
         )  # fmt: skip
         assert code == 0, output
+        record = json.loads((out / "sfr-features.json").read_text())
+        assert record["videos"]["v25"]["decoder"] == backend
         env = lmdb.open(str(out), readonly=True, lock=False)
         with env.begin() as txn:
             stores[backend] = {

@@ -18,7 +18,10 @@ One refinement: containers store timestamps on a tick (1 ms in Matroska), so a f
 counts as on time.
 
 25 fps -> 30 fps shows every 5th source frame twice; 60 fps -> 30 fps shows every second source
-frame; frames are never resized, rotation metadata is ignored.
+frame. Frames are never resized. They are converted to RGB by FFmpeg's own filter
+(`format=rgb24`, the conversion of `ffmpeg -i VIDEO frame_%010d.jpg`, with which the published
+frames were made; PyAV's `to_ndarray` differs from it on 10-bit video) and turned upright by the
+rotation a phone records in the display matrix, as `ffmpeg -i` does by default.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class VideoFileReader:
                 return index + 1
             return frames[index] if index < len(frames) else None
 
+        to_rgb = RGBConverter()
         origin: Fraction | None = None
         current: Any = None  # the av.VideoFrame on screen, its time and its RGB array once made
         current_time = Fraction(0)
@@ -187,7 +191,7 @@ class VideoFileReader:
                 # keyed frames before this one show the current frame
                 while (wanted := target()) is not None and (wanted - 1) * step + tolerance < shown:
                     if current_rgb is None:
-                        current_rgb = current.to_ndarray(format="rgb24")
+                        current_rgb = to_rgb(current)
                         image = current_rgb
                     else:
                         image = current_rgb.copy()
@@ -225,7 +229,7 @@ class VideoFileReader:
             end = current_time + current_duration
             while (wanted := target()) is not None and (wanted - 1) * step < end:
                 if current_rgb is None:
-                    current_rgb = current.to_ndarray(format="rgb24")
+                    current_rgb = to_rgb(current)
                     image = current_rgb
                 else:
                     image = current_rgb.copy()
@@ -235,6 +239,48 @@ class VideoFileReader:
                 self._exact_count = index
         finally:
             container.close()
+
+
+class RGBConverter:
+    """Decoded frames to `(H, W, 3)` uint8 RGB as the `ffmpeg` command line makes them.
+
+    The pixel format is converted by FFmpeg's `format=rgb24` filter (a graph rebuilt whenever
+    the size or pixel format of the frames changes), then the image is rotated upright by the
+    frame's display-matrix rotation (counter-clockwise degrees, a multiple of 90), as `ffmpeg -i`
+    autorotates.
+    """
+
+    def __init__(self) -> None:
+        self._shape: tuple[int, int, str] | None = None
+        self._graph: Any = None  # owns the filters below: it must live as long as they do
+        self._source: Any = None
+        self._sink: Any = None
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        shape = (frame.width, frame.height, frame.format.name)
+        if shape != self._shape:
+            self._build(frame)
+            self._shape = shape
+        self._source.push(frame)
+        image = self._sink.pull().to_ndarray()
+        turns = round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4
+        return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+    def _build(self, frame: Any) -> None:
+        av = require("av")
+        graph = av.filter.Graph()
+        self._source = graph.add_buffer(
+            width=frame.width,
+            height=frame.height,
+            format=frame.format.name,
+            time_base=frame.time_base or Fraction(1, 1000),
+        )
+        convert = graph.add("format", "rgb24")
+        self._sink = graph.add("buffersink")
+        self._source.link_to(convert)
+        convert.link_to(self._sink)
+        graph.configure()
+        self._graph = graph
 
 
 def ffmpeg_reason(error: Exception) -> str:

@@ -1,23 +1,30 @@
 """Video files decoded with torchcodec, re-timed to a constant 30 fps by the same rule as PyAV's.
 
 torchcodec (the PyTorch project's decoder, C++ over the system's FFmpeg 4-8) decodes a batch of
-frames in one call, without a Python step per frame. It is an optional backend
-(`sfr features ... --backend torchcodec`); PyAV (`sfr.features.video`) stays the default because
-its wheels bundle FFmpeg, while torchcodec needs an FFmpeg installed on the system and a release
-built for the installed torch (torchcodec 0.13 for torch 2.13).
+frames in one call. It is an optional backend (`sfr features ... --backend torchcodec`); PyAV
+(`sfr.features.video`) stays the default: its wheels bundle FFmpeg, it reads every file FFmpeg
+can, and on CPU it measured faster (see the README), while torchcodec needs FFmpeg installed on
+the system and the release built for the installed torch (torchcodec 0.13 for torch 2.13).
 
-Both backends show the same source frame under every keyed frame (the rule of
-`sfr.features.video`: keyed frame n, 1-based, shows the last frame whose timestamp is at or
-before (n - 1) / 30 s after the first frame, a timestamp within half a tick, at most 1 ms, of an
-output time counting as on time; the video has the frames n with (n - 1) / 30 < end). The
-timestamps come from the container's packets, read exactly (as fractions of the stream's time
-base) with PyAV's demuxer, which decodes nothing; torchcodec then decodes the chosen source
-frames by their index in presentation order. torchcodec's colour conversion may differ from
-PyAV's by a level or two in some pixels; the frame shown is the same.
+Both backends give the picture of `ffmpeg -i VIDEO`: every keyed frame shows the same source
+frame (the rule of `sfr.features.video`: keyed frame n, 1-based, shows the last frame whose
+timestamp is at or before (n - 1) / 30 s after the first frame, a timestamp within half a tick,
+at most 1 ms, of an output time counting as on time; the video has the frames n with
+(n - 1) / 30 < end), converted to RGB by FFmpeg and turned upright by the display matrix. The
+timestamps come from the container's packets, exact (fractions of the stream's time base), read
+with PyAV's demuxer, which decodes nothing; packets an edit list discards are not frames.
+torchcodec then decodes the chosen source frames by their index in presentation order, and each
+frame it returns must carry the timestamp expected, else the video is refused (a DataError
+pointing to the default backend) rather than shown differently.
+
+Where the two differ: a file whose timestamps go back in presentation order (broken muxing) is
+placed by sorted time here, by arrival in PyAV's reader; a file torchcodec cannot decode to its
+end (an AVI with packed B-frames, as DivX wrote them) is refused here and read by PyAV.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,9 +43,14 @@ BATCH_FRAMES = 32
 _MAX_TOLERANCE = Fraction(1, 1000)
 
 _HINT = (
-    "The file is damaged, truncated or not a video: re-download it, re-encode it with "
-    "ffmpeg -i VIDEO -c:v libx264 -pix_fmt yuv420p OUT.mp4, or decode it with --backend pyav"
+    "The file is damaged, truncated or not a video: re-download it, or re-encode it with "
+    "ffmpeg -i VIDEO -c:v libx264 -pix_fmt yuv420p OUT.mp4"
 )
+_TORCHCODEC_HINT = (
+    "Decode this video with the default backend (drop --backend torchcodec), which reads every "
+    "file FFmpeg can; if that fails too, the file is damaged"
+)
+_SOURCE_LOCATION = re.compile(r"^\w+, \S+\.(?:cpp|h):\d+, ")
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,15 @@ class Timeline:
 
     `times` are seconds after the first frame, ascending (presentation order, the order of
     torchcodec's frame indices); `end` is when the last frame stops showing; `tolerance` is how
-    early a timestamp may be stamped (half a tick of the stream's time base, at most 1 ms).
+    early a timestamp may be stamped (half a tick of the stream's time base, at most 1 ms);
+    `start` is the first frame's own timestamp. Packets an edit list discards (the frames before
+    the cut of a trimmed mp4, which decoders drop too) are not frames.
     """
 
     times: tuple[Fraction, ...]
     end: Fraction
     tolerance: Fraction
+    start: Fraction = Fraction(0)  # timestamp of the first frame in the container, seconds
 
     def frame_count(self, fps: Fraction) -> int:
         """Keyed frames at `fps`: the n >= 1 with (n - 1) / fps < end."""
@@ -96,8 +111,8 @@ def read_timeline(path: Path) -> Timeline:
         stamps: list[tuple[int, Fraction]] = []
         try:
             for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue  # the demuxer's end-of-stream marker
+                if packet.size == 0 or packet.is_discard:
+                    continue  # the end-of-stream marker; frames before an edit list's cut
                 if packet.pts is None:
                     raise DataError(
                         f"The video {path} has a frame without a timestamp, which the torchcodec "
@@ -118,7 +133,7 @@ def read_timeline(path: Path) -> Timeline:
     origin = stamps[0][0] * base
     times = tuple(pts * base - origin for pts, _ in stamps)
     end = times[-1] + stamps[-1][1]
-    return Timeline(times=times, end=end, tolerance=min(base / 2, _MAX_TOLERANCE))
+    return Timeline(times=times, end=end, tolerance=min(base / 2, _MAX_TOLERANCE), start=origin)
 
 
 class TorchCodecVideoReader:
@@ -175,7 +190,8 @@ class TorchCodecVideoReader:
                     distinct += 1
                 stop += 1
             batch = sorted(set(sources[start:stop]))
-            images = self._decode(decoder, batch, keyed[start])
+            frames_label = f"{keyed[start]}-{keyed[stop - 1]}" if stop - start > 1 else keyed[start]
+            images = self._decode(decoder, batch, frames_label, timeline)
             position = {source: row for row, source in enumerate(batch)}
             for frame, source in zip(keyed[start:stop], sources[start:stop], strict=True):
                 yield frame, images[position[source]].copy()
@@ -188,30 +204,80 @@ class TorchCodecVideoReader:
                 str(self.path), dimension_order="NHWC", seek_mode="exact", num_ffmpeg_threads=0
             )
         except (RuntimeError, ValueError, OSError) as error:
-            raise DataError(f"Cannot open the video {self.path}: {error}.", _HINT) from None
+            raise DataError(
+                f"torchcodec cannot open the video {self.path}: {torchcodec_reason(error)}.",
+                _TORCHCODEC_HINT,
+            ) from None
         if len(decoder) != frames:
             raise DataError(
                 f"The video {self.path} has {frames} frames in its container but torchcodec "
                 f"decodes {len(decoder)}.",
-                "Decode this video with --backend pyav.",
+                _TORCHCODEC_HINT,
             )
         return decoder
 
-    def _decode(self, decoder: Any, indices: list[int], first_frame: int) -> np.ndarray:
+    def _decode(
+        self, decoder: Any, indices: list[int], frames: int | str, timeline: Timeline
+    ) -> np.ndarray:
         try:
             batch = decoder.get_frames_at(indices)
         except (RuntimeError, ValueError, IndexError) as error:
             raise DataError(
-                f"Cannot decode the video {self.path} at frame {first_frame}: {error}.", _HINT
+                f"torchcodec cannot decode the video {self.path} at frames {frames}: "
+                f"{torchcodec_reason(error)}.",
+                _TORCHCODEC_HINT,
             ) from None
+        stamps = batch.pts_seconds.tolist()
+        for index, stamp in zip(indices, stamps, strict=True):
+            due = timeline.start + timeline.times[index]
+            if abs(stamp - float(due)) > 1e-6:
+                raise DataError(
+                    f"torchcodec places source frame {index} of {self.path} at {stamp:.6f} s, "
+                    f"its timestamp says {float(due):.6f} s: the two backends would disagree.",
+                    _TORCHCODEC_HINT,
+                )
         images = batch.data.cpu().numpy()
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise DataError(
                 f"torchcodec decoded {self.path} to an unexpected {images.dtype} array of shape "
                 f"{images.shape}.",
-                "Decode this video with --backend pyav.",
+                _TORCHCODEC_HINT,
             )
         return images
+
+
+def torchcodec_reason(error: Exception) -> str:
+    """torchcodec's error in its own words, without its C++ source location or final stop."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return _SOURCE_LOCATION.sub("", text).rstrip(".")
+
+
+def load_failures(error: Exception) -> str:
+    """What torchcodec's import error says went wrong, in one line.
+
+    torchcodec tries one library per FFmpeg major version and reports each failure under a
+    heading `FFmpeg version N:`; the last OSError line of each section (other than its generic
+    "Could not load this library") names the missing piece (`libavutil.so.59: cannot open
+    shared object file`, an undefined torch symbol). Identical reasons are told once.
+    """
+    text = str(error)
+    reasons: dict[str, list[str]] = {}
+    for section in re.split(r"^FFmpeg version (?=\d+:)", text, flags=re.M)[1:]:
+        version, _, body = section.partition(":")
+        found = [
+            line.partition(":")[2].strip()
+            for line in body.splitlines()
+            if line.startswith(("OSError:", "ImportError:", "RuntimeError:"))
+            and "Could not load this library" not in line
+        ]
+        if found:
+            reasons.setdefault(found[0], []).append(version)
+    if not reasons:
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return first.rstrip(".:")
+    return "; ".join(
+        f"FFmpeg {', '.join(versions)}: {reason}" for reason, versions in reasons.items()
+    )
 
 
 def load_torchcodec() -> Any:
@@ -225,18 +291,18 @@ def load_torchcodec() -> Any:
     except ModuleNotFoundError:
         raise DataError(
             "The torchcodec video backend needs the torchcodec package: it is not installed.",
-            "Install it with: pip install 'sfr[video,torchcodec]' (it also needs FFmpeg 4-8 on the "
-            "system), or drop --backend to decode with PyAV.",
+            'Install it with pip install -e ".[video,torchcodec]" in the sfr checkout (it also '
+            "needs FFmpeg 4-8 on the system), or drop --backend to decode with PyAV.",
         ) from None
     except (ImportError, OSError, RuntimeError) as error:
         import torch
 
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
-            f"torchcodec is installed but cannot load ({first}): it needs FFmpeg 4-8 installed "
-            f"on the system and a torchcodec release built for torch {torch.__version__} "
-            "(torchcodec 0.13 for torch 2.13).",
-            "Install FFmpeg (for example apt install ffmpeg) and pip install 'sfr[video,torchcodec]', "
-            "or drop --backend to decode with PyAV.",
+            f"torchcodec is installed but cannot load ({load_failures(error)}). It needs the "
+            "shared libraries of FFmpeg 4-8 on the system and a torchcodec release built for "
+            f"torch {torch.__version__} (torchcodec 0.13 for torch 2.13).",
+            "Install FFmpeg (for example apt install ffmpeg) and the matching torchcodec "
+            '(pip install -e ".[video,torchcodec]" in the sfr checkout), or drop --backend to '
+            "decode with PyAV.",
         ) from None
     return decoders
