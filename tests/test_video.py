@@ -297,6 +297,42 @@ def test_truncated_video_is_refused(videos: dict[str, Path], tmp_path: Path) -> 
         list(VideoFileReader(path, name="cut").read([1]))
 
 
+def write_cut_short(path: Path, keep: float) -> Path:
+    """A 3 s video whose file was cut after `keep` of its bytes by an interrupted copy, with its
+    header intact: an mp4 with its index first (`-movflags +faststart`) or a Matroska file."""
+    options = {"movflags": "faststart"} if path.suffix == ".mp4" else {}
+    rng = np.random.default_rng(2)
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index in range(90):
+            image = code_image(index) // 2 + rng.integers(0, 64, (HEIGHT, WIDTH, 3), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_video_cut_short_with_its_header_is_refused(tmp_path: Path, suffix: str) -> None:
+    """FFmpeg's threaded decoder stops quietly at the cut; the declared 3 s give it away."""
+    path = write_cut_short(tmp_path / f"cut{suffix}", 0.5)
+    reader = VideoFileReader(path, name="cut")
+    assert reader.frame_count() == 90  # what the header says
+    with pytest.raises(
+        DataError, match=r"stops at 1\.\d+ s, but its container says it lasts 3\.00 s"
+    ):
+        list(reader.read())
+    with pytest.raises(DataError, match="truncated"):
+        list(reader.read([80]))  # a sparse read that reaches the cut
+    assert [n for n, _ in reader.read([1, 2])] == [1, 2]  # frames before the cut are readable
+    whole = write_cut_short(tmp_path / f"whole{suffix}", 1.0)
+    assert len(list(VideoFileReader(whole, name="whole").read())) == 90
+
+
 def test_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
     path = tmp_path / "sound.mkv"
     with av.open(str(path), "w") as container:

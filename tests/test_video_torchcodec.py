@@ -24,6 +24,7 @@ from test_video import (
     set_rotation,
     source_index,
     write_10_bit,
+    write_cut_short,
     write_trimmed,
     write_video,
 )
@@ -148,6 +149,12 @@ def test_a_video_torchcodec_cannot_decode_points_to_the_default_backend(tmp_path
         list(TorchCodecVideoReader(path, name="divx").read())
     assert "drop --backend torchcodec" in (caught.value.hint or "")
     assert ".cpp" not in caught.value.message and ".." not in caught.value.message
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_timeline_refuses_a_video_cut_short(tmp_path: Path, suffix: str) -> None:
+    with pytest.raises(DataError, match="truncated"):
+        read_timeline(write_cut_short(tmp_path / f"cut{suffix}", 0.5))
 
 
 def test_timeline_of_a_trimmed_video_skips_the_discarded_frames(edge_videos: list[Path]) -> None:

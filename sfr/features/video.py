@@ -41,6 +41,9 @@ SEEK_GAP_SECONDS = Fraction(10)
 
 _MAX_TOLERANCE = Fraction(1, 1000)
 
+TRUNCATION_SLACK = Fraction(1, 2)
+"""Seconds a video's frames may stop short of its declared duration (`check_complete`)."""
+
 _DAMAGED_HINT = (
     "The file is damaged, truncated or not a video: re-download it, or re-encode it with "
     "ffmpeg -i VIDEO -c:v libx264 -pix_fmt yuv420p OUT.mp4"
@@ -102,13 +105,7 @@ class VideoFileReader:
             return self._exact_count
         container, stream = self._open()
         try:
-            duration: Fraction | None = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = stream.duration * Fraction(stream.time_base)
-            elif container.duration is not None:
-                duration = Fraction(container.duration, 1_000_000)
-            elif stream.frames and stream.average_rate:
-                duration = stream.frames / Fraction(stream.average_rate)
+            duration = declared_duration(container, stream)
         finally:
             container.close()
         if duration is None or duration <= 0:
@@ -227,6 +224,7 @@ class VideoFileReader:
                     raise DataError(f"The video {self.path} has no decodable frame.", _DAMAGED_HINT)
                 return
             end = current_time + current_duration
+            check_complete(self.path, end, declared_duration(container, stream))
             while (wanted := target()) is not None and (wanted - 1) * step < end:
                 if current_rgb is None:
                     current_rgb = to_rgb(current)
@@ -281,6 +279,38 @@ class RGBConverter:
         convert.link_to(self._sink)
         graph.configure()
         self._graph = graph
+
+
+def declared_duration(container: Any, stream: Any) -> Fraction | None:
+    """How long the container says the video lasts (seconds): the video stream's duration, else
+    the container's, else its frame count over its average rate; None when it says nothing."""
+    if stream.duration is not None and stream.time_base is not None:
+        return stream.duration * Fraction(stream.time_base)
+    if container.duration is not None:
+        return Fraction(container.duration, 1_000_000)
+    if stream.frames and stream.average_rate:
+        return stream.frames / Fraction(stream.average_rate)
+    return None
+
+
+def check_complete(path: Path, end: Fraction, declared: Fraction | None) -> None:
+    """Refuse a video whose frames stop well before the duration its container declares.
+
+    A file cut short by an interrupted copy keeps its header: FFmpeg's threaded decoder then
+    simply stops at the cut, and the video would pass as a shorter one. `end` is when the last
+    decoded frame stops showing, in seconds after the first; up to 0.5 s or 2% short is accepted
+    (containers round durations, and an audio track may outlast the picture by a little).
+    Raises DataError naming the file and both times.
+    """
+    if declared is None or declared <= 0:
+        return
+    if end < declared - max(TRUNCATION_SLACK, declared / 50):
+        raise DataError(
+            f"The video {path} stops at {float(end):.2f} s, but its container says it lasts "
+            f"{float(declared):.2f} s: the file is truncated.",
+            "Re-download or re-copy it; to keep only the frames it has, rewrite it with "
+            "ffmpeg -i VIDEO -c copy FIXED.mp4",
+        )
 
 
 def ffmpeg_reason(error: Exception) -> str:

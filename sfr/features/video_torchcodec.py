@@ -35,7 +35,12 @@ import numpy as np
 
 from sfr.errors import DataError
 from sfr.features.sources import as_fraction, require, wanted_frames
-from sfr.features.video import default_frame_duration, ffmpeg_reason
+from sfr.features.video import (
+    check_complete,
+    declared_duration,
+    default_frame_duration,
+    ffmpeg_reason,
+)
 
 BATCH_FRAMES = 32
 """Source frames decoded per torchcodec call (bounds memory on long videos)."""
@@ -117,7 +122,7 @@ def read_timeline(path: Path) -> Timeline:
                     raise DataError(
                         f"The video {path} has a frame without a timestamp, which the torchcodec "
                         "backend cannot place.",
-                        "Decode this video with --backend pyav.",
+                        _TORCHCODEC_HINT,
                     )
                 duration = packet.duration * base if packet.duration else default
                 stamps.append((packet.pts, duration))
@@ -125,6 +130,7 @@ def read_timeline(path: Path) -> Timeline:
             raise DataError(
                 f"Cannot read the video {path}: {ffmpeg_reason(error)}.", _HINT
             ) from None
+        declared = declared_duration(container, stream)
     finally:
         container.close()
     if not stamps:
@@ -133,6 +139,7 @@ def read_timeline(path: Path) -> Timeline:
     origin = stamps[0][0] * base
     times = tuple(pts * base - origin for pts, _ in stamps)
     end = times[-1] + stamps[-1][1]
+    check_complete(path, end, declared)
     return Timeline(times=times, end=end, tolerance=min(base / 2, _MAX_TOLERANCE), start=origin)
 
 
