@@ -3,8 +3,11 @@
 `FileServer` listens on 127.0.0.1 on an ephemeral port in a background thread. Each served path
 can answer some error statuses first (`fail_with`), drop the connection after some body bytes
 (`drop_after`, one entry per request, consumed in order) or ignore Range requests
-(`ranges=False`). Answers carry an ETag of the content and honour If-Range. Every request is
-logged, so tests can count what reached the server.
+(`ranges=False`). Answers carry an ETag of the content and honour If-Range. The other `Served`
+fields make the server lie in the ways real ones do: no Content-Length (the body ends when the
+connection closes), a Content-Length off by some bytes, a 206 starting elsewhere than asked or
+announcing another total or length, a 416 without the size, an ETag that changes with every
+answer, a redirect loop. Every request is logged, so tests can count what reached the server.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ class Served:
     ranges: bool = True
     fail_with: list[int] = field(default_factory=list)
     drop_after: list[int] = field(default_factory=list)
+    length: bool = True  # send Content-Length (else the body is delimited by closing)
+    length_delta: int = 0  # Content-Length states this many bytes more than the body has
+    range_start_delta: int = 0  # a 206 starts this many bytes after the asked start (says so)
+    range_total_delta: int = 0  # a 206's Content-Range announces this many bytes more in all
+    range_length_delta: int = 0  # a 206's Content-Length disagrees with its Content-Range
+    total_in_416: bool = True  # a 416 says `bytes */SIZE` (else no Content-Range)
+    etag_per_answer: bool = False  # every answer carries a new ETag (If-Range never matches)
+    redirect_loop: bool = False  # answer 302 to the same address, forever
 
 
 @dataclass(frozen=True)
@@ -135,33 +146,50 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             if served.fail_with:
                 self._status_only(served.fail_with.pop(0))
                 return
+            if served.redirect_loop:
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             data, start = served.data, 0
             etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+            if served.etag_per_answer:
+                etag = f'"{len(server.requests)}-{etag[1:]}'
             match = _RANGE.match(self.headers.get("Range") or "")
             if_range = self.headers.get("If-Range")
             if served.ranges and match is not None and if_range in (None, etag):
                 start = int(match.group(1))
                 if start >= len(data):
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    if served.total_in_416:
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
+                    self.send_header("ETag", etag)
                     self.end_headers()
                     return
+                start = min(start + served.range_start_delta, len(data) - 1)
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                total = len(data) + served.range_total_delta
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
+                extra = served.range_length_delta
             else:
                 self.send_response(200)
+                extra = 0
             payload = data[start:]
-            self.send_header("Content-Length", str(len(payload)))
+            if served.length:
+                length = len(payload) + served.length_delta + extra
+                self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
             self.send_header("ETag", etag)
+            self.send_header("Connection", "close")
             self.end_headers()
+            self.close_connection = True
             if not body:
                 return
             if served.drop_after:
                 self.wfile.write(payload[: served.drop_after.pop(0)])
                 self.wfile.flush()
-                self.close_connection = True
                 return
             self.wfile.write(payload)
 

@@ -1,25 +1,38 @@
 """Resumable, verified HTTP downloads of one file, for slow and flaky connections.
 
-Bytes stream into `<dest>.part`. An existing `.part` is resumed with an HTTP Range request (kept
-when the server answers 206 with the matching Content-Range, started over when it answers 200),
-made conditional with If-Range on the ETag/Last-Modified of the first answer, so bytes of a file
-that changed on the server in between are never glued together.
+Bytes stream into `<dest>.part`; what the server said about the file (its ETag, Last-Modified
+and total size) is kept in `<dest>.part.validator`. An existing `.part` is resumed with an HTTP
+Range request made conditional with If-Range, so bytes of a file that changed on the server in
+between are never glued together.
+
+A file is renamed into place only when it is *proven complete*: its size equals the registry's
+size, or the server, asked for the bytes after the last one held (`Range: bytes=N-`), answered
+416 with the total `*/N` (a server that ignores ranges: a 200 whose Content-Length is N, with the
+same validator). A body that simply ends (no Content-Length, or a connection closed early) is
+never taken as the whole file. Every disagreement — a total that differs from an earlier one, a
+Content-Range that does not start where asked or does not match its Content-Length, a body
+longer than announced, a validator that changed, a 416 for another size — throws the `.part`
+away and starts the file again; it is never success. Then the sha256 is checked when the
+registry knows it (bytes that fail are moved to `<dest>.part.bad`).
+
 Connection errors, timeouts, truncated bodies, 408/429 and 5xx answers are retried with
-exponential backoff; other 4xx answers are errors at once. The size and sha256 are checked before
-the `.part` is renamed into place, so the destination only ever holds a complete, verified file;
-bytes that fail the check are moved to `<dest>.part.bad` so that the next run starts clean.
-Progress is reported through a callback of the event dataclasses below; nothing is printed.
+exponential backoff; other 4xx answers are errors at once; any other error of the HTTP client or
+the disk is a `DownloadError` naming the file and the address. Addresses in messages and records
+never carry `user:password@`. Files written are never followed through a link
+(`sfr.hub.safefiles`). Progress is reported through a callback of the event dataclasses below.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,6 +41,7 @@ import urllib3
 
 from sfr.errors import SfrError
 from sfr.files import CHUNK_BYTES
+from sfr.hub.safefiles import check_regular, open_regular, write_regular
 
 DEFAULT_RETRIES = 5
 DEFAULT_TIMEOUT_S = 30.0
@@ -37,6 +51,20 @@ MAX_BACKOFF_S = 60.0
 RETRYABLE_CLIENT_STATUSES = frozenset({408, 429})
 _CONTENT_RANGE = re.compile(r"^bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)$")
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
+_USERINFO = re.compile(r"(?<=//)[^/@\s'\"]*@")
+_NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    urllib3.exceptions.DecodeError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
+_CLIENT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ValueError)
 
 
 class DownloadError(SfrError):
@@ -91,7 +119,10 @@ DownloadEvent = FileStarted | BytesReceived | RetryScheduled | FileFinished
 
 @dataclass(frozen=True)
 class FetchedFile:
-    """A verified download: where it is, its size and digest, the address it came from."""
+    """A verified download: where it is, its size and digest, the address it came from.
+
+    `url` never carries user information (`user:password@`).
+    """
 
     path: Path
     size: int
@@ -136,13 +167,23 @@ class _Transient(Exception):
         self.reason = reason
 
 
+class _DiskError(Exception):
+    """Writing the `.part` (or its validator) failed; wraps the OSError."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        """Remember the file and the error."""
+        super().__init__(str(error))
+        self.path = path
+        self.error = error
+
+
 def part_path(dest: Path) -> Path:
     """Where the bytes of `dest` accumulate until they are verified."""
     return dest.with_name(dest.name + ".part")
 
 
 def validator_path(part: Path) -> Path:
-    """Where the server's ETag or Last-Modified of a `.part` file is kept (sent as If-Range)."""
+    """Where what the server said about a `.part` file is kept (ETag, Last-Modified, total)."""
     return part.with_name(part.name + ".validator")
 
 
@@ -151,18 +192,36 @@ def bad_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part.bad")
 
 
+def public_address(url: str) -> str:
+    """`url` without user information: `http://user:secret@host/x` becomes `http://host/x`.
+
+    Every address sfr prints or records goes through this; requests still authenticate with the
+    full address.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def scrub(text: str) -> str:
+    """`text` with the user information of every address in it removed."""
+    return _USERINFO.sub("", text)
+
+
 def mirror_url(url: str, base_url: str) -> str:
     """`url` served by a mirror: `base_url` + `/` + the original host + the original path.
 
     `https://iplab.dmi.unict.it/sharing/rulstm/TSN-rgb.pth.tar` with the mirror
     `http://mirror.lan/sfr` becomes `http://mirror.lan/sfr/iplab.dmi.unict.it/sharing/rulstm/
     TSN-rgb.pth.tar`: the layout `wget --force-directories` writes, so one mirror holds files
-    from several hosts without clashes.
+    from several hosts without clashes. User information in `base_url` is kept for the requests
+    (basic authentication) and stripped from every message and record.
     """
     base = urlsplit(base_url)
     if base.scheme not in ("http", "https") or not base.netloc or base.query or base.fragment:
         raise SfrError(
-            f"Mirror address {base_url!r} is not an http(s) URL.",
+            f"Mirror address {scrub(base_url)!r} is not an http(s) URL.",
             hint="Pass --base-url (or SFR_MIRROR) like https://mirror.example.org/sfr",
         )
     original = urlsplit(url)
@@ -172,6 +231,7 @@ def mirror_url(url: str, base_url: str) -> str:
 
 def remote_size(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:
     """The size a server announces for `url` (HEAD, following redirects); None if it says none."""
+    shown = public_address(url)
     try:
         response = requests.head(
             url,
@@ -179,12 +239,12 @@ def remote_size(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None
             timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
             headers={"Accept-Encoding": "identity"},
         )
-    except requests.RequestException as error:
-        raise DownloadError(f"HEAD {url} failed: {error}") from None
+    except (*_NETWORK_ERRORS, *_CLIENT_ERRORS) as error:
+        raise DownloadError(f"HEAD {shown} failed: {scrub(str(error))}") from None
     if response.status_code >= 400:
-        raise DownloadError(f"HEAD {url} answered HTTP {response.status_code}.")
-    length = response.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
+        raise DownloadError(f"HEAD {shown} answered HTTP {response.status_code}.")
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
 
 
 class _Digest:
@@ -203,12 +263,12 @@ class _Digest:
 
     def catch_up(self) -> None:
         """Make the digest cover exactly the bytes now in the `.part` file."""
-        on_disk = self.part.stat().st_size if self.part.exists() else 0
+        on_disk = os.lstat(self.part).st_size if check_regular(self.part) else 0
         if on_disk == self.size:
             return
         self.restart()
         if on_disk:
-            with self.part.open("rb") as stream:
+            with open_regular(self.part, "rb") as stream:
                 while chunk := stream.read(CHUNK_BYTES):
                     self.hasher.update(chunk)
                     self.size += len(chunk)
@@ -217,6 +277,61 @@ class _Digest:
         """Account for `chunk`, just appended to the `.part` file."""
         self.hasher.update(chunk)
         self.size += len(chunk)
+
+
+@dataclass
+class _Known:
+    """What the server said about the file whose bytes are in the `.part` (kept in its
+    `.validator`): the validators, the total size, and whether the last body ended cleanly at
+    the `.part`'s size (so the next request proves the end instead of fetching)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+    total: int | None = None
+    ended: bool = field(default=False, compare=False)
+
+    @property
+    def if_range(self) -> str | None:
+        """The value sent as If-Range: the strong ETag, else Last-Modified."""
+        return self.etag or self.last_modified
+
+    @classmethod
+    def load(cls, path: Path) -> _Known:
+        """Read a `.validator` file (JSON, or the bare If-Range value of older versions)."""
+        if not check_regular(path):
+            return cls()
+        with open_regular(path, "rb") as stream:
+            text = stream.read(4096).decode("utf-8", "replace").strip()
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return cls(etag=text or None)
+        if not isinstance(data, dict):
+            return cls()
+        total = data.get("total")
+        return cls(
+            etag=data.get("etag") if isinstance(data.get("etag"), str) else None,
+            last_modified=data.get("last_modified")
+            if isinstance(data.get("last_modified"), str)
+            else None,
+            total=total if isinstance(total, int) and total >= 0 else None,
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the `.validator` file (never through a link)."""
+        payload = {"etag": self.etag, "last_modified": self.last_modified, "total": self.total}
+        try:
+            write_regular(path, json.dumps(payload).encode("utf-8"))
+        except OSError as error:
+            raise _DiskError(path, error) from None
+
+
+def _validators(response: requests.Response) -> tuple[str | None, str | None]:
+    """(strong ETag, Last-Modified) of an answer; a weak ETag cannot guard a resume."""
+    etag = response.headers.get("ETag") or None
+    if etag is not None and etag.startswith("W/"):
+        etag = None
+    return etag, response.headers.get("Last-Modified") or None
 
 
 def fetch(
@@ -228,115 +343,323 @@ def fetch(
     policy: RetryPolicy = RetryPolicy(),
     on_event: Callable[[DownloadEvent], None] = lambda event: None,
     session: requests.Session | None = None,
+    before_install: Callable[[FetchedFile], None] = lambda fetched: None,
 ) -> FetchedFile:
-    """Download `url` to `dest` (resuming `<dest>.part`), verify it, and rename it into place.
+    """Download `url` to `dest` (resuming `<dest>.part`), prove it complete, verify it, and
+    rename it into place; `before_install` is called with the verified file just before the
+    rename (the install layer records a pending manifest entry there).
 
     Attempts that fail transiently are retried up to `policy.retries` times in a row; an attempt
     that brought the file further than ever before resets that count, so a long download over a
     connection that keeps dropping still completes.
+
+    Raises UnreachableError (this address cannot deliver the file: try the next one),
+    DownloadError (verification failed, the end cannot be proven, disk or client error) and
+    UnsafePathError (a link or special file where the `.part`, its validator or `dest` go).
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    shown = public_address(url)
     part = part_path(dest)
-    digest = _Digest(part)
-    http = session or requests.Session()
-    failures = 0
-    furthest = part.stat().st_size if part.exists() else 0
+    validator = validator_path(part)
     try:
-        while True:
-            try:
-                total = _attempt(url, part, digest, label, expected, policy, on_event, http)
-                break
-            except _Transient as transient:
-                reached = part.stat().st_size if part.exists() else 0
-                failures = 1 if reached > furthest else failures + 1
-                furthest = max(furthest, reached)
-                if failures > policy.retries:
-                    kept = f" from the {reached:,} bytes kept in {part}" if reached else ""
-                    raise UnreachableError(
-                        f"Downloading {label} from {url} failed {failures} times in a row: "
-                        f"{transient.reason}.",
-                        hint=f"Run the same command again to resume{kept}; --retries N tries "
-                        "harder, --timeout S waits longer, --base-url uses a mirror.",
-                    ) from None
-                delay = policy.delay(failures)
-                on_event(RetryScheduled(label, failures, policy.retries, transient.reason, delay))
-                policy.sleep(delay)
-    finally:
-        if session is None:
-            http.close()
-    return _verify_and_install(url, dest, part, digest, label, expected, total, on_event)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        check_regular(dest)
+        check_regular(validator)
+        if not check_regular(part):
+            validator.unlink(missing_ok=True)  # a leftover of a .part that is gone
+        known = _Known.load(validator)
+        digest = _Digest(part)
+        http = session or requests.Session()
+        try:
+            total = _attempts(url, part, digest, known, label, expected, policy, on_event, http)
+        finally:
+            if session is None:
+                http.close()
+        return _verify_and_install(
+            shown, dest, part, digest, label, expected, total, on_event, before_install
+        )
+    except _DiskError as error:
+        raise DownloadError(
+            f"Downloading {label} from {shown}: writing {error.path} failed: "
+            f"{error.error.strerror or error.error}.",
+            hint="Check the folder is writable and the disk has room, then run the command "
+            "again to resume.",
+        ) from None
+    except OSError as error:
+        raise DownloadError(
+            f"Downloading {label} from {shown} failed: {error.strerror or error} "
+            f"({error.filename or dest}).",
+            hint="Check the folder is writable and the disk has room, then run the command "
+            "again to resume.",
+        ) from None
+
+
+def _attempts(
+    url: str,
+    part: Path,
+    digest: _Digest,
+    known: _Known,
+    label: str,
+    expected: Expected,
+    policy: RetryPolicy,
+    on_event: Callable[[DownloadEvent], None],
+    http: requests.Session,
+) -> int:
+    """Request until the `.part` is proven complete; its size."""
+    shown = public_address(url)
+    failures = 0
+    furthest = os.lstat(part).st_size if check_regular(part) else 0
+    while True:
+        try:
+            proven = _attempt(url, part, digest, known, label, expected, policy, on_event, http)
+            if proven is not None:
+                return proven
+            continue  # a body ended cleanly: the next request proves the end or continues
+        except _Transient as transient:
+            reason = transient.reason
+        except _CLIENT_ERRORS as error:  # not a network failure: retrying will not help
+            raise DownloadError(
+                f"Downloading {label} from {shown} failed: {type(error).__name__}: "
+                f"{scrub(str(error))}.",
+                hint="Check the address (--base-url, SFR_MIRROR); a server that answers like "
+                "this cannot deliver the file. Any bytes received are kept in "
+                f"{part} for the next run.",
+            ) from None
+        reached = os.lstat(part).st_size if check_regular(part) else 0
+        failures = 1 if reached > furthest else failures + 1
+        furthest = max(furthest, reached)
+        if failures > policy.retries:
+            kept = f" from the {reached:,} bytes kept in {part}" if reached else ""
+            raise UnreachableError(
+                f"Downloading {label} from {shown} failed {failures} times in a row: {reason}.",
+                hint=f"Run the same command again to resume{kept}; --retries N tries "
+                "harder, --timeout S waits longer, --base-url uses a mirror.",
+            ) from None
+        delay = policy.delay(failures)
+        on_event(RetryScheduled(label, failures, policy.retries, reason, delay))
+        policy.sleep(delay)
 
 
 def _attempt(
     url: str,
     part: Path,
     digest: _Digest,
+    known: _Known,
     label: str,
     expected: Expected,
     policy: RetryPolicy,
     on_event: Callable[[DownloadEvent], None],
     http: requests.Session,
 ) -> int | None:
-    """One GET: append to (or restart) the `.part` file; the size the server announced."""
+    """One GET: append to (or restart) the `.part`; its size once proven complete, else None."""
     digest.catch_up()
     have = digest.size
+    if expected.size is not None and have == expected.size:
+        return have  # the registry's size is the proof; the sha256 is checked next
+    if known.ended and expected.sha256 == digest.hasher.copy().hexdigest():
+        return have  # the registry's digest is the proof
+    if expected.size is not None and have > expected.size:
+        _restart(part, digest, known, f"{have:,} bytes on disk, more than the registry's size")
+    if known.total is not None and have > known.total:
+        _restart(part, digest, known, f"{have:,} bytes on disk, more than the announced size")
+    probing = known.ended or (have > 0 and have == known.total)
     headers = {"Accept-Encoding": "identity"}
-    validator = validator_path(part)
-    if have:
+    if have or known.ended:
         headers["Range"] = f"bytes={have}-"
-        if validator.is_file():
-            headers["If-Range"] = validator.read_text(encoding="utf-8").strip()
+        if known.if_range:
+            headers["If-Range"] = known.if_range
     try:
         with http.get(url, headers=headers, stream=True, timeout=policy.timeouts) as response:
             status = response.status_code
-            if status == 416 and have:
-                return _range_not_satisfiable(response, part, digest, have)
+            if status == 416 and "Range" in headers:
+                return _not_satisfiable(response, part, digest, known, have, expected)
             _check_status(status, url, label)
-            start, total = _resume_point(response, have, url, label)
-            size_hint = expected.size if expected.size is not None else total
-            if expected.size is not None and total is not None and total != expected.size:
-                raise UnreachableError(
-                    f"{url} announces {total:,} bytes for {label}, the registry expects "
-                    f"{expected.size:,}: not the published file.",
-                    hint="Check the address or the mirror (--base-url, SFR_MIRROR).",
-                )
-            if start == 0:
+            if status == 200:
+                if probing:
+                    return _whole_file_answer(response, part, digest, known, have, url, label)
+                start, end, total = 0, None, _content_length(response)
+                _check_total(total, expected, url, label)
                 digest.restart()
-                _remember_validator(response, validator)
+                etag, modified = _validators(response)
+                known.etag, known.last_modified, known.total = etag, modified, total
+                known.save(validator_path(part))
+            else:
+                start, end, total = _partial(response, part, digest, known, have)
+                _check_total(total, expected, url, label)
+            known.ended = False
+            size_hint = expected.size if expected.size is not None else total
             _check_free_space(part, (size_hint or 0) - start, label)
-            on_event(FileStarted(label, url, size_hint, start))
-            with part.open("ab" if start else "wb") as stream:
-                for chunk in _body(response):
-                    stream.write(chunk)
-                    digest.update(chunk)
-                    on_event(BytesReceived(label, len(chunk)))
-    except (
-        requests.ConnectionError,
-        requests.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-        requests.exceptions.ContentDecodingError,
-        urllib3.exceptions.HTTPError,
-    ) as error:
+            on_event(FileStarted(label, public_address(url), size_hint, start))
+            wanted = None if end is None else end - start + 1
+            received = _stream(
+                response,
+                part,
+                digest,
+                label=label,
+                append=bool(start),
+                limit=wanted,
+                on_event=on_event,
+            )
+    except _NETWORK_ERRORS as error:
         raise _Transient(_network_reason(error, digest.size)) from None
-    except OSError as error:
-        raise DownloadError(
-            f"Writing {part} failed: {error.strerror or error}.",
-            hint="Check the folder is writable and the disk has room, then run the command again.",
-        ) from None
+    if wanted is not None and received > wanted:
+        _restart(part, digest, known, "the server sent more bytes than its Content-Range said")
+    if wanted is not None and received < wanted:
+        raise _Transient(f"connection closed after {digest.size:,} bytes")
+    if total is not None and digest.size > total:
+        _restart(part, digest, known, f"received {digest.size:,} bytes of a {total:,}-byte file")
     if total is not None and digest.size < total:
-        raise _Transient(f"connection closed after {digest.size:,} of {total:,} bytes")
-    return total
+        if wanted is None:
+            raise _Transient(f"connection closed after {digest.size:,} of {total:,} bytes")
+        return None  # the server sent part of the rest: ask for what remains
+    known.ended = True  # the body ended here; only the server can say it is the end
+    return None
 
 
-def _remember_validator(response: requests.Response, validator: Path) -> None:
-    """Keep the strong ETag (else Last-Modified) of a fresh download, so that a resume only
-    appends to bytes of the same version of the file (If-Range)."""
-    etag = response.headers.get("ETag", "")
-    value = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
-    if value:
-        validator.write_text(value, encoding="utf-8")
-    else:
-        validator.unlink(missing_ok=True)
+def _content_length(response: requests.Response) -> int | None:
+    """The Content-Length of an answer, if it states one."""
+    length = response.headers.get("Content-Length", "").strip()
+    return int(length) if length.isdigit() else None
+
+
+def _check_total(total: int | None, expected: Expected, url: str, label: str) -> None:
+    """Refuse an address whose file has another size than the registry's."""
+    if expected.size is not None and total is not None and total != expected.size:
+        raise UnreachableError(
+            f"{public_address(url)} announces {total:,} bytes for {label}, the registry expects "
+            f"{expected.size:,}: not the published file.",
+            hint="Check the address or the mirror (--base-url, SFR_MIRROR).",
+        )
+
+
+def _stream(
+    response: requests.Response,
+    part: Path,
+    digest: _Digest,
+    *,
+    label: str,
+    append: bool,
+    limit: int | None,
+    on_event: Callable[[DownloadEvent], None],
+) -> int:
+    """Write the body to the `.part` (appending or from scratch); the bytes received.
+
+    With a `limit` (the length a Content-Range announced), one byte more than that is the most
+    written, enough to tell that the server sent too much.
+    """
+    received = 0
+    try:
+        stream = open_regular(part, "ab" if append else "wb")
+    except OSError as error:
+        raise _DiskError(part, error) from None
+    with stream:
+        for chunk in _body(response):
+            if limit is not None and received + len(chunk) > limit:
+                chunk = chunk[: limit - received + 1]
+            try:
+                stream.write(chunk)
+                stream.flush()
+            except OSError as error:
+                raise _DiskError(part, error) from None
+            digest.update(chunk)
+            received += len(chunk)
+            on_event(BytesReceived(label, len(chunk)))
+            if limit is not None and received > limit:
+                break
+    return received
+
+
+def _partial(
+    response: requests.Response, part: Path, digest: _Digest, known: _Known, have: int
+) -> tuple[int, int, int | None]:
+    """(start, end, total) of a 206 that continues the `.part`; any inconsistency restarts."""
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+    if match is None or match.group(1) is None:
+        _restart(part, digest, known, "partial content without a usable Content-Range")
+    start, end = int(match.group(1)), int(match.group(2))
+    total = None if match.group(3) == "*" else int(match.group(3))
+    if start != have:
+        _restart(part, digest, known, f"asked for bytes from {have:,}, got them from {start:,}")
+    if end < start or (total is not None and end >= total):
+        _restart(part, digest, known, f"an impossible Content-Range {match.group(0)!r}")
+    length = _content_length(response)
+    if length is not None and length != end - start + 1:
+        _restart(
+            part, digest, known, f"Content-Length {length:,} disagrees with {match.group(0)!r}"
+        )
+    _same_file(response, part, digest, known, total)
+    if total is not None:
+        known.total = total
+    return start, end, total
+
+
+def _same_file(
+    response: requests.Response, part: Path, digest: _Digest, known: _Known, total: int | None
+) -> None:
+    """Restart unless this answer describes the same file as the bytes held (size, validators)."""
+    etag, modified = _validators(response)
+    if known.total is not None and total is not None and total != known.total:
+        _restart(part, digest, known, f"the size changed from {known.total:,} to {total:,}")
+    if known.etag and etag and etag != known.etag:
+        _restart(part, digest, known, f"the ETag changed from {known.etag} to {etag}")
+    if known.last_modified and modified and modified != known.last_modified:
+        _restart(part, digest, known, "the Last-Modified date changed")
+
+
+def _not_satisfiable(
+    response: requests.Response,
+    part: Path,
+    digest: _Digest,
+    known: _Known,
+    have: int,
+    expected: Expected,
+) -> int:
+    """A 416 to `bytes=have-`: the proof of completeness if it says the file has `have` bytes."""
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+    if match is None or match.group(3) == "*":
+        _restart(part, digest, known, "the server refused the range without saying the size")
+    total = int(match.group(3))
+    if total != have:
+        _restart(part, digest, known, f"the server says {total:,} bytes, {have:,} are on disk")
+    _same_file(response, part, digest, known, total)
+    if expected.size is not None and total != expected.size:
+        _restart(part, digest, known, f"{total:,} bytes, the registry expects {expected.size:,}")
+    return have
+
+
+def _whole_file_answer(
+    response: requests.Response,
+    part: Path,
+    digest: _Digest,
+    known: _Known,
+    have: int,
+    url: str,
+    label: str,
+) -> int:
+    """A 200 to the request past the end of a finished body: the server ignores ranges. Its
+    Content-Length, with the same validators, is the proof; without one there is none."""
+    length = _content_length(response)
+    if length is None:
+        raise DownloadError(
+            f"{public_address(url)} neither states the size of {label} nor answers range "
+            "requests, so a complete download cannot be told from a cut one; nothing was "
+            "installed.",
+            hint="Use a mirror that sends Content-Length or supports ranges (--base-url, "
+            f"SFR_MIRROR). The {have:,} bytes received are in {part}.",
+        )
+    _same_file(response, part, digest, known, length)
+    if length != have:
+        _restart(part, digest, known, f"the server now says {length:,} bytes, {have:,} received")
+    return have
+
+
+def _restart(part: Path, digest: _Digest, known: _Known, reason: str) -> None:
+    """Throw the `.part` away (its bytes cannot be trusted) and try the file from scratch."""
+    part.unlink(missing_ok=True)
+    validator_path(part).unlink(missing_ok=True)
+    digest.restart()
+    known.etag = known.last_modified = known.total = None
+    known.ended = False
+    raise _Transient(f"{reason}; starting this file again")
 
 
 def _body(response: requests.Response) -> Iterator[bytes]:
@@ -351,52 +674,24 @@ def _body(response: requests.Response) -> Iterator[bytes]:
 
 def _check_status(status: int, url: str, label: str) -> None:
     """Raise for an answer that is not file content: transient for 5xx/408/429, else final."""
+    shown = public_address(url)
     if status >= 500 or status in RETRYABLE_CLIENT_STATUSES:
         raise _Transient(f"HTTP {status} from the server")
     if status == 404:
         raise UnreachableError(
-            f"{label}: {url} answered 404 Not Found.",
+            f"{label}: {shown} answered 404 Not Found.",
             hint="The file is not at that address. If you use a mirror (--base-url or "
             "SFR_MIRROR), it must hold <mirror>/<host>/<path> of the published address; "
             "`sfr download list --urls` prints every address.",
         )
     if status >= 400:
         raise UnreachableError(
-            f"{label}: {url} answered HTTP {status}.",
+            f"{label}: {shown} answered HTTP {status}.",
             hint="The server refuses this request; check the address or use a mirror "
             "(--base-url or SFR_MIRROR).",
         )
     if status not in (200, 206):
-        raise UnreachableError(f"{label}: {url} answered HTTP {status} instead of the file.")
-
-
-def _resume_point(
-    response: requests.Response, have: int, url: str, label: str
-) -> tuple[int, int | None]:
-    """(offset the body starts at, total size if announced) of a 200 or 206 answer."""
-    if response.status_code == 200:
-        length = response.headers.get("Content-Length", "")
-        return 0, int(length) if length.isdigit() else None
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-    if match is None or match.group(1) is None:
-        raise _Transient(f"{url} sent partial content without a usable Content-Range")
-    start = int(match.group(1))
-    total = None if match.group(3) == "*" else int(match.group(3))
-    if start != have:
-        raise _Transient(f"asked for bytes from {have:,}, {url} sent them from {start:,}")
-    return start, total
-
-
-def _range_not_satisfiable(
-    response: requests.Response, part: Path, digest: _Digest, have: int
-) -> int | None:
-    """A 416 to a resume: the `.part` is complete if the server's size equals it, else restart."""
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-    if match is not None and match.group(3) not in (None, "*") and int(match.group(3)) == have:
-        return have
-    part.unlink(missing_ok=True)
-    digest.restart()
-    raise _Transient("the server refused to resume; starting over")
+        raise UnreachableError(f"{label}: {shown} answered HTTP {status} instead of the file.")
 
 
 def _check_free_space(part: Path, needed: int, label: str) -> None:
@@ -411,22 +706,22 @@ def _check_free_space(part: Path, needed: int, label: str) -> None:
 
 
 def _verify_and_install(
-    url: str,
+    shown: str,
     dest: Path,
     part: Path,
     digest: _Digest,
     label: str,
     expected: Expected,
-    total: int | None,
+    total: int,
     on_event: Callable[[DownloadEvent], None],
+    before_install: Callable[[FetchedFile], None],
 ) -> FetchedFile:
-    """Check size and sha256 of the finished `.part`, then rename it atomically onto `dest`."""
+    """Check size and sha256 of the proven `.part`, then rename it atomically onto `dest`."""
     digest.catch_up()
     size, sha256 = digest.size, digest.hasher.hexdigest()
-    wanted_size = expected.size if expected.size is not None else total
     problem = None
-    if wanted_size is not None and size != wanted_size:
-        problem = f"{size:,} bytes received, {wanted_size:,} expected"
+    if size != total or (expected.size is not None and size != expected.size):
+        problem = f"{size:,} bytes on disk, {expected.size or total:,} expected"
     elif expected.sha256 is not None and sha256 != expected.sha256:
         problem = (
             f"sha256 {sha256} differs from {expected.sha256} recorded in {expected.sha256_source}"
@@ -435,22 +730,30 @@ def _verify_and_install(
     if problem is not None:
         os.replace(part, bad_path(dest))
         raise DownloadError(
-            f"{label} from {url} failed verification ({problem}); nothing was installed at "
+            f"{label} from {shown} failed verification ({problem}); nothing was installed at "
             f"{dest}. The bytes were moved to {bad_path(dest)}.",
             hint="Run the command again to download from scratch (delete the .part.bad file "
             "once you no longer need it); if it keeps failing, the file on the server changed.",
         )
+    fetched = FetchedFile(dest, size, sha256, shown)
+    before_install(fetched)
+    check_regular(dest)
     os.replace(part, dest)
     on_event(FileFinished(label, dest, size, sha256))
-    return FetchedFile(dest, size, sha256, url)
+    return fetched
 
 
 def _network_reason(error: Exception, on_disk: int) -> str:
     """A one-line reason for a transient network error, with the bytes kept so far."""
-    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
         what = "timed out"
     elif isinstance(
-        error, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)
+        error,
+        (
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.ProtocolError,
+            http.client.HTTPException,
+        ),
     ):
         what = "connection broken"
     else:
