@@ -32,7 +32,7 @@ class Served:
     fail_with: list[int] = field(default_factory=list)
     drop_after: list[int] = field(default_factory=list)
     length: bool = True  # send Content-Length (else the body is delimited by closing)
-    length_delta: int = 0  # Content-Length states this many bytes more than the body has
+    length_delta: int = 0  # a 200's Content-Length states this many bytes more than it sends
     range_start_delta: int = 0  # a 206 starts this many bytes after the asked start (says so)
     range_total_delta: int = 0  # a 206's Content-Range announces this many bytes more in all
     range_length_delta: int = 0  # a 206's Content-Length disagrees with its Content-Range
@@ -175,10 +175,10 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 extra = served.range_length_delta
             else:
                 self.send_response(200)
-                extra = 0
+                extra = served.length_delta
             payload = data[start:]
             if served.length:
-                length = len(payload) + served.length_delta + extra
+                length = len(payload) + extra
                 self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
             self.send_header("ETag", etag)

@@ -345,7 +345,7 @@ def install(
             if step.action != "skip" and lock.path not in held:
                 locks.enter_context(lock)
                 held.add(lock.path)
-        for folder in dict.fromkeys(step.folder for step in steps if step.action != "skip"):
+        for folder in dict.fromkeys(step.folder for step in steps):
             clean_stale_temps(folder)
         steps = [_refresh(step) if step.action != "skip" else step for step in steps]
         _refuse_blocked(steps)
@@ -441,6 +441,8 @@ def _fetch_and_record_unchecked(
         )
 
     if isinstance(artefact.post, Unzip):
+        if step.forced and check_regular(source):
+            source.unlink()  # --force fetches the archive again
         if check_regular(source):
             # Renamed into the staging folder only after verification: an earlier run was
             # interrupted while extracting it.
