@@ -1146,3 +1146,12 @@ def test_a_folder_error_is_a_message_naming_the_artefact(cli, server, tmp_path) 
     (tmp_path / "rgb").write_text("a file where a folder belongs")
     result = cli("download", "get", name, "--data", tmp_path, "--base-url", server.mirror)
     assert_user_error(*result, name, mirror_url(url, server.mirror), "run the command again")
+
+
+def test_a_disk_error_outside_the_transfer_is_a_message(cli, server, tmp_path) -> None:
+    name = "ek55-annotations-actions"
+    serve_artefacts(server, [name])
+    (tmp_path / ".sfr-downloads").write_text("a file where sfr keeps its locks")
+    result = cli("download", "get", name, "--data", tmp_path, "--base-url", server.mirror)
+    assert_user_error(*result, name, ".sfr-downloads", "run the command again")
+    assert not (tmp_path / "actions.csv").exists() and not server.hits()

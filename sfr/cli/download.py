@@ -520,7 +520,9 @@ def verify(
 ) -> None:
     """Recompute the sha256 of every installed file and compare with the manifest (offline).
 
-    Exits with code 2 if any file is missing or differs.
+    Exits with code 2 if any file is missing, not a regular file, differs, or was left by an
+    interrupted install. A digest from the registry proves the published file; one learnt at
+    the first download (no published digest) only detects later changes.
     """
     folders = verify_folders(data or [], runs)
     if not folders:

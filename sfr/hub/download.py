@@ -417,7 +417,7 @@ def _attempts(
         except _Transient as transient:
             reason = transient.reason
         except _CLIENT_ERRORS as error:  # not a network failure: retrying will not help
-            raise DownloadError(
+            raise UnreachableError(
                 f"Downloading {label} from {shown} failed: {type(error).__name__}: "
                 f"{scrub(str(error))}.",
                 hint="Check the address (--base-url, SFR_MIRROR); a server that answers like "
@@ -639,7 +639,7 @@ def _whole_file_answer(
     Content-Length, with the same validators, is the proof; without one there is none."""
     length = _content_length(response)
     if length is None:
-        raise DownloadError(
+        raise UnreachableError(
             f"{public_address(url)} neither states the size of {label} nor answers range "
             "requests, so a complete download cannot be told from a cut one; nothing was "
             "installed.",

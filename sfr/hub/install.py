@@ -335,7 +335,26 @@ def install(
     installed, so an interrupted run keeps what it finished.
     """
     _refuse_blocked(steps)
-    convert = converter or convert_published
+    try:
+        return _install(steps, policy, on_event, converter or convert_published, session)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise SfrError(
+            f"Installing {', '.join(dict.fromkeys(s.artefact.name for s in steps))} failed: "
+            f"{error.strerror or error}{where}.",
+            hint="Check the folders are writable and the disk has room, then run the command "
+            "again: what was received is kept and resumed.",
+        ) from None
+
+
+def _install(
+    steps: Sequence[Step],
+    policy: RetryPolicy,
+    on_event: Callable[[HubEvent], None],
+    convert: Converter,
+    session: requests.Session | None,
+) -> InstallReport:
+    """`install` without the translation of disk errors."""
     fetched, skipped, converted, recovered = [], [], [], []
     downloaded = 0
     with ExitStack() as locks:
