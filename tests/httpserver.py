@@ -36,7 +36,9 @@ class Served:
     range_start_delta: int = 0  # a 206 starts this many bytes after the asked start (says so)
     range_total_delta: int = 0  # a 206's Content-Range announces this many bytes more in all
     range_length_delta: int = 0  # a 206's Content-Length disagrees with its Content-Range
+    range_extra_bytes: int = 0  # a 206 sends this many bytes beyond its Content-Range
     total_in_416: bool = True  # a 416 says `bytes */SIZE` (else no Content-Range)
+    content_encoding: str | None = None  # a Content-Encoding header (the body is not encoded)
     etag_per_answer: bool = False  # every answer carries a new ETag (If-Range never matches)
     redirect_loop: bool = False  # answer 302 to the same address, forever
 
@@ -115,6 +117,11 @@ class FileServer:
             self.requests.append(request)
 
 
+def payload_junk(count: int) -> bytes:
+    """`count` bytes that belong to no file."""
+    return b"\xff" * count
+
+
 def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to `server`'s files and log."""
 
@@ -173,6 +180,7 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 total = len(data) + served.range_total_delta
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
                 extra = served.range_length_delta
+                data = data + payload_junk(served.range_extra_bytes)
             else:
                 self.send_response(200)
                 extra = served.length_delta
@@ -182,6 +190,8 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
             self.send_header("ETag", etag)
+            if served.content_encoding:
+                self.send_header("Content-Encoding", served.content_encoding)
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True

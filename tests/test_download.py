@@ -659,8 +659,13 @@ def test_a_server_that_cannot_prove_the_end_never_gets_a_file_installed(
 
 @pytest.mark.parametrize(
     "fault",
-    [{"range_start_delta": 5}, {"range_total_delta": 7}, {"range_length_delta": -3}],
-    ids=["range-starts-elsewhere", "range-total-differs", "range-length-differs"],
+    [
+        {"range_start_delta": 5},
+        {"range_total_delta": 7},
+        {"range_length_delta": -3},
+        {"range_extra_bytes": 10, "length": False},
+    ],
+    ids=["range-starts-elsewhere", "range-total-differs", "range-length-differs", "range-too-long"],
 )
 def test_a_resume_answered_with_an_inconsistent_range_starts_the_file_again(
     server, policy, tmp_path, fault
@@ -671,6 +676,43 @@ def test_a_resume_answered_with_an_inconsistent_range_starts_the_file_again(
     assert (tmp_path / "f.bin").read_bytes() == data
     ranges = [r.range for r in server.hits("/f.bin")]
     assert ranges == [None, "bytes=100000-", None, f"bytes={SIZE}-"]  # restarted, then proven
+
+
+def test_a_server_cutting_every_copy_at_the_same_place_fails_after_the_retries(
+    server, policy, tmp_path
+) -> None:
+    data = payload(36)
+    url = server.serve("/f.bin", data, length=False, ranges=False, drop_after=[100_000] * 20)
+    with pytest.raises(UnreachableError, match="no bytes beyond the 100,000 held"):
+        fetch(
+            url, tmp_path / "f.bin", label="f", expected=Expected(sha256=sha(data)), policy=policy
+        )
+    assert not (tmp_path / "f.bin").exists() and len(server.hits("/f.bin")) == 5
+
+
+def test_an_encoded_body_is_refused(server, policy, tmp_path) -> None:
+    url = server.serve("/f.bin", payload(37), content_encoding="gzip")
+    with pytest.raises(UnreachableError, match="Content-Encoding 'gzip'"):
+        fetch(url, tmp_path / "f.bin", label="f", policy=policy)
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_a_full_disk_during_a_download_is_a_message(server, policy, tmp_path, monkeypatch) -> None:
+    url = server.serve("/f.bin", payload(38)).replace("http://", "http://u:pw@")
+
+    def full(path: Path, mode: str) -> object:
+        """A disk that is full for writing."""
+        if mode != "rb":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, mode)
+
+    monkeypatch.setattr("sfr.hub.download.open_regular", full)
+    with pytest.raises(DownloadError) as raised:
+        fetch(url, tmp_path / "f.bin", label="thing", policy=policy)
+    text = str(raised.value)
+    assert "thing" in text and "No space left on device" in text and "f.bin.part" in text
+    assert public_address(url) in text and "pw@" not in text
+    assert not (tmp_path / "f.bin").exists()
 
 
 def test_a_server_ignoring_ranges_proves_the_end_with_its_length(server, policy, tmp_path) -> None:

@@ -409,11 +409,14 @@ def _attempts(
     failures = 0
     furthest = os.lstat(part).st_size if check_regular(part) else 0
     while True:
+        before = os.lstat(part).st_size if check_regular(part) else 0
         try:
             proven = _attempt(url, part, digest, known, label, expected, policy, on_event, http)
             if proven is not None:
                 return proven
-            continue  # a body ended cleanly: the next request proves the end or continues
+            if digest.size > before:
+                continue  # a body ended cleanly: the next request proves the end or continues
+            reason = f"the server sent no bytes beyond the {digest.size:,} held"
         except _Transient as transient:
             reason = transient.reason
         except _CLIENT_ERRORS as error:  # not a network failure: retrying will not help
@@ -461,7 +464,10 @@ def _attempt(
         _restart(part, digest, known, f"{have:,} bytes on disk, more than the registry's size")
     if known.total is not None and have > known.total:
         _restart(part, digest, known, f"{have:,} bytes on disk, more than the announced size")
-    probing = known.ended or (have > 0 and have == known.total)
+    # Without a registry size or digest, only the server can prove the end: a 200 to the
+    # request past a finished body is then its answer, not a new copy to start over with.
+    unproven = expected.size is None and expected.sha256 is None
+    probing = unproven and (known.ended or (have > 0 and have == known.total))
     headers = {"Accept-Encoding": "identity"}
     if have or known.ended:
         headers["Range"] = f"bytes={have}-"
@@ -473,6 +479,7 @@ def _attempt(
             if status == 416 and "Range" in headers:
                 return _not_satisfiable(response, part, digest, known, have, expected)
             _check_status(status, url, label)
+            _check_encoding(response, url, label)
             if status == 200:
                 if probing:
                     return _whole_file_answer(response, part, digest, known, have, url, label)
@@ -513,6 +520,17 @@ def _attempt(
         return None  # the server sent part of the rest: ask for what remains
     known.ended = True  # the body ended here; only the server can say it is the end
     return None
+
+
+def _check_encoding(response: requests.Response, url: str, label: str) -> None:
+    """Refuse a body the server encoded although asked not to (its bytes are not the file's)."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnreachableError(
+            f"{public_address(url)} sent {label} with Content-Encoding {encoding!r} although "
+            "asked for the bytes as they are; they cannot be checked or resumed.",
+            hint="Use another address or mirror (--base-url, SFR_MIRROR).",
+        )
 
 
 def _content_length(response: requests.Response) -> int | None:
@@ -735,6 +753,8 @@ def _verify_and_install(
             hint="Run the command again to download from scratch (delete the .part.bad file "
             "once you no longer need it); if it keeps failing, the file on the server changed.",
         )
+    with open_regular(part, "rb") as stream:
+        os.fsync(stream.fileno())  # on disk before it is recorded and renamed into place
     fetched = FetchedFile(dest, size, sha256, shown)
     before_install(fetched)
     check_regular(dest)
