@@ -40,6 +40,7 @@ class Served:
     total_in_416: bool = True  # a 416 says `bytes */SIZE` (else no Content-Range)
     content_encoding: str | None = None  # a Content-Encoding header (the body is not encoded)
     etag_per_answer: bool = False  # every answer carries a new ETag (If-Range never matches)
+    validators: bool = True  # send an ETag (else neither ETag nor Last-Modified)
     redirect_loop: bool = False  # answer 302 to the same address, forever
 
 
@@ -189,7 +190,8 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 length = len(payload) + extra
                 self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
-            self.send_header("ETag", etag)
+            if served.validators:
+                self.send_header("ETag", etag)
             if served.content_encoding:
                 self.send_header("Content-Encoding", served.content_encoding)
             self.send_header("Connection", "close")

@@ -767,6 +767,21 @@ def test_a_truncating_server_without_length_through_the_cli(cli, server, tmp_pat
     assert cli("download", "verify", "--data", tmp_path)[0] == 0
 
 
+def test_a_part_left_by_another_variant_is_not_resumed(cli, server, tmp_path) -> None:
+    sparse, full = payload(39, 50_000), payload(40, 50_000)
+    # no validators and the same size: only the record of whose bytes they are tells them apart
+    server.serve_mirrored(
+        REGISTRY.get("ek55-features-rgb").url, sparse, validators=False, drop_after=[1_000]
+    )
+    server.serve_mirrored(REGISTRY.get("ek55-features-rgb-full").url, full, validators=False)
+    base = ("--data", tmp_path, "--base-url", server.mirror, "--retries", "0")
+    assert cli("download", "features", "ek55", "rgb", *base)[0] == 2
+    assert (tmp_path / "rgb" / "data.mdb.part").stat().st_size == 1_000
+    code, output, _ = cli("download", "features", "ek55", "rgb", "--full", *base)
+    assert code == 0, output
+    assert (tmp_path / "rgb" / "data.mdb").read_bytes() == full
+
+
 # --- recorded digests are no trust anchor ---------------------------------------------------
 
 

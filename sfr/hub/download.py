@@ -288,6 +288,7 @@ class _Known:
     etag: str | None = None
     last_modified: str | None = None
     total: int | None = None
+    label: str | None = None  # the artefact whose bytes these are (destinations are shared)
     ended: bool = field(default=False, compare=False)
 
     @property
@@ -309,7 +310,9 @@ class _Known:
         if not isinstance(data, dict):
             return cls()
         total = data.get("total")
+        label = data.get("label")
         return cls(
+            label=label if isinstance(label, str) else None,
             etag=data.get("etag") if isinstance(data.get("etag"), str) else None,
             last_modified=data.get("last_modified")
             if isinstance(data.get("last_modified"), str)
@@ -319,7 +322,12 @@ class _Known:
 
     def save(self, path: Path) -> None:
         """Write the `.validator` file (never through a link)."""
-        payload = {"etag": self.etag, "last_modified": self.last_modified, "total": self.total}
+        payload = {
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "total": self.total,
+            "label": self.label,
+        }
         try:
             write_regular(path, json.dumps(payload).encode("utf-8"))
         except OSError as error:
@@ -367,6 +375,10 @@ def fetch(
         if not check_regular(part):
             validator.unlink(missing_ok=True)  # a leftover of a .part that is gone
         known = _Known.load(validator)
+        if known.label not in (None, label):  # bytes of another artefact at the same place
+            part.unlink(missing_ok=True)
+            validator.unlink(missing_ok=True)
+            known = _Known()
         digest = _Digest(part)
         http = session or requests.Session()
         try:
@@ -488,6 +500,7 @@ def _attempt(
                 digest.restart()
                 etag, modified = _validators(response)
                 known.etag, known.last_modified, known.total = etag, modified, total
+                known.label = label
                 known.save(validator_path(part))
             else:
                 start, end, total = _partial(response, part, digest, known, have)
