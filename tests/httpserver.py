@@ -41,6 +41,7 @@ class Served:
     content_encoding: str | None = None  # a Content-Encoding header (the body is not encoded)
     etag_per_answer: bool = False  # every answer carries a new ETag (If-Range never matches)
     validators: bool = True  # send an ETag (else neither ETag nor Last-Modified)
+    chunked: bool = False  # HTTP/1.1 chunked bodies without Content-Length (a drop: no last chunk)
     redirect_loop: bool = False  # answer 302 to the same address, forever
 
 
@@ -148,6 +149,7 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 )
             )
             served = server.files.get(self.path)
+            self.protocol_version = "HTTP/1.1" if served and served.chunked else "HTTP/1.0"
             if served is None:
                 self._status_only(404)
                 return
@@ -186,7 +188,9 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_response(200)
                 extra = served.length_delta
             payload = data[start:]
-            if served.length:
+            if served.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            elif served.length:
                 length = len(payload) + extra
                 self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
@@ -199,11 +203,21 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             if not body:
                 return
-            if served.drop_after:
-                self.wfile.write(payload[: served.drop_after.pop(0)])
-                self.wfile.flush()
+            cut = served.drop_after.pop(0) if served.drop_after else None
+            if served.chunked:
+                self._write_chunks(payload[:cut], last=cut is None)
                 return
-            self.wfile.write(payload)
+            self.wfile.write(payload[:cut])
+            self.wfile.flush()
+
+        def _write_chunks(self, payload: bytes, last: bool) -> None:
+            """`payload` in 64 kB chunks, then the last (empty) chunk unless the body is cut."""
+            for offset in range(0, len(payload), 65_536):
+                piece = payload[offset : offset + 65_536]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            if last:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _status_only(self, status: int) -> None:
             """An empty answer with `status`."""

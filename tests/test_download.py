@@ -715,6 +715,24 @@ def test_a_full_disk_during_a_download_is_a_message(server, policy, tmp_path, mo
     assert not (tmp_path / "f.bin").exists()
 
 
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "no-ranges"])
+def test_a_chunked_body_cut_before_its_last_chunk_is_never_taken_whole(
+    server, policy, tmp_path, ranges
+) -> None:
+    data = payload(41)
+    url = server.serve("/f.bin", data, chunked=True, ranges=ranges, drop_after=[100_000])
+    events = []
+    fetch(url, tmp_path / "f.bin", label="f", policy=policy, on_event=events.append)
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert next(e.reason for e in events if isinstance(e, RetryScheduled)).startswith(
+        "connection broken"
+    )
+    # resumed (or restarted, without ranges), then the end confirmed: a 416 at the size, or
+    # the whole-file answer of a server ignoring ranges after a body that ended with its last
+    # chunk
+    assert [r.range for r in server.hits("/f.bin")][-1] == f"bytes={SIZE}-"
+
+
 def test_a_server_ignoring_ranges_proves_the_end_with_its_length(server, policy, tmp_path) -> None:
     data = payload(24)
     url = server.serve("/f.bin", data, ranges=False)

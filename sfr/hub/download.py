@@ -290,6 +290,7 @@ class _Known:
     total: int | None = None
     label: str | None = None  # the artefact whose bytes these are (destinations are shared)
     ended: bool = field(default=False, compare=False)
+    chunked_end: bool = field(default=False, compare=False)  # the last chunk marked the end
 
     @property
     def if_range(self) -> str | None:
@@ -532,6 +533,8 @@ def _attempt(
             raise _Transient(f"connection closed after {digest.size:,} of {total:,} bytes")
         return None  # the server sent part of the rest: ask for what remains
     known.ended = True  # the body ended here; only the server can say it is the end
+    # urllib3 raises on a chunked body cut before its last chunk: one that ended was whole
+    known.chunked_end = bool(getattr(response.raw, "chunked", False)) and start == 0
     return None
 
 
@@ -667,8 +670,13 @@ def _whole_file_answer(
     label: str,
 ) -> int:
     """A 200 to the request past the end of a finished body: the server ignores ranges. Its
-    Content-Length, with the same validators, is the proof; without one there is none."""
+    Content-Length, with the same validators, is the proof; without one, the last chunk of the
+    whole body just received (chunked transfer coding marks the end, unlike a closed
+    connection) with the same validators; else there is none."""
     length = _content_length(response)
+    if length is None and known.chunked_end:
+        _same_file(response, part, digest, known, None)
+        return have
     if length is None:
         raise UnreachableError(
             f"{public_address(url)} neither states the size of {label} nor answers range "
@@ -689,7 +697,7 @@ def _restart(part: Path, digest: _Digest, known: _Known, reason: str) -> None:
     validator_path(part).unlink(missing_ok=True)
     digest.restart()
     known.etag = known.last_modified = known.total = None
-    known.ended = False
+    known.ended = known.chunked_end = False
     raise _Transient(f"{reason}; starting this file again")
 
 
