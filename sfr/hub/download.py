@@ -1,7 +1,8 @@
 """Resumable, verified HTTP downloads of one file, for slow and flaky connections.
 
-Bytes stream into `<dest>.part`; what the server said about the file (its ETag, Last-Modified
-and total size) is kept in `<dest>.part.validator`. An existing `.part` is resumed with an HTTP
+Bytes stream into `<dest>.part`; whose bytes they are (the artefact) and what the server said
+about the file (ETag, Last-Modified, total size) are kept in `<dest>.part.validator`. A `.part`
+of another artefact sharing the destination is thrown away. An existing `.part` is resumed with an HTTP
 Range request made conditional with If-Range, so bytes of a file that changed on the server in
 between are never glued together.
 

@@ -174,15 +174,22 @@ def record_pending(folder: Path, entry: ManifestEntry) -> None:
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove the manifest's temporary files left by killed runs (under the lock); the removed."""
-    if not folder.is_dir():
+    """Remove the manifest's temporary files left by killed runs (under the lock); the removed.
+
+    Best effort: a folder without leftovers is not locked, one that cannot be written is left.
+    """
+    pattern = f".{MANIFEST_NAME}.*.tmp"
+    if not folder.is_dir() or not any(folder.glob(pattern)):
         return []
     removed = []
-    with manifest_lock(folder):
-        for path in folder.glob(f".{MANIFEST_NAME}.*.tmp"):
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    try:
+        with manifest_lock(folder):
+            for path in folder.glob(pattern):
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    except OSError:
+        return removed
     return removed
 
 
