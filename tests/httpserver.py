@@ -138,8 +138,11 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self._answer(body=False)
 
         def do_GET(self) -> None:
-            """Headers and body, faults included."""
-            self._answer(body=True)
+            """Headers and body, faults included (a client that hangs up early is fine)."""
+            try:
+                self._answer(body=True)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _answer(self, body: bool) -> None:
             """Log the request, then answer it: 404, injected status, 200/206/416, or a drop."""

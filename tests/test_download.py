@@ -50,7 +50,7 @@ from sfr.hub.manifest import (
     load_manifest,
     record,
 )
-from sfr.hub.registry import load_registry
+from sfr.hub.registry import load_registry, parse_registry
 
 REGISTRY = load_registry()
 SIZE = 300_000
@@ -1230,3 +1230,22 @@ def test_a_disk_error_outside_the_transfer_is_a_message(cli, server, tmp_path) -
     result = cli("download", "get", name, "--data", tmp_path, "--base-url", server.mirror)
     assert_user_error(*result, name, ".sfr-downloads", "run the command again")
     assert not (tmp_path / "actions.csv").exists() and not server.hits()
+
+
+def test_a_registry_digest_is_required_and_recorded_as_such(server, policy, tmp_path) -> None:
+    data = payload(42, 5_000)
+    text = (
+        '[[artefact]]\nname = "thing"\ndescription = "a thing"\nkind = "backbone"\n'
+        'root = "runs"\ndest = "backbones/thing.bin"\n'
+        f'urls = ["https://example.org/thing.bin"]\nsha256 = "{sha(data)}"\n'
+    )
+    thing = parse_registry(text).get("thing")
+    server.serve_mirrored(thing.url, payload(43, 5_000))  # not the published bytes
+    steps = plan([thing], Folders(runs=tmp_path), base_url=server.mirror)
+    with pytest.raises(DownloadError, match="recorded in the registry"):
+        install(steps, policy=policy)
+    assert not (tmp_path / "backbones" / "thing.bin").exists()
+    server.serve_mirrored(thing.url, data)
+    install(plan([thing], Folders(runs=tmp_path), base_url=server.mirror), policy=policy)
+    entry = load_manifest(tmp_path).artefacts["thing"]
+    assert entry.sha256 == sha(data) and entry.digest_from == "registry"
