@@ -334,6 +334,7 @@ class FakeConverter:
         task: str,
         runs_dir: Path,
         source_sha256: str,
+        force: bool = False,
     ) -> Path:
         """Record the call and write a stand-in converted checkpoint; its path."""
         self.calls.append(
@@ -344,6 +345,7 @@ class FakeConverter:
                 "task": task,
                 "runs_dir": runs_dir,
                 "source_sha256": source_sha256,
+                "force": force,
             }
         )
         out = runs_dir / dataset / f"{modality}-{task}" / "best.safetensors"
@@ -535,6 +537,11 @@ def test_pretrained_checkpoints_are_fetched_then_converted_once(
     requests_before = len(server.hits())
     code, output, _ = cli(*args)
     assert code == 0 and len(server.hits()) == requests_before and len(converter.calls) == 4
+    assert not any(call["force"] for call in converter.calls)
+    # --force downloads again and replaces the conversions of the earlier download
+    code, output, _ = cli(*args, "--force")
+    assert code == 0, output
+    assert len(converter.calls) == 8 and all(call["force"] for call in converter.calls[4:])
 
 
 def test_a_golden_published_checkpoint_goes_through_the_real_converter(

@@ -75,8 +75,10 @@ class Converter(Protocol):
         task: str,
         runs_dir: Path,
         source_sha256: str,
+        force: bool = False,
     ) -> Path:
-        """Convert `checkpoint` into `runs_dir`'s run layout; the installed checkpoint."""
+        """Convert `checkpoint` into `runs_dir`'s run layout; the installed checkpoint (`force`
+        replaces a conversion of another download, as `--force` asks)."""
         ...
 
 
@@ -88,6 +90,7 @@ def convert_published(
     task: str,
     runs_dir: Path,
     source_sha256: str,
+    force: bool = False,
 ) -> Path:
     """The default converter: `sfr.hub.convert.install_published` (imported only when used)."""
     from sfr.hub.convert import install_published
@@ -99,6 +102,7 @@ def convert_published(
         task=task,
         runs_dir=runs_dir,
         source_sha256=source_sha256,
+        force=force,
     )
 
 
@@ -576,6 +580,7 @@ def _convert(
         task=post.task,
         runs_dir=step.folder,
         source_sha256=entry.sha256,
+        force=step.forced,
     )
     try:
         relative = str(PurePosixPath(Path(installed).relative_to(step.folder)))
