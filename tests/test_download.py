@@ -28,6 +28,7 @@ from httpserver import FileServer
 
 from sfr.errors import DataError, SfrError
 from sfr.hub import install as install_module
+from sfr.hub.addresses import mirror_url, public_address, scrub
 from sfr.hub.archive import extract_zip
 from sfr.hub.download import (
     BytesReceived,
@@ -38,9 +39,6 @@ from sfr.hub.download import (
     RetryScheduled,
     UnreachableError,
     fetch,
-    mirror_url,
-    public_address,
-    scrub,
 )
 from sfr.hub.install import Folders, install, plan
 from sfr.hub.manifest import (

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from sfr.cli.common import console, handles_user_errors
 from sfr.errors import SfrError
+from sfr.hub.addresses import public_address
 from sfr.hub.download import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT_S,
@@ -35,7 +36,6 @@ from sfr.hub.download import (
     FileStarted,
     RetryPolicy,
     RetryScheduled,
-    public_address,
     remote_size,
 )
 from sfr.hub.install import (

@@ -1,48 +1,58 @@
 """Resumable, verified HTTP downloads of one file, for slow and flaky connections.
 
 Bytes stream into `<dest>.part`; whose bytes they are (the artefact) and what the server said
-about the file (ETag, Last-Modified, total size) are kept in `<dest>.part.validator`. A `.part`
-of another artefact sharing the destination is thrown away. An existing `.part` is resumed with an HTTP
-Range request made conditional with If-Range, so bytes of a file that changed on the server in
-between are never glued together.
+about the file (ETag, Last-Modified, total size) are kept in `<dest>.part.validator`
+(`sfr.hub.answers.FileRecord`); a `.part` of another artefact sharing the destination is thrown
+away. An existing `.part` is resumed with an HTTP Range request made conditional with If-Range,
+so bytes of a file that changed on the server in between are never glued together.
 
 A file is renamed into place only when it is *proven complete*: its size equals the registry's
-size, or the server, asked for the bytes after the last one held (`Range: bytes=N-`), answered
-416 with the total `*/N` (a server that ignores ranges: a 200 whose Content-Length is N, with the
-same validator). A body that simply ends (no Content-Length, or a connection closed early) is
-never taken as the whole file. Every disagreement — a total that differs from an earlier one, a
-Content-Range that does not start where asked or does not match its Content-Length, a body
-longer than announced, a validator that changed, a 416 for another size — throws the `.part`
-away and starts the file again; it is never success. Then the sha256 is checked when the
-registry knows it (bytes that fail are moved to `<dest>.part.bad`).
+size, its sha256 the registry's, or the server, asked for the bytes after the last one held
+(`Range: bytes=N-`), answered 416 with the total `*/N` (a server that ignores ranges: a 200
+whose Content-Length is N, with the same validators). A body that simply ends (no
+Content-Length, or a connection closed early) is never taken as the whole file. Every
+disagreement (`sfr.hub.answers`: a total that differs from an earlier one, a Content-Range that
+does not start where asked or does not match its Content-Length, a body longer than announced,
+a validator that changed, a 416 for another size) throws the `.part` away and starts the file
+again; it is never success. Then the sha256 is checked when the registry knows it (bytes that
+fail are moved to `<dest>.part.bad`).
 
 Connection errors, timeouts, truncated bodies, 408/429 and 5xx answers are retried with
 exponential backoff; other 4xx answers are errors at once; any other error of the HTTP client or
 the disk is a `DownloadError` naming the file and the address. Addresses in messages and records
-never carry `user:password@`. Files written are never followed through a link
-(`sfr.hub.safefiles`). Progress is reported through a callback of the event dataclasses below.
+never carry `user:password@` (`sfr.hub.addresses`). Files written are never followed through a
+link (`sfr.hub.safefiles`). Progress is reported through a callback of the event dataclasses
+below.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import NoReturn
 
 import requests
 import urllib3
 
 from sfr.errors import SfrError
 from sfr.files import CHUNK_BYTES
-from sfr.hub.safefiles import check_regular, open_regular, write_regular
+from sfr.hub.addresses import public_address, scrub
+from sfr.hub.answers import (
+    Disagreement,
+    FileRecord,
+    check_partial,
+    content_length,
+    end_proven_by_416,
+    end_proven_by_whole_answer,
+)
+from sfr.hub.safefiles import check_regular, open_regular
 
 DEFAULT_RETRIES = 5
 DEFAULT_TIMEOUT_S = 30.0
@@ -50,9 +60,7 @@ CONNECT_TIMEOUT_S = 10.0
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
 RETRYABLE_CLIENT_STATUSES = frozenset({408, 429})
-_CONTENT_RANGE = re.compile(r"^bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)$")
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
-_USERINFO = re.compile(r"(?<=//)[^/@\s'\"]*@")
 _NETWORK_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
@@ -193,43 +201,6 @@ def bad_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part.bad")
 
 
-def public_address(url: str) -> str:
-    """`url` without user information: `http://user:secret@host/x` becomes `http://host/x`.
-
-    Every address sfr prints or records goes through this; requests still authenticate with the
-    full address.
-    """
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
-def scrub(text: str) -> str:
-    """`text` with the user information of every address in it removed."""
-    return _USERINFO.sub("", text)
-
-
-def mirror_url(url: str, base_url: str) -> str:
-    """`url` served by a mirror: `base_url` + `/` + the original host + the original path.
-
-    `https://iplab.dmi.unict.it/sharing/rulstm/TSN-rgb.pth.tar` with the mirror
-    `http://mirror.lan/sfr` becomes `http://mirror.lan/sfr/iplab.dmi.unict.it/sharing/rulstm/
-    TSN-rgb.pth.tar`: the layout `wget --force-directories` writes, so one mirror holds files
-    from several hosts without clashes. User information in `base_url` is kept for the requests
-    (basic authentication) and stripped from every message and record.
-    """
-    base = urlsplit(base_url)
-    if base.scheme not in ("http", "https") or not base.netloc or base.query or base.fragment:
-        raise SfrError(
-            f"Mirror address {scrub(base_url)!r} is not an http(s) URL.",
-            hint="Pass --base-url (or SFR_MIRROR) like https://mirror.example.org/sfr",
-        )
-    original = urlsplit(url)
-    path = f"{base.path.rstrip('/')}/{original.netloc}{original.path}"
-    return urlunsplit((base.scheme, base.netloc, path, original.query, ""))
-
-
 def remote_size(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:
     """The size a server announces for `url` (HEAD, following redirects); None if it says none."""
     shown = public_address(url)
@@ -280,70 +251,6 @@ class _Digest:
         self.size += len(chunk)
 
 
-@dataclass
-class _Known:
-    """What the server said about the file whose bytes are in the `.part` (kept in its
-    `.validator`): the validators, the total size, and whether the last body ended cleanly at
-    the `.part`'s size (so the next request proves the end instead of fetching)."""
-
-    etag: str | None = None
-    last_modified: str | None = None
-    total: int | None = None
-    label: str | None = None  # the artefact whose bytes these are (destinations are shared)
-    ended: bool = field(default=False, compare=False)
-    chunked_end: bool = field(default=False, compare=False)  # the last chunk marked the end
-
-    @property
-    def if_range(self) -> str | None:
-        """The value sent as If-Range: the strong ETag, else Last-Modified."""
-        return self.etag or self.last_modified
-
-    @classmethod
-    def load(cls, path: Path) -> _Known:
-        """Read a `.validator` file (JSON, or the bare If-Range value of older versions)."""
-        if not check_regular(path):
-            return cls()
-        with open_regular(path, "rb") as stream:
-            text = stream.read(4096).decode("utf-8", "replace").strip()
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return cls(etag=text or None)
-        if not isinstance(data, dict):
-            return cls()
-        total = data.get("total")
-        label = data.get("label")
-        return cls(
-            label=label if isinstance(label, str) else None,
-            etag=data.get("etag") if isinstance(data.get("etag"), str) else None,
-            last_modified=data.get("last_modified")
-            if isinstance(data.get("last_modified"), str)
-            else None,
-            total=total if isinstance(total, int) and total >= 0 else None,
-        )
-
-    def save(self, path: Path) -> None:
-        """Write the `.validator` file (never through a link)."""
-        payload = {
-            "etag": self.etag,
-            "last_modified": self.last_modified,
-            "total": self.total,
-            "label": self.label,
-        }
-        try:
-            write_regular(path, json.dumps(payload).encode("utf-8"))
-        except OSError as error:
-            raise _DiskError(path, error) from None
-
-
-def _validators(response: requests.Response) -> tuple[str | None, str | None]:
-    """(strong ETag, Last-Modified) of an answer; a weak ETag cannot guard a resume."""
-    etag = response.headers.get("ETag") or None
-    if etag is not None and etag.startswith("W/"):
-        etag = None
-    return etag, response.headers.get("Last-Modified") or None
-
-
 def fetch(
     url: str,
     dest: Path,
@@ -376,11 +283,12 @@ def fetch(
         check_regular(validator)
         if not check_regular(part):
             validator.unlink(missing_ok=True)  # a leftover of a .part that is gone
-        known = _Known.load(validator)
+        known = FileRecord.load(validator)
         if known.label not in (None, label):  # bytes of another artefact at the same place
             part.unlink(missing_ok=True)
             validator.unlink(missing_ok=True)
-            known = _Known()
+            known.forget()
+            known.label = None
         digest = _Digest(part)
         http = session or requests.Session()
         try:
@@ -411,7 +319,7 @@ def _attempts(
     url: str,
     part: Path,
     digest: _Digest,
-    known: _Known,
+    known: FileRecord,
     label: str,
     expected: Expected,
     policy: RetryPolicy,
@@ -460,7 +368,7 @@ def _attempt(
     url: str,
     part: Path,
     digest: _Digest,
-    known: _Known,
+    known: FileRecord,
     label: str,
     expected: Expected,
     policy: RetryPolicy,
@@ -491,21 +399,19 @@ def _attempt(
         with http.get(url, headers=headers, stream=True, timeout=policy.timeouts) as response:
             status = response.status_code
             if status == 416 and "Range" in headers:
-                return _not_satisfiable(response, part, digest, known, have, expected)
+                return end_proven_by_416(response, known, have, expected.size)
             _check_status(status, url, label)
             _check_encoding(response, url, label)
+            if status == 200 and probing:
+                return _whole_file_answer(response, part, known, have, url, label)
             if status == 200:
-                if probing:
-                    return _whole_file_answer(response, part, digest, known, have, url, label)
-                start, end, total = 0, None, _content_length(response)
+                start, end, total = 0, None, content_length(response)
                 _check_total(total, expected, url, label)
                 digest.restart()
-                etag, modified = _validators(response)
-                known.etag, known.last_modified, known.total = etag, modified, total
-                known.label = label
-                known.save(validator_path(part))
+                known.learn(response, total, label)
+                _save(known, validator_path(part))
             else:
-                start, end, total = _partial(response, part, digest, known, have)
+                start, end, total = check_partial(response, known, have)
                 _check_total(total, expected, url, label)
             known.ended = False
             size_hint = expected.size if expected.size is not None else total
@@ -521,6 +427,8 @@ def _attempt(
                 limit=wanted,
                 on_event=on_event,
             )
+    except Disagreement as disagreement:
+        _restart(part, digest, known, disagreement.reason)
     except _NETWORK_ERRORS as error:
         raise _Transient(_network_reason(error, digest.size)) from None
     if wanted is not None and received > wanted:
@@ -550,10 +458,29 @@ def _check_encoding(response: requests.Response, url: str, label: str) -> None:
         )
 
 
-def _content_length(response: requests.Response) -> int | None:
-    """The Content-Length of an answer, if it states one."""
-    length = response.headers.get("Content-Length", "").strip()
-    return int(length) if length.isdigit() else None
+def _save(record: FileRecord, path: Path) -> None:
+    """Write a `.validator` file; a disk error is a `_DiskError`."""
+    try:
+        record.save(path)
+    except OSError as error:
+        raise _DiskError(path, error) from None
+
+
+def _whole_file_answer(
+    response: requests.Response, part: Path, known: FileRecord, have: int, url: str, label: str
+) -> int:
+    """A 200 to the request past the end of a finished body: the proof, or an error when the
+    server can prove nothing (no size, no ranges)."""
+    proven = end_proven_by_whole_answer(response, known, have)
+    if proven is None:
+        raise UnreachableError(
+            f"{public_address(url)} neither states the size of {label} nor answers range "
+            "requests, so a complete download cannot be told from a cut one; nothing was "
+            "installed.",
+            hint="Use a mirror that sends Content-Length or supports ranges (--base-url, "
+            f"SFR_MIRROR). The {have:,} bytes received are in {part}.",
+        )
+    return proven
 
 
 def _check_total(total: int | None, expected: Expected, url: str, label: str) -> None:
@@ -603,102 +530,12 @@ def _stream(
     return received
 
 
-def _partial(
-    response: requests.Response, part: Path, digest: _Digest, known: _Known, have: int
-) -> tuple[int, int, int | None]:
-    """(start, end, total) of a 206 that continues the `.part`; any inconsistency restarts."""
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
-    if match is None or match.group(1) is None:
-        _restart(part, digest, known, "partial content without a usable Content-Range")
-    start, end = int(match.group(1)), int(match.group(2))
-    total = None if match.group(3) == "*" else int(match.group(3))
-    if start != have:
-        _restart(part, digest, known, f"asked for bytes from {have:,}, got them from {start:,}")
-    if end < start or (total is not None and end >= total):
-        _restart(part, digest, known, f"an impossible Content-Range {match.group(0)!r}")
-    length = _content_length(response)
-    if length is not None and length != end - start + 1:
-        _restart(
-            part, digest, known, f"Content-Length {length:,} disagrees with {match.group(0)!r}"
-        )
-    _same_file(response, part, digest, known, total)
-    if total is not None:
-        known.total = total
-    return start, end, total
-
-
-def _same_file(
-    response: requests.Response, part: Path, digest: _Digest, known: _Known, total: int | None
-) -> None:
-    """Restart unless this answer describes the same file as the bytes held (size, validators)."""
-    etag, modified = _validators(response)
-    if known.total is not None and total is not None and total != known.total:
-        _restart(part, digest, known, f"the size changed from {known.total:,} to {total:,}")
-    if known.etag and etag and etag != known.etag:
-        _restart(part, digest, known, f"the ETag changed from {known.etag} to {etag}")
-    if known.last_modified and modified and modified != known.last_modified:
-        _restart(part, digest, known, "the Last-Modified date changed")
-
-
-def _not_satisfiable(
-    response: requests.Response,
-    part: Path,
-    digest: _Digest,
-    known: _Known,
-    have: int,
-    expected: Expected,
-) -> int:
-    """A 416 to `bytes=have-`: the proof of completeness if it says the file has `have` bytes."""
-    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
-    if match is None or match.group(3) == "*":
-        _restart(part, digest, known, "the server refused the range without saying the size")
-    total = int(match.group(3))
-    if total != have:
-        _restart(part, digest, known, f"the server says {total:,} bytes, {have:,} are on disk")
-    _same_file(response, part, digest, known, total)
-    if expected.size is not None and total != expected.size:
-        _restart(part, digest, known, f"{total:,} bytes, the registry expects {expected.size:,}")
-    return have
-
-
-def _whole_file_answer(
-    response: requests.Response,
-    part: Path,
-    digest: _Digest,
-    known: _Known,
-    have: int,
-    url: str,
-    label: str,
-) -> int:
-    """A 200 to the request past the end of a finished body: the server ignores ranges. Its
-    Content-Length, with the same validators, is the proof; without one, the last chunk of the
-    whole body just received (chunked transfer coding marks the end, unlike a closed
-    connection) with the same validators; else there is none."""
-    length = _content_length(response)
-    if length is None and known.chunked_end:
-        _same_file(response, part, digest, known, None)
-        return have
-    if length is None:
-        raise UnreachableError(
-            f"{public_address(url)} neither states the size of {label} nor answers range "
-            "requests, so a complete download cannot be told from a cut one; nothing was "
-            "installed.",
-            hint="Use a mirror that sends Content-Length or supports ranges (--base-url, "
-            f"SFR_MIRROR). The {have:,} bytes received are in {part}.",
-        )
-    _same_file(response, part, digest, known, length)
-    if length != have:
-        _restart(part, digest, known, f"the server now says {length:,} bytes, {have:,} received")
-    return have
-
-
-def _restart(part: Path, digest: _Digest, known: _Known, reason: str) -> None:
+def _restart(part: Path, digest: _Digest, known: FileRecord, reason: str) -> NoReturn:
     """Throw the `.part` away (its bytes cannot be trusted) and try the file from scratch."""
     part.unlink(missing_ok=True)
     validator_path(part).unlink(missing_ok=True)
     digest.restart()
-    known.etag = known.last_modified = known.total = None
-    known.ended = known.chunked_end = False
+    known.forget()
     raise _Transient(f"{reason}; starting this file again")
 
 

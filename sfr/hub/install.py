@@ -27,6 +27,7 @@ import requests
 
 from sfr.errors import SfrError
 from sfr.files import sha256_file
+from sfr.hub.addresses import mirror_url, public_address
 from sfr.hub.archive import ExtractedFile, extract_zip
 from sfr.hub.download import (
     DownloadError,
@@ -36,8 +37,6 @@ from sfr.hub.download import (
     RetryPolicy,
     UnreachableError,
     fetch,
-    mirror_url,
-    public_address,
 )
 from sfr.hub.manifest import (
     STAGING_DIR,
