@@ -966,6 +966,9 @@ def test_a_second_process_is_refused_while_another_holds_the_destination(
         args = ("download", "get", name, "--data", tmp_path, "--base-url", server.mirror)
         result = cli(*args)
         assert_user_error(*result, str(lock), f"pid {holder.pid}", "another sfr process")
+        # the full store installs at the same place: the same lock
+        full = ("download", "features", "ek55", "rgb", "--full", "--data", tmp_path)
+        assert_user_error(*cli(*full, "--base-url", server.mirror), str(lock))
         assert not server.hits() and not (tmp_path / "rgb").exists()
     finally:
         holder.kill()  # kill -9: the kernel releases the lock
@@ -1034,6 +1037,23 @@ def test_zips_with_clashing_members_extract_nothing(tmp_path, archive, why) -> N
     with pytest.raises(DataError, match=why):
         extract_zip(path, dest, tmp_path / "staging")
     assert not dest.exists() and not (tmp_path / "staging").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "link"])
+def test_a_member_whose_target_is_a_folder_or_a_link_moves_nothing(tmp_path, kind) -> None:
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(zip_bytes({"a.csv": b"1", "b.csv": b"2"}))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    outside = tmp_path / "outside.csv"
+    outside.write_bytes(b"precious")
+    if kind == "folder":
+        (dest / "b.csv").mkdir()
+    else:
+        (dest / "b.csv").symlink_to(outside)
+    with pytest.raises(DataError, match="a folder" if kind == "folder" else "symbolic link"):
+        extract_zip(archive, dest, tmp_path / "staging", overwrite=True)
+    assert not (dest / "a.csv").exists() and outside.read_bytes() == b"precious"
 
 
 def test_a_zip_bomb_is_refused_before_writing(tmp_path) -> None:
