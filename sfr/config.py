@@ -55,6 +55,11 @@ class DataConfig(StrictModel):
         default_factory=dict,
         description="feature size per modality (default rgb/flow 1024, obj 352)",
     )
+    sampling: Literal["grid", "published"] = Field(
+        "grid",
+        description="grid: every rate reads its own time grid; published: every rate takes its "
+        "frames from one sequence on the finest grid, as the published Slow-Fast loader does",
+    )
     preload: bool = Field(False, description="read every sequence into memory once before training")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -556,9 +556,13 @@ def convert_checkpoint(
     task: str = "anticipation",
     sequence_completion: bool | None = None,
     source_sha256: str | None = None,
+    rates: Sequence[str] = (),
     force: bool = False,
 ) -> Conversion:
     """Convert a published RU-LSTM checkpoint into one sfr checkpoint file (`sfr.load_model` reads it).
+
+    Checkpoints of the Slow-Fast RU-LSTM code are recognised by their layout and converted by
+    `sfr.hub.slowfast` (`rates`: `ALPHA:S_ENC:S_ANT` each, where the file name does not state them).
 
     Without `config`, the published settings of `dataset` (default ek55) hold, with the sizes
     read from the tensors; `alpha`/`s_enc`/`s_ant` override the published grid of `task`
@@ -574,10 +578,11 @@ def convert_checkpoint(
     if out.exists() and not force:
         raise RunError(f"{out} already exists.", "Pass --force to replace it.")
     container = load_published_checkpoint(source)
-    conversion = convert_state(
+    conversion = _convert_any(
         container,
         source,
         config,
+        rates=rates,
         dataset=dataset,
         modality=modality,
         alpha=alpha,
@@ -589,6 +594,59 @@ def convert_checkpoint(
     )
     save_checkpoint(out, conversion.tensors, conversion.metadata)
     return conversion
+
+
+def _convert_any(
+    container: Mapping[str, Any],
+    source: Path,
+    config: BranchRunConfig | FusionRunConfig | None = None,
+    *,
+    rates: Sequence[str] = (),
+    **settings: Any,
+) -> Conversion:
+    """`convert_state`, or the Slow-Fast conversion where the state has a Slow-Fast layout."""
+    from sfr.hub import slowfast  # builds on this module
+
+    state = container.get("state_dict")
+    parsed = [slowfast.parse_rate(text) for text in rates]
+    if isinstance(state, Mapping) and slowfast.is_slowfast_state(state):
+        if config is not None:
+            raise ConfigError(
+                f"{source} is a Slow-Fast RU-LSTM checkpoint: it is converted with the published "
+                "settings, not a given config."
+            )
+        grid = [settings.pop(key) for key in ("alpha", "s_enc", "s_ant")]
+        if any(value is not None for value in grid):
+            raise ConfigError(
+                f"{source} is a Slow-Fast RU-LSTM checkpoint: give its grid as --rates "
+                "ALPHA:S_ENC:S_ANT, not --alpha/--s-enc/--s-ant."
+            )
+        if settings.get("task", "anticipation") != "anticipation" or settings.get(
+            "sequence_completion"
+        ):
+            raise ConfigError(
+                f"{source} is a Slow-Fast RU-LSTM checkpoint: only anticipation models are "
+                "converted from it."
+            )
+        return slowfast.convert_slowfast_state(
+            container,
+            source,
+            dataset=settings.get("dataset"),
+            modality=settings.get("modality"),
+            rates=parsed,
+            source_sha256=settings["source_sha256"],
+        )
+    if parsed:
+        if len(parsed) != 1 or any(
+            settings.get(k) is not None for k in ("alpha", "s_enc", "s_ant")
+        ):
+            raise ConfigError(
+                f"{source} is an RU-LSTM checkpoint of one rate: pass at most one --rates "
+                "(or --alpha/--s-enc/--s-ant)."
+            )
+        (rate,) = parsed
+        settings.update(alpha=rate.alpha, s_enc=rate.s_enc, s_ant=rate.s_ant)
+    return convert_state(container, source, config, **settings)
 
 
 def install_published(

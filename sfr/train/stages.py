@@ -117,6 +117,7 @@ def load_stage_data(
             streams,
             stores,
             preload=data_config.preload,
+            sampling=data_config.sampling,
             progress=progress,
         )
         if len(dataset) == 0:
