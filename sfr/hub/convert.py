@@ -545,7 +545,7 @@ def _integer(container: Mapping[str, Any], key: str, source: Path) -> int | None
 
 def convert_checkpoint(
     source: Path,
-    out: Path,
+    out: Path | None,
     config: BranchRunConfig | FusionRunConfig | None = None,
     *,
     dataset: str | None = None,
@@ -557,9 +557,13 @@ def convert_checkpoint(
     sequence_completion: bool | None = None,
     source_sha256: str | None = None,
     rates: Sequence[str] = (),
+    into: Path | None = None,
     force: bool = False,
 ) -> Conversion:
     """Convert a published RU-LSTM checkpoint into one sfr checkpoint file (`sfr.load_model` reads it).
+
+    With `into` (a runs folder) instead of `out`, the conversion is installed as the finished stage
+    it is (`install_conversion`), where `sfr fuse`, `sfr pipeline` and `sfr validate` find it.
 
     Checkpoints of the Slow-Fast RU-LSTM code are recognised by their layout and converted by
     `sfr.hub.slowfast` (`rates`: `ALPHA:S_ENC:S_ANT` each, where the file name does not state them).
@@ -571,11 +575,16 @@ def convert_checkpoint(
     0.25). `modality` is needed for a branch unless its 352-d features say obj. A branch is
     converted as fine-tuned (stage `finetune`) unless `sequence_completion` (by default: the
     published `_sequence_completion` file name) makes it a pre-training (stage `pretrain`,
-    unrolled over the true future inputs): the weights cannot tell. `out` is replaced only with
-    `force`.
+    unrolled over the true future inputs): the weights cannot tell. `out` (or a run in `into`)
+    is replaced only with `force`.
     """
-    source, out = Path(source), Path(out)
-    if out.exists() and not force:
+    source = Path(source)
+    if (out is None) == (into is None):
+        raise ConfigError(
+            "Give either an output file or a runs folder to install into, not both or neither.",
+            "sfr convert FILE OUT.safetensors, or sfr convert FILE --into RUNS.",
+        )
+    if out is not None and Path(out).exists() and not force:
         raise RunError(f"{out} already exists.", "Pass --force to replace it.")
     container = load_published_checkpoint(source)
     conversion = _convert_any(
@@ -592,7 +601,10 @@ def convert_checkpoint(
         sequence_completion=sequence_completion,
         source_sha256=source_sha256 or sha256_file(source),
     )
-    save_checkpoint(out, conversion.tensors, conversion.metadata)
+    if into is not None:
+        install_conversion(conversion, Path(into), force=force)
+    else:
+        save_checkpoint(Path(out), conversion.tensors, conversion.metadata)  # type: ignore[arg-type]
     return conversion
 
 
@@ -686,11 +698,26 @@ def install_published(
         _make_room(target, target, source_sha256, force)
         save_checkpoint(target, conversion.tensors, conversion.metadata)
         return target
+    return install_conversion(conversion, runs_dir, force=force)
+
+
+def conversion_run(conversion: Conversion, runs_dir: Path) -> RunDir:
+    """The run folder a conversion is installed in (see `install_conversion`)."""
     config = conversion.config
     if isinstance(config, BranchRunConfig):
-        run = RunDir(Path(runs_dir) / config.branch_dir / conversion.stage)
-    else:
-        run = RunDir(Path(runs_dir) / config.fusion_dir / conversion.stage)
+        return RunDir(Path(runs_dir) / config.branch_dir / conversion.stage)
+    return RunDir(Path(runs_dir) / config.fusion_dir / conversion.stage)
+
+
+def install_conversion(conversion: Conversion, runs_dir: Path, *, force: bool = False) -> Path:
+    """Place a conversion as the finished stage sfr's later stages read; its best checkpoint.
+
+    A branch becomes `RUNS/<branch_dir>/<stage>/`, a fusion unit `RUNS/<fusion_dir>/<unit>/`
+    (best.safetensors, config.json, status.json). A run already there is replaced only if it is
+    this same conversion (same source sha256), or with `force`.
+    """
+    source_sha256 = conversion.converted["sha256"]
+    run = conversion_run(conversion, runs_dir)
     _make_room(run.root, run.best_path, source_sha256, force)
     run.root.mkdir(parents=True, exist_ok=True)
     save_checkpoint(run.best_path, conversion.tensors, conversion.metadata)
@@ -703,7 +730,7 @@ def install_published(
         epoch=epoch,
         best=conversion.converted["perf"],
         best_epoch=epoch,
-        converted_from=checkpoint.name,
+        converted_from=conversion.converted["source"],
     )
     return run.best_path
 
