@@ -305,3 +305,47 @@ def test_converted_per_rate_fusions_are_level_1_of_sfr_fuse(
     for key, value in fast.items():  # the frozen level-1 unit is the converted one
         assert torch.equal(trained[f"inputs.0.{key}"], value)
     assert read_metadata(final)["stage"] == "rgb+flow+obj@0.125+0.5"
+
+
+def test_download_pretrained_sf_rulstm_from_a_folder(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    folder, runs = tmp_path / "published", tmp_path / "runs"
+    for case in ("sf_branch_rgb_a0.125_24_16", "sf_fusion_a0.5_6_4", "sf_arch2"):
+        _named(case, folder)
+    (folder / "notes.txt").write_text("not a checkpoint")
+    code, output, error = cli("download", "pretrained", "sf-rulstm-ek55", "--runs", runs)
+    assert_user_error(code, output, error, "no working download address", "--from DIR")
+
+    code, output, error = cli(
+        "download", "pretrained", "sf-rulstm-ek55", "--from", folder, "--runs", runs
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    fusion_dir = runs / "ek55" / "arch2-rgb+flow+obj-a0.125-enc12-ant16+a0.5-enc6-ant4"
+    installed = {
+        runs / "ek55" / "rgb-a0.125-enc24-ant16" / "finetune",
+        fusion_dir / "rgb+flow+obj@0.5",
+        fusion_dir / "rgb+flow+obj@0.125+0.5",
+    }
+    assert {p.parent for p in runs.rglob("best.safetensors")} == installed
+    assert "Slow-Fast Architecture 2 whole model" in output
+    assert "RULSTM-anticipation_0.125_12_16_fusion_best.pth.tar" in output  # named as missing
+    # again: the same conversions are replaced silently
+    code, output, error = cli(
+        "download", "pretrained", "sf-rulstm-ek55", "--from", folder, "--runs", runs
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("validate", fusion_dir, "--data", golden_data, "--device", "cpu")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "rgb+flow+obj@0.125+0.5 (Architecture 2, whole model)" in output
+
+    code, output, error = cli(
+        "download", "pretrained", "sf-rulstm-ek55", "--from", tmp_path / "none", "--runs", runs
+    )
+    assert_user_error(code, output, error, "none is not a folder")
+    code, output, error = cli(
+        "download", "pretrained", "rulstm-ek55", "--from", folder, "--runs", runs
+    )
+    assert_user_error(
+        code, output, error, "--from installs the Slow-Fast", "sfr convert FILE --into"
+    )

@@ -21,7 +21,7 @@ them), per-rate branches a branch's fine-tuning.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from torch import Tensor
 from sfr.config import MODALITIES, PUBLIC_FEATURE_DIMS, FusionRunConfig, build_config
 from sfr.data.timegrid import as_time
 from sfr.errors import ConfigError, DataError
+from sfr.files import sha256_file
 from sfr.hub.convert import (
     _DROPOUT,
     _MATT_LAYERS,
@@ -44,8 +45,9 @@ from sfr.hub.convert import (
     _integer,
     _number,
     convert_state,
+    install_conversion,
 )
-from sfr.hub.published import branch_state_from_published
+from sfr.hub.published import branch_state_from_published, load_published_checkpoint
 from sfr.models.tree import ModelTree
 
 UNUSED_PREFIX = "fast_slow_fusion."
@@ -463,3 +465,84 @@ def _stage(
         ):
             return unit.label
     raise ConfigError(f"The config has no unit for this {KIND_TEXT[kind]}.")
+
+
+# What the published download script fetched for EK55 (its hosting links are dead).
+PUBLISHED_FILES: dict[str, tuple[str, ...]] = {
+    "ek55": (
+        *(
+            f"RULSTM-anticipation_{grid}_{modality}_best.pth.tar"
+            for grid in ("0.5_6_4", "0.125_24_16")
+            for modality in MODALITIES
+        ),
+        "RULSTM-anticipation_0.5_6_4_fusion_best.pth.tar",
+        "RULSTM-anticipation_0.125_12_16_fusion_best.pth.tar",
+        "RULSTM-anticipation_0.125_24_16_0.5_6_4_fusion_best.pth.tar",
+    )
+}
+
+
+@dataclass(frozen=True)
+class FolderInstall:
+    """What `install_slowfast_folder` did: each file's conversion and run, and what was absent."""
+
+    installed: list[tuple[Path, Conversion, Path]]  # source, conversion, installed checkpoint
+    missing: list[str]
+
+
+def install_slowfast_folder(
+    folder: Path,
+    runs_dir: Path,
+    *,
+    dataset: str = "ek55",
+    force: bool = False,
+    on_file: Callable[[Path], None] | None = None,
+) -> FolderInstall:
+    """Convert every published Slow-Fast checkpoint in `folder` into `runs_dir`'s run layout.
+
+    The files are recognised by the names the published code gives them (`PUBLISHED_FILES`, and
+    any other `RULSTM-anticipation_<rates>_<modality>_best.pth.tar`); each becomes the finished
+    stage it is (`sfr.hub.convert.install_conversion`), so `sfr fuse` / `sfr pipeline` on the
+    paper's config continue from them. DataError if the folder holds none of them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder.", "Pass the folder holding the .pth.tar files.")
+    expected = PUBLISHED_FILES.get(dataset, ())
+    found = sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and name_settings(path.name)[0] and path.name.endswith(".pth.tar")
+    )
+    if not found:
+        raise DataError(
+            f"{folder} holds no published Slow-Fast RU-LSTM checkpoint.",
+            "It should hold files such as " + ", ".join(expected[-2:]) + ".",
+        )
+    installed = []
+    for path in found:
+        if on_file is not None:
+            on_file(path)
+        container = load_published_checkpoint(path)
+        digest = sha256_file(path)
+        state = container["state_dict"]
+        if isinstance(state, Mapping) and is_slowfast_state(state):
+            conversion = convert_slowfast_state(
+                container, path, dataset=dataset, source_sha256=digest
+            )
+        else:  # a per-rate branch saved without the unused linear: an RU-LSTM branch
+            named_rates, modality = name_settings(path.name)
+            rate = named_rates[0]
+            conversion = convert_state(
+                container,
+                path,
+                dataset=dataset,
+                modality=modality if modality in MODALITIES else None,
+                alpha=rate.alpha,
+                s_enc=rate.s_enc,
+                s_ant=rate.s_ant,
+                source_sha256=digest,
+            )
+        installed.append((path, conversion, install_conversion(conversion, runs_dir, force=force)))
+    names = {path.name for path in found}
+    return FolderInstall(installed, [name for name in expected if name not in names])
