@@ -648,6 +648,9 @@ def _convert_any(
             rates=parsed,
             source_sha256=settings["source_sha256"],
         )
+    _, named_modality = slowfast.name_settings(source.name)
+    if settings.get("modality") is None and named_modality in MODALITIES:
+        settings["modality"] = named_modality  # the published names end in _<modality>_best
     if parsed:
         if len(parsed) != 1 or any(
             settings.get(k) is not None for k in ("alpha", "s_enc", "s_ant")
