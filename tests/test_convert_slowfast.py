@@ -349,3 +349,29 @@ def test_download_pretrained_sf_rulstm_from_a_folder(
     assert_user_error(
         code, output, error, "--from installs the Slow-Fast", "sfr convert FILE --into"
     )
+
+
+def test_converted_model_exports_and_predicts_the_published_scores(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    _, io = golden_case("sf_arch1")
+    converted, bundle = tmp_path / "arch1.safetensors", tmp_path / "bundle.safetensors"
+    convert_checkpoint(_checkpoint("sf_arch1"), converted, rates=PAPER_RATES)
+    code, output, error = cli("export", "model", converted, bundle)
+    assert code == 0, f"{output}\n{error!r}"
+    model = sfr.load_model(bundle)
+    output_scores = model(_whole_features(io, MODALITIES)).scores
+    assert (output_scores - io["scores"][:, 3:]).abs().max() <= 1e-5
+
+    # segment 92 starts at frame 204 (6.8 s): predict reads the frames the published loader fed
+    row = io["ids"].tolist().index(92)
+    expected = torch.softmax(io["scores"][row, 5].double(), dim=-1)  # τ = 1.0 s
+    code, output, error = cli(
+        "predict", bundle, "--data", golden_data, "--video", "S01_04", "--at", "6.8",
+        "--top", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, f"{output}\n{error!r}"
+    line = next(text for text in output.splitlines() if text.strip().startswith("1s"))
+    action, probability = int(line.split()[2]), float(line.split()[-1])
+    assert action == int(expected.argmax())
+    assert probability == pytest.approx(float(expected.max()), abs=5e-4)
