@@ -110,6 +110,11 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(100, ge=1)
+    class_weights: str | None = Field(
+        None,
+        description="text file of one loss weight per action class (the published "
+        "actions_weights, which its code leaves commented out), relative to the data folder",
+    )
 
 
 class RunConfig(StrictModel):
