@@ -175,6 +175,10 @@ def test_rates_that_cannot_be_told_are_asked_for(cli, tmp_path: Path) -> None:
     code, output, error = cli("convert", _checkpoint("sf_single_rgb"), out, "--rates",
                               "0.125:24:16", "--rates", "0.5:6:4")  # fmt: skip
     assert_user_error(code, output, error, "--modality rgb, flow or obj")
+    code, output, error = cli("convert", _checkpoint("sf_arch2"), "--rates", "0.125:24:16")
+    assert_user_error(code, output, error, "either an output file or a runs folder")
+    code, output, error = cli("convert", _checkpoint("sf_arch2"), out, "--into", tmp_path)
+    assert_user_error(code, output, error, "not both or neither")
     with pytest.raises(ConfigError, match="not --alpha"):
         convert_checkpoint(_checkpoint("sf_arch2"), out, alpha=0.125)
     assert not out.exists()
@@ -330,6 +334,12 @@ def test_download_pretrained_sf_rulstm_from_a_folder(
     assert {p.parent for p in runs.rglob("best.safetensors")} == installed
     assert "Slow-Fast Architecture 2 whole model" in output
     assert "RULSTM-anticipation_0.125_12_16_fusion_best.pth.tar" in output  # named as missing
+    code, output, error = cli("convert", _named("sf_arch1", tmp_path / "other"), "--into", runs)
+    assert code == 0, f"{output}\n{error!r}"  # Architecture 1: its own fusion folder
+    other = _named("sf_fusion_a0.5_6_4", tmp_path / "other")
+    torch.save({**load_published_checkpoint(other), "epoch": 3}, other)  # another file
+    code, output, error = cli("convert", other, "--into", runs)
+    assert_user_error(code, output, error, "already holds a conversion of", "--force")
     # again: the same conversions are replaced silently
     code, output, error = cli(
         "download", "pretrained", "sf-rulstm-ek55", "--from", folder, "--runs", runs

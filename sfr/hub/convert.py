@@ -762,7 +762,7 @@ def _make_room(target: Path, best: Path, source_sha256: str, force: bool) -> Non
     if not force:
         raise RunError(
             f"{target} already holds {holds}.",
-            "Move or delete it first, install into another runs folder, or pass force=True.",
+            "Move or delete it first, install into another runs folder, or pass --force (force=True).",
         )
     if target.is_dir():
         shutil.rmtree(target)
