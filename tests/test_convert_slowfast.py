@@ -385,3 +385,17 @@ def test_converted_model_exports_and_predicts_the_published_scores(
     action, probability = int(line.split()[2]), float(line.split()[-1])
     assert action == int(expected.argmax())
     assert probability == pytest.approx(float(expected.max()), abs=5e-4)
+
+
+def test_ru_lstm_layout_takes_grid_and_modality_from_a_published_name(tmp_path: Path) -> None:
+    """A per-rate file saved without the unused linear has the RU-LSTM layout: its name still
+    gives its grid (and a branch's modality)."""
+    fusion = tmp_path / "RULSTM-anticipation_0.5_6_4_fusion_best.pth.tar"
+    shutil.copy(GOLDEN / "rulstm_fusion_a0.25_6_8" / "checkpoint.pth.tar", fusion)
+    convert_checkpoint(fusion, tmp_path / "f.safetensors")
+    model = sfr.load_model(tmp_path / "f.safetensors")
+    assert model.label == "rgb+flow+obj@0.5" and model.times == (2.0, 1.5, 1.0, 0.5)
+    branch = tmp_path / "RULSTM-anticipation_0.125_24_16_flow_best.pth.tar"
+    shutil.copy(GOLDEN / "rulstm_rgb_a0.125_24_16" / "checkpoint.pth.tar", branch)
+    conversion = convert_checkpoint(branch, tmp_path / "b.safetensors")
+    assert conversion.config.branch_dir == "ek55/flow-a0.125-enc24-ant16"

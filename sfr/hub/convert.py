@@ -648,9 +648,12 @@ def _convert_any(
             rates=parsed,
             source_sha256=settings["source_sha256"],
         )
-    _, named_modality = slowfast.name_settings(source.name)
+    named_rates, named_modality = slowfast.name_settings(source.name)
     if settings.get("modality") is None and named_modality in MODALITIES:
         settings["modality"] = named_modality  # the published names end in _<modality>_best
+    grid_given = any(settings.get(k) is not None for k in ("alpha", "s_enc", "s_ant"))
+    if not parsed and not grid_given and config is None and len(named_rates) == 1:
+        parsed = named_rates  # ..._<alpha>_<S_enc>_<S_ant>_<modality>_best.pth.tar
     if parsed:
         if len(parsed) != 1 or any(
             settings.get(k) is not None for k in ("alpha", "s_enc", "s_ant")

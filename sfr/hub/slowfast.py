@@ -236,13 +236,16 @@ def _fusion_rates(published: Sequence[PublishedRate], source: str) -> list[dict[
     return rates
 
 
-def _paper_rates(own: PublishedRate | None, fused: bool) -> list[dict[str, Any]] | None:
+def _paper_rates(own: PublishedRate, fused: bool) -> list[dict[str, Any]] | None:
     """The paper's two rates if `own` (a per-rate file's grid) is one of them, else None."""
     rates = _fusion_rates([PublishedRate(*r) for r in PAPER_RATES], "paper")
     for rate in rates:
         s_enc = rate.get("fusion_s_enc", rate["s_enc"]) if fused else rate["s_enc"]
-        grid = (as_time(rate["alpha"]), s_enc, rate["s_ant"])
-        if own is None or grid == (as_time(own.alpha), own.s_enc, own.s_ant):
+        if (as_time(rate["alpha"]), s_enc, rate["s_ant"]) == (
+            as_time(own.alpha),
+            own.s_enc,
+            own.s_ant,
+        ):
             return rates
     return None
 
@@ -367,8 +370,6 @@ def convert_slowfast_state(
         config_rates = _paper_rates(rate, fused=True) or [
             {"alpha": rate.alpha, "s_enc": rate.s_enc, "s_ant": rate.s_ant}
         ]
-        if rates and len(rates) > 1:
-            config_rates = _fusion_rates(rates, str(source))
     else:
         config_rates = _fusion_rates(published, str(source))
         if kind == "single":
