@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sfr.data.timegrid import TimeGrid, as_time
+from sfr.data.timegrid import Sampling, TimeGrid, as_time
 from sfr.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -55,7 +55,7 @@ class DataConfig(StrictModel):
         default_factory=dict,
         description="feature size per modality (default rgb/flow 1024, obj 352)",
     )
-    sampling: Literal["grid", "published"] = Field(
+    sampling: Sampling = Field(
         "grid",
         description="grid: every rate reads its own time grid; published: every rate takes its "
         "frames from one sequence on the finest grid, as the published Slow-Fast loader does",

@@ -93,7 +93,6 @@ class TimeGrid:
 
 
 Sampling = Literal["grid", "published"]
-SAMPLINGS: tuple[str, ...] = ("grid", "published")
 
 
 def sampled_frames(
