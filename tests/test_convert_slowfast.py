@@ -287,8 +287,9 @@ def test_validate_with_published_sampling(cli, golden_data: Path, tmp_path: Path
 # --- into the run layout: sfr fuse continues from converted per-rate fusions --------------------
 
 
+@pytest.mark.parametrize("sampling", ["grid", "published"])
 def test_converted_per_rate_fusions_are_level_1_of_sfr_fuse(
-    cli, golden_data: Path, presets_dir: Path, tmp_path: Path
+    sampling: str, cli, golden_data: Path, presets_dir: Path, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
     for case in ("sf_fusion_a0.125_12_16", "sf_fusion_a0.5_6_4"):
@@ -302,13 +303,16 @@ def test_converted_per_rate_fusions_are_level_1_of_sfr_fuse(
         "--stage", "2", "--freeze-branches", "--device", "cpu",
         "--set", "data.num_classes=24", "--set", "model.hidden=32",
         "--set", "data.feature_dims={rgb = 16, flow = 16, obj = 12}",
+        "--set", f'data.sampling="{sampling}"',
     )  # fmt: skip
     assert code == 0, f"{output}\n{error!r}"
     final = folder / "rgb+flow+obj@0.125+0.5" / "best.safetensors"
     trained = load_file(str(final))
     for key, value in fast.items():  # the frozen level-1 unit is the converted one
         assert torch.equal(trained[f"inputs.0.{key}"], value)
-    assert read_metadata(final)["stage"] == "rgb+flow+obj@0.125+0.5"
+    metadata = read_metadata(final)
+    assert metadata["stage"] == "rgb+flow+obj@0.125+0.5"
+    assert metadata["config"]["data"]["sampling"] == sampling
 
 
 def test_download_pretrained_sf_rulstm_from_a_folder(
