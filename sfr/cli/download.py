@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sfr.cli.common import console, handles_user_errors
+from sfr.cli.common import console, fail, handles_user_errors
 from sfr.errors import SfrError
 from sfr.hub.addresses import public_address
 from sfr.hub.download import (
@@ -398,7 +398,9 @@ def features(
 @download_app.command("pretrained")
 @download_errors
 def pretrained(
-    model: Annotated[str, typer.Argument(help="rulstm-ek55 or rulstm-ek100.")],
+    model: Annotated[
+        str, typer.Argument(help="rulstm-ek55, rulstm-ek100 or sf-rulstm-ek55 (with --from).")
+    ],
     runs: RunsOpt = DEFAULT_RUNS,
     task: Annotated[
         str, typer.Option("--task", help="anticipation, early_recognition or all.")
@@ -409,14 +411,27 @@ def pretrained(
     retries: RetriesOpt = DEFAULT_RETRIES,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     force: ForceOpt = False,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="sf-rulstm-ek55: the folder holding the published Slow-Fast checkpoints "
+            "(their hosting links are dead); each is converted into the run layout.",
+        ),
+    ] = None,
 ) -> None:
     """Fetch the published RU-LSTM checkpoints and convert each once into an sfr run.
 
     The .pth.tar files are kept in RUNS/<dataset>/published/; the converted safetensors
     checkpoints land in the run layout that `sfr validate` and `sfr fuse` read.
+    The Slow-Fast RU-LSTM checkpoints (sf-rulstm-ek55) are installed from a folder (--from).
 
     Example: sfr download pretrained rulstm-ek55 --task anticipation --runs runs
+    Example: sfr download pretrained sf-rulstm-ek55 --from ~/sf-rulstm-models --runs runs
     """
+    if model.startswith("sf-rulstm-") or from_dir is not None:
+        _install_slowfast(model, from_dir, runs, force)
+        return
     registry = load_registry()
     models = sorted({f"rulstm-{a.dataset}" for a in registry.artefacts if a.kind == "pretrained"})
     check_choice("model", model, models)
@@ -430,6 +445,51 @@ def pretrained(
         retries=retries,
         timeout=timeout,
         force=force,
+    )
+
+
+def _install_slowfast(model: str, folder: Path | None, runs: Path, force: bool) -> None:
+    """`pretrained sf-rulstm-<dataset> --from DIR`: convert a folder of Slow-Fast checkpoints."""
+    from sfr.hub.slowfast import (  # torch is imported only when converting
+        KIND_TEXT,
+        PUBLISHED_FILES,
+        install_slowfast_folder,
+    )
+
+    if not model.startswith("sf-rulstm-"):
+        raise fail(
+            f"--from installs the Slow-Fast RU-LSTM checkpoints (sf-rulstm-ek55), not {model}.",
+            "Download RU-LSTM checkpoints without --from, or convert a local one with "
+            "sfr convert FILE --into RUNS.",
+        )
+    check_choice("model", model, [f"sf-rulstm-{d}" for d in PUBLISHED_FILES])
+    if folder is None:
+        raise fail(
+            f"{model}: the published Slow-Fast RU-LSTM checkpoints have no working download "
+            "address.",
+            "Pass --from DIR, the folder holding the files its download script fetched "
+            "(RULSTM-anticipation_*_best.pth.tar).",
+        )
+    dataset = model.removeprefix("sf-rulstm-")
+    result = install_slowfast_folder(
+        folder,
+        runs,
+        dataset=dataset,
+        force=force,
+        on_file=lambda path: console.print(f"  converting {path.name}", highlight=False),
+    )
+    for source, conversion, installed in result.installed:
+        layout = KIND_TEXT[conversion.converted["layout"]]
+        console.print(f"[green]✓[/] {escape(source.name)}: {layout} → {escape(str(installed))}")
+    if result.missing:
+        console.print(
+            f"Not in {folder} (not installed): {', '.join(result.missing)}.", highlight=False
+        )
+    console.print(
+        f"Installed {len(result.installed)} checkpoints into {runs}; continue with "
+        f"sfr fuse arch2 --config configs/{dataset}/sf_arch2.toml --runs {runs} --data DATA, or "
+        "validate a unit folder.",
+        highlight=False,
     )
 
 
