@@ -59,9 +59,16 @@ def load_models(sources: Sequence[Path], every_level: bool = False) -> list[Trai
 
 
 def check_same_dataset(models: Sequence[TrainedModel]) -> None:
-    """Models scored together must come from the same dataset and actions table."""
+    """Models scored together must come from the same dataset, task and actions table."""
     first = models[0]
     for model in models[1:]:
+        if model.data.task != first.data.task:
+            raise ConfigError(
+                f"{first.name} is a {first.data.task} model but {model.name} a "
+                f"{model.data.task} model: their scores are at different positions "
+                "(anticipation times vs observed ratios).",
+                "Validate models of one task together.",
+            )
         if model.data.dataset != first.data.dataset or model.num_classes != first.num_classes:
             raise ConfigError(
                 f"{first.name} was trained on {first.data.dataset} ({first.num_classes} actions) "
@@ -85,8 +92,12 @@ def model_entry(
     members: Sequence[Member],
     predictions: SplitPredictions,
     bench: Benchmark,
+    task: str = "anticipation",
 ) -> dict[str, Any]:
-    """One model's (or ensemble's) entry of the report."""
+    """One model's (or ensemble's) entry of the report.
+
+    `times` are anticipation times (s), or for early recognition the observed ratios.
+    """
     single = members[0].model if len(members) == 1 else None
     total = sum(m.weight for m in members)
     return {
@@ -101,7 +112,7 @@ def model_entry(
         if single
         else [{"name": m.model.name, "weight": round(m.weight / total, 6)} for m in members],
         "times": list(predictions.times),
-        **score(predictions, bench),
+        **score(predictions, bench, task),
         "attention": [_attention_entry(a) for a in predictions.attention],
     }
 
@@ -140,6 +151,7 @@ def evaluate(
         jobs.append(("ensemble", members))
     first = models[0]
     bench = load_benchmark(first.data, Path(data_dir), split, first.num_classes)
+    task = first.data.task
     report = progress or (lambda event: None)
     taken: set[str] = set()
     entries = []
@@ -156,12 +168,13 @@ def evaluate(
             absent=settings.absent,
             progress=lambda done, total: report(SamplesDone(done, total)),
         )
-        entries.append(model_entry(name, members, predictions, bench))
+        entries.append(model_entry(name, members, predictions, bench, task))
     return {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sfr_version": sfr_version,
         "dataset": bench.dataset,
+        "task": task,
         "split": bench.split if bench.dataset != "egtea" else bench.csv.stem,
         "data": str(Path(data_dir).resolve()),
         "headline": dict(HEADLINE),

@@ -69,6 +69,11 @@ class TrainedModel:
         """One line saying what the model is."""
         if isinstance(self.config, BranchRunConfig):
             branch = self.config.branch
+            if self.data.task == "early_recognition":
+                return (
+                    f"{branch.modality} branch, early recognition "
+                    f"({branch.s_ant} frames over the action, {self.stage})"
+                )
             return (
                 f"{branch.modality} branch, alpha {branch.alpha:g} "
                 f"({branch.s_enc} + {branch.s_ant} steps, {self.stage})"
@@ -79,7 +84,8 @@ class TrainedModel:
         last = max(tree.levels)
         what = "whole model" if level == last else f"level {level} of {last}"
         arch = "Architecture 1" if model.architecture == "arch1" else "Architecture 2"
-        return f"{self.stage} ({arch}, {what})"
+        early = ", early recognition" if self.data.task == "early_recognition" else ""
+        return f"{self.stage} ({arch}, {what}{early})"
 
     def to(self, device: torch.device | str) -> TrainedModel:
         self.module.to(device)
@@ -130,7 +136,7 @@ def model_from_checkpoint(
             dropout=config.branch.dropout,
             sequence_completion=stage == "pretrain",
         )
-        grid = config.branch.grid(config.data.fps)
+        grid = config.grid
         stream = Stream(config.branch.modality, grid)
         module: BranchNode | FusionNode = BranchNode(branch, stream.key, grid)
         target: torch.nn.Module = branch
