@@ -11,6 +11,7 @@ import typer
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import console, sample_bars, user_errors
+from sfr.data.observation import position_label
 from sfr.eval.submission import SupervisionLevels, make_submission
 from sfr.files import atomic_write_text, check_writable_dir
 from sfr.models.trained import export_bundle, load_model
@@ -39,7 +40,11 @@ def submission(
         typer.Option(help="EK55: test_seen, test_unseen or validation; EK100: test or validation."),
     ] = "test_seen",
     time: Annotated[
-        float, typer.Option(help="Anticipation time (s) of the submitted scores.")
+        float,
+        typer.Option(
+            help="Anticipation time (s) of the submitted scores; early recognition: the observed "
+            "ratio (1 = the whole action, as published)."
+        ),
     ] = 1.0,
     sls_pt: Annotated[int, typer.Option(help="Supervision level: pre-training.")] = 1,
     sls_tl: Annotated[int, typer.Option(help="Supervision level: training labels.")] = 4,
@@ -66,9 +71,15 @@ def submission(
     atomic_write_text(out, json.dumps(document, indent=1))
     console.print(
         f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
-        f"scores at τ = {time:g} s from {trained.name}.",
+        f"scores at {_position(time, trained.data.task)} from {trained.name}.",
         highlight=False,
     )
+
+
+def _position(value: float, task: str) -> str:
+    if task == "early_recognition":
+        return f"{position_label(value, task)} observed"
+    return f"τ = {value:g} s"
 
 
 @export.command("model")

@@ -174,6 +174,14 @@ def validate(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    ensemble_of: Annotated[
+        str,
+        typer.Option(
+            "--ensemble-of",
+            help="What --ensemble averages: probabilities, or scores (raw action scores, as "
+            "the published early-recognition fusion of rgb/flow/obj).",
+        ),
+    ] = "probabilities",
     absent_zero: Annotated[
         bool,
         typer.Option(
@@ -192,7 +200,16 @@ def validate(
     loaded = load_models(paths, levels)
     if ensemble and not ensemble_weights:
         ensemble_weights = [1.0] * len(loaded)
-    settings = EvaluationSettings(batch_size, device, "zero" if absent_zero else "action0")
+    if ensemble_of not in ("probabilities", "scores"):
+        raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
+    if ensemble_of != "probabilities" and not ensemble:
+        raise ConfigError("--ensemble-of is only used with --ensemble.", "Add --ensemble.")
+    settings = EvaluationSettings(
+        batch_size,
+        device,
+        "zero" if absent_zero else "action0",
+        ensemble_of,  # type: ignore[arg-type]
+    )
     view = EvaluationView()
     with view.bars:
         doc = evaluate(
