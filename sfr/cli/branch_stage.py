@@ -86,10 +86,19 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         ] = None,
         select: Annotated[
             str | None,
-            _opt("--select", "Best epoch by top5 (accuracy) or mt5r (mean recall).", RunGroup),
+            _opt(
+                "--select",
+                "Best epoch by top5 (accuracy), mt5r (mean recall) or top1 (early recognition).",
+                RunGroup,
+            ),
         ] = None,
         select_time: Annotated[
-            float | None, _opt("--select-time", "Anticipation time (s) of the selection.", RunGroup)
+            float | None,
+            _opt(
+                "--select-time",
+                "Anticipation time (s) of the selection; early recognition: observed ratio.",
+                RunGroup,
+            ),
         ] = None,
         name: Annotated[
             str | None, _opt("--name", "Run folder name (default from the branch).", RunGroup)

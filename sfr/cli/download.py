@@ -386,7 +386,7 @@ def pretrained(
     model: Annotated[str, typer.Argument(help="rulstm-ek55 or rulstm-ek100.")],
     runs: RunsOpt = DEFAULT_RUNS,
     task: Annotated[
-        str, typer.Option("--task", help="anticipation, early_recognition or all.")
+        str, typer.Option("--task", help="anticipation, early_recognition (or early) or all.")
     ] = "all",
     dry_run: DryRunOpt = False,
     check_size: CheckSizeOpt = False,

@@ -172,7 +172,7 @@ def _task_measures(
 
 
 def score(
-    predictions: SplitPredictions, bench: Benchmark, task: str = "anticipation"
+    predictions: SplitPredictions, bench: Benchmark, grid_task: str = "anticipation"
 ) -> dict[str, Any]:
     """The `samples`, `results` and `tta` parts of a report entry (schema sfr-report/1).
 
@@ -197,7 +197,7 @@ def score(
             for task in TASKS
         }
     tta = None
-    if bench.dataset == "ek55" and task == "anticipation":
+    if bench.dataset == "ek55" and grid_task == "anticipation":
         tta = {"k": 5}
         for task in TASKS:
             hits = predictions.hits(task, 5)[base]
