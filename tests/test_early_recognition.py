@@ -169,7 +169,7 @@ def test_presets_are_the_published_early_recognition_settings(
         assert config.data.task == "early_recognition"
         assert (branch.modality, branch.alpha, branch.s_enc, branch.s_ant) == (modality, 0.25, 0, 8)
         assert (branch.hidden, branch.dropout) == (1024, 0.8)
-        assert (optim.lr, optim.momentum, optim.batch_size, optim.epochs) == (0.01, 0.9, 128, 100)
+        assert (optim.lr, optim.momentum, optim.batch_size, optim.epochs) == (0.01, 0.9, 128, 200)
         select = "mt5r" if dataset == "ek100" else "top1"
         assert (config.run.select, config.run.select_time) == (select, 1.0)
     fusion = load_config(FusionRunConfig, presets_dir / dataset / "early_matt.toml")

@@ -12,6 +12,7 @@ from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import console, sample_bars, user_errors
 from sfr.data.observation import position_label
+from sfr.errors import ConfigError
 from sfr.eval.submission import SupervisionLevels, make_submission
 from sfr.files import atomic_write_text, check_writable_dir
 from sfr.models.trained import export_bundle, load_model
@@ -51,10 +52,29 @@ def submission(
     sls_td: Annotated[int, typer.Option(help="Supervision level: training data.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    with_: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--with",
+            help="Average MODEL with this model too (repeat the option); the published "
+            "early-recognition fusion: the rgb run --with the flow and obj runs --ensemble-of scores.",
+        ),
+    ] = None,
+    ensemble_of: Annotated[
+        str,
+        typer.Option(
+            "--ensemble-of",
+            help="What --with averages: probabilities, or scores (raw action scores, as the "
+            "published early-recognition fusion).",
+        ),
+    ] = "probabilities",
 ) -> None:
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
+    if ensemble_of not in ("probabilities", "scores"):
+        raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
     check_writable_dir(out.parent, "output")
     trained = load_model(model)
+    others = [load_model(path) for path in with_ or []]
     bars = sample_bars()
     with bars:
         task = bars.add_task("scoring", total=None)
@@ -67,11 +87,15 @@ def submission(
             batch_size=batch_size,
             device=device,
             progress=lambda done, total: bars.update(task, completed=done, total=total),
+            ensemble=others,
+            mean_of=ensemble_of,  # type: ignore[arg-type]
         )
     atomic_write_text(out, json.dumps(document, indent=1))
     console.print(
         f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
-        f"scores at {_position(time, trained.data.task)} from {trained.name}.",
+        f"scores at {_position(time, trained.data.task)} from {trained.name}"
+        + (f" and {', '.join(m.name for m in others)} (mean of {ensemble_of})" if others else "")
+        + ".",
         highlight=False,
     )
 

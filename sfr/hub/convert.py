@@ -54,6 +54,7 @@ PUBLISHED_GRIDS: dict[str, tuple[float, int, int]] = {
 PUBLISHED_FUSION_MODALITIES = ("rgb", "flow", "obj")
 # Published training settings (RULSTM/main.py defaults); EK100 models select by mean top-5 recall.
 _OPTIM = {"lr": 0.01, "momentum": 0.9, "batch_size": 128, "epochs": 100}
+_EARLY_EPOCHS = 200  # RULSTM/scripts/train_early_recognition_ek55.sh
 _DROPOUT = 0.8
 _RATE_DROPOUT = 0.9
 
@@ -270,7 +271,9 @@ def published_config(
             "num_classes": layout.num_classes,
             "feature_dims": {m: d for m, d in dims.items() if d != PUBLIC_FEATURE_DIMS[m]},
         },
-        "optim": dict(_OPTIM),
+        "optim": {**_OPTIM, "epochs": _EARLY_EPOCHS}
+        if task == "early_recognition"
+        else dict(_OPTIM),
         "run": run,
     }
     if not layout.fusion:
