@@ -27,7 +27,6 @@ Modality = Literal["rgb", "flow", "obj"]
 MODALITIES: tuple[str, ...] = ("rgb", "flow", "obj")
 DatasetName = Literal["ek55", "ek100", "egtea"]
 Task = Literal["anticipation", "early_recognition"]
-TASKS: tuple[str, ...] = ("anticipation", "early_recognition")
 
 # Published facts of each benchmark: action classes and public feature dimensions.
 DATASET_CLASSES: dict[str, int] = {"ek55": 2513, "ek100": 3806, "egtea": 106}

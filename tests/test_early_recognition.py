@@ -317,6 +317,49 @@ def test_anticipation_and_early_models_are_not_validated_together(
     assert_user_error(code, output, error, "early_recognition model", "Validate models of one task")
 
 
+def _full_rate_stores(data: Path, dims: dict[str, int]) -> None:
+    """Replace a data folder's stores by full-frame-rate ones (every frame of every video its
+    CSVs name, seeded noise), in the public LMDB format."""
+    import shutil
+
+    from sfr.data.store import FeatureStoreWriter
+
+    ends: dict[str, int] = {}
+    for split in ("training", "validation"):
+        for segment in read_segments(data / f"{split}.csv"):
+            ends[segment.video] = max(ends.get(segment.video, 0), segment.end_frame)
+    rng = np.random.default_rng(0)
+    for modality, dim in dims.items():
+        shutil.rmtree(data / modality)
+        with FeatureStoreWriter(data / modality) as writer:
+            for video, last in sorted(ends.items()):
+                writer.put_many(video, 1, rng.standard_normal((last, dim)).astype(np.float32))
+
+
+def test_trains_validates_and_exports_on_the_golden_csvs(
+    cli, golden_copy: Path, tmp_path: Path
+) -> None:
+    """The golden CSVs and actions (the published sampler's data) with full-rate stores: the
+    rows kept are the published ones (1 of the 30 validation rows discarded at alpha 0.25)."""
+    _full_rate_stores(golden_copy, {"rgb": 16})
+    config = _write(tmp_path / "early.toml", BRANCH_TOML.format(name="golden"))
+    dims = ("--set", "data.feature_dims.rgb=16")
+    runs = ("--data", golden_copy, "--runs", tmp_path / "runs")
+    for command in ("train-branch", "finetune"):
+        code, output, error = cli(command, "--config", config, *dims, *runs)
+        assert code == 0, f"{output}\n{error!r}"
+    finetune = tmp_path / "runs" / "golden" / "early-rgb-a0.25-enc0-ant8" / "finetune"
+    code, output, error = cli("validate", finetune, "--data", golden_copy, *CPU)
+    assert code == 0, f"{output}\n{error!r}"
+    golden = json.loads((GOLDEN / "frames_validation.json").read_text())["grids"][0]
+    assert golden["alpha"] == 0.25 and len(golden["discarded_ids"]) == 1
+    assert "29 of 30 segments (1 discarded, excluded)" in output
+    assert _observed_rows(output) == [ratio_label(r) for r in RATIOS]
+    bundle = tmp_path / "golden-early.safetensors"
+    assert cli("export", "model", finetune, bundle)[0] == 0
+    assert sfr.load_model(bundle).times == RATIOS
+
+
 # --- published checkpoints -----------------------------------------------------------------------
 
 
