@@ -283,3 +283,17 @@ def _download_row(row: Row, layout: Layout, cli) -> None:
     code, output, error = cli(*layout.translate(row.sfr), "--dry-run")
     assert code == 0, f"{output}\n{error!r}"
     assert all(name in output or a.name in output for name, a in zip(names, early))
+
+
+def test_the_readme_table_covers_every_published_early_recognition_command() -> None:
+    """The rows are read from the README: a moved or emptied table must not pass silently."""
+    modes = {row.published.split()[2] for row in ROWS if row.published.startswith("python")}
+    assert modes == {"train", "validate", "test", "validate_json"}
+    assert any(row.published.startswith("./scripts/download_models_ek55.sh") for row in ROWS)
+    trained = {
+        (published_args(row.published).modality, published_args(row.published).sequence_completion)
+        for row in ROWS
+        if row.published.startswith("python main.py train ") and "--ek100" not in row.published
+    }
+    assert trained == {(m, sc) for m in DIMS for sc in (False, True)}
+    assert len(ROWS) == 17
