@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from clitools import assert_user_error
+from conftest import REPO_DIR
 from golden import GOLDEN, GOLDEN_DATA
 from hypothesis import given
 from hypothesis import strategies as st
@@ -300,6 +301,33 @@ def test_train_finetune_fuse_validate_export_on_synthetic_data(
     code, output, error = cli("predict", folder, "--data", synthetic_data, "--video", "P01_03",
                               "--at", "10")  # fmt: skip
     assert_user_error(code, output, error, "recognises actions early", "sfr validate")
+
+
+def test_the_early_matt_preset_runs_on_sfr_synth_data(cli, tmp_path: Path) -> None:
+    """`sfr synth`, then `sfr pipeline configs/ek55/early_matt.toml` (sizes shrunk with --set):
+    six branch stages and the MATT stage, scored by observed ratio."""
+    data, runs = tmp_path / "synth", tmp_path / "runs"
+    code, output, error = cli(
+        "synth", data, "--videos", "2", "--val-videos", "1", "--actions-per-video", "10"
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    num_classes = read_actions(data / "actions.csv").num_actions
+    sizes = ["data.feature_dims.rgb=32", "data.feature_dims.flow=32", "data.feature_dims.obj=24",
+             f"data.num_classes={num_classes}", "model.hidden=4", "optim.epochs=1",
+             "fusion_optim.epochs=1", "optim.batch_size=8", "fusion_optim.batch_size=8"]  # fmt: skip
+    preset = REPO_DIR / "configs" / "ek55" / "early_matt.toml"
+    overrides = [word for item in sizes for word in ("--set", item)]
+    code, output, error = cli(
+        "pipeline", preset, "--data", data, "--runs", runs, "--device", "cpu", *overrides
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    assert "early recognition at observed ratios 12.5%" in output
+    folder = runs / "ek55" / "early-arch2-rgb+flow+obj-a0.25-enc0-ant8"
+    model = sfr.load_model(folder)
+    assert model.label == "rgb+flow+obj@0.25" and model.times == RATIOS
+    for modality in DIMS:
+        stage = runs / "ek55" / f"early-{modality}-a0.25-enc0-ant8" / "pretrain"
+        assert json.loads((stage / "status.json").read_text())["state"] == "finished"
 
 
 def test_anticipation_and_early_models_are_not_validated_together(
