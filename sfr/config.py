@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sfr.data.observation import ObservationGrid, ratio_label
 from sfr.data.timegrid import Sampling, TimeGrid, as_time
 from sfr.errors import ConfigError
 
@@ -25,6 +26,7 @@ else:  # pragma: no cover
 Modality = Literal["rgb", "flow", "obj"]
 MODALITIES: tuple[str, ...] = ("rgb", "flow", "obj")
 DatasetName = Literal["ek55", "ek100", "egtea"]
+Task = Literal["anticipation", "early_recognition"]
 
 # Published facts of each benchmark: action classes and public feature dimensions.
 DATASET_CLASSES: dict[str, int] = {"ek55": 2513, "ek100": 3806, "egtea": 106}
@@ -44,6 +46,11 @@ class DataConfig(StrictModel):
     """Where the annotations and features are and how to read them."""
 
     dataset: DatasetName = Field("ek55", description="annotation format and benchmark")
+    task: Task = Field(
+        "anticipation",
+        description="anticipation (frames before the action, scored by anticipation time) or "
+        "early_recognition (s_ant frames spread over the action, scored by observed ratio)",
+    )
     name: str | None = Field(None, description="first folder of run directories (default: dataset)")
     fps: float = Field(30.0, gt=0, description="frame rate of the frame numbers in the CSVs")
     split: int = Field(1, ge=1, le=3, description="EGTEA split (training{split}.csv)")
@@ -93,7 +100,10 @@ class BranchConfig(StrictModel):
         "(cheaper, differs from the published training)",
     )
 
-    def grid(self, fps: float) -> TimeGrid:
+    def grid(self, fps: float, task: str = "anticipation") -> TimeGrid | ObservationGrid:
+        """The branch's time grid, or for early recognition its observation grid."""
+        if task == "early_recognition":
+            return ObservationGrid(self.alpha, self.s_ant, fps)
         return TimeGrid(self.alpha, self.s_enc, self.s_ant, fps)
 
     @property
@@ -122,18 +132,43 @@ class RunConfig(StrictModel):
 
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    select: Literal["top5", "mt5r"] = Field(
-        "top5", description="best epoch by top-5 action accuracy or mean top-5 recall"
+    select: Literal["top5", "mt5r", "top1"] = Field(
+        "top5",
+        description="best epoch by top-5 action accuracy, mean top-5 recall or top-1 accuracy "
+        "(the published early recognition selects by top-1)",
     )
-    select_time: float = Field(1.0, gt=0, description="anticipation time (s) of the selection")
+    select_time: float = Field(
+        1.0,
+        gt=0,
+        description="anticipation time (s) of the selection; early recognition: observed ratio "
+        "(1.0 = the whole action)",
+    )
     name: str | None = Field(None, description="run folder name (default from the branch)")
 
 
-def _check_select_time(seconds: float, times: tuple[float, ...], what: str) -> None:
-    """ValueError unless the selection time is one of `times`."""
+def _check_select_time(
+    seconds: float, times: tuple[float, ...], what: str, task: str = "anticipation"
+) -> None:
+    """ValueError unless the selection time (early recognition: observed ratio) is one of `times`."""
     if as_time(seconds) not in times:
         allowed = ", ".join(f"{t:g}" for t in times)
+        if task == "early_recognition":
+            raise ValueError(
+                f"run.select_time {seconds:g} is not an observed ratio of the branch ({what}); "
+                f"allowed: {allowed} (1 = the whole action)"
+            )
         raise ValueError(f"run.select_time {seconds:g} s is not {what}; allowed: {allowed}")
+
+
+def _early_problem(s_enc: int, field: str) -> str | None:
+    """Why a grid does not fit early recognition (it has no encoding steps), or None."""
+    if s_enc != 0:
+        return (
+            f"{field} is {s_enc}, but early recognition observes only the action: set it to 0 "
+            "(the published code ignores S_enc for this task; s_ant is the number of frames "
+            "sampled from the action)"
+        )
+    return None
 
 
 class BranchRunConfig(StrictModel):
@@ -146,14 +181,28 @@ class BranchRunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _selection_time_on_grid(self) -> BranchRunConfig:
-        times = self.branch.grid(self.data.fps).anticipation_times
-        what = f"an anticipation time of the branch (alpha {self.branch.alpha:g}, s_ant {self.branch.s_ant})"
-        _check_select_time(self.run.select_time, times, what)
+        task = self.data.task
+        if task == "early_recognition":
+            problem = _early_problem(self.branch.s_enc, "branch.s_enc")
+            if problem:
+                raise ValueError(problem)
+        times = self.grid.anticipation_times
+        if task == "early_recognition":
+            what = f"s_ant {self.branch.s_ant}: {', '.join(ratio_label(t) for t in times)}"
+        else:
+            what = f"an anticipation time of the branch (alpha {self.branch.alpha:g}, s_ant {self.branch.s_ant})"
+        _check_select_time(self.run.select_time, times, what, task)
         return self
 
     @property
+    def grid(self) -> TimeGrid | ObservationGrid:
+        """The branch's grid for the configured task."""
+        return self.branch.grid(self.data.fps, self.data.task)
+
+    @property
     def branch_dir(self) -> str:
-        return f"{self.data.run_prefix}/{self.run.name or self.branch.slug}"
+        """Runs folder of the branch, e.g. `ek55/rgb-a0.25-enc6-ant8` or `ek55/early-rgb-a0.25-enc0-ant8`."""
+        return f"{self.data.run_prefix}/{self.run.name or task_prefix(self.data.task) + self.branch.slug}"
 
 
 class RateConfig(StrictModel):
@@ -166,7 +215,12 @@ class RateConfig(StrictModel):
         None, ge=0, description="encoding steps fed by the fusion stages (default: s_enc)"
     )
 
-    def grid(self, fps: float, *, fusion: bool) -> TimeGrid:
+    def grid(
+        self, fps: float, *, fusion: bool, task: str = "anticipation"
+    ) -> TimeGrid | ObservationGrid:
+        """The rate's time grid (early recognition: its observation grid)."""
+        if task == "early_recognition":
+            return ObservationGrid(self.alpha, self.s_ant, fps)
         s_enc = self.s_enc if not fusion or self.fusion_s_enc is None else self.fusion_s_enc
         return TimeGrid(self.alpha, s_enc, self.s_ant, fps)
 
@@ -219,6 +273,19 @@ class FusionRunConfig(StrictModel):
         problem = rate_ratio_problem(alphas)
         if problem:
             raise ValueError(f"model.rates: {problem}")
+        task = self.data.task
+        if task == "early_recognition":
+            if len(self.model.rates) != 1:
+                raise ValueError(
+                    f"model.rates: early recognition observes the action at one rate, got "
+                    f"{len(self.model.rates)} (alphas {', '.join(f'{a:g}' for a in alphas)}); "
+                    "give one rate and fuse the modalities with MATT"
+                )
+            rate = self.model.rates[0]
+            for value, field in ((rate.s_enc, "s_enc"), (rate.fusion_s_enc, "fusion_s_enc")):
+                problem = _early_problem(value or 0, f"model.rates[0].{field}")
+                if problem:
+                    raise ValueError(problem)
         times = self.fused_times
         if not times:
             listed = "; ".join(
@@ -226,16 +293,20 @@ class FusionRunConfig(StrictModel):
                 for r in self.model.rates
             )
             raise ValueError(f"model.rates: the rates share no anticipation time ({listed})")
-        _check_select_time(self.run.select_time, times, "a fused anticipation time")
+        what = (
+            "an observed ratio of the model"
+            if task == "early_recognition"
+            else "a fused anticipation time"
+        )
+        _check_select_time(self.run.select_time, times, what, task)
         return self
 
     @property
     def fused_times(self) -> tuple[float, ...]:
         """Anticipation times every rate produces, oldest first."""
-        sets = [
-            set(r.grid(self.data.fps, fusion=True).anticipation_times) for r in self.model.rates
-        ]
-        return tuple(sorted(set.intersection(*sets), reverse=True))
+        grids = [r.grid(self.data.fps, fusion=True, task=self.data.task) for r in self.model.rates]
+        common = set.intersection(*(set(g.anticipation_times) for g in grids))
+        return tuple(t for t in grids[0].anticipation_times if t in common)
 
     def branch_config(self, modality: str, rate: RateConfig) -> BranchRunConfig:
         """The config of one branch's own stages (pre-training and fine-tuning)."""
@@ -257,10 +328,15 @@ class FusionRunConfig(StrictModel):
     def fusion_dir(self) -> str:
         """Folder of the fusion stages, e.g. `ek55/arch2-rgb+flow+obj-a0.125-enc12-ant16+a0.5-enc6-ant4`."""
         name = self.run.name or (
-            f"{self.model.architecture}-{'+'.join(self.model.modalities)}-"
+            f"{task_prefix(self.data.task)}{self.model.architecture}-{'+'.join(self.model.modalities)}-"
             + "+".join(rate.slug for rate in self.model.rates)
         )
         return f"{self.data.run_prefix}/{name}"
+
+
+def task_prefix(task: str) -> str:
+    """Prefix of run folder names: `early-` for early recognition, none for anticipation."""
+    return "early-" if task == "early_recognition" else ""
 
 
 def rate_ratio_problem(alphas: Sequence[float]) -> str | None:

@@ -327,7 +327,7 @@ def test_bad_set_override(
         (["--s-ant", "0"], ["branch.s_ant", "greater than or equal to 1"]),
         (["--modality", "depth"], ["branch.modality", "'rgb', 'flow' or 'obj'"]),
         (["--dropout", "1"], ["branch.dropout", "less than 1"]),
-        (["--select", "top1"], ["run.select", "'top5' or 'mt5r'"]),
+        (["--select", "top3"], ["run.select", "'top5', 'mt5r' or 'top1'"]),
         (["--s-ant", "2"], ["run.select_time", "allowed: 0.5, 0.25"]),
         (["--select-time", "0.3"], ["run.select_time", "allowed: 1, 0.75, 0.5, 0.25"]),
         (["--split", "4"], ["data.split", "less than or equal to 3"]),

@@ -470,20 +470,26 @@ def test_install_names_the_file_whose_kind_or_folder_does_not_fit(tmp_path: Path
         _install(_checkpoint(BRANCH_CASES[0]), runs, "rgb")
 
 
-def test_install_early_recognition_writes_a_standalone_branch(tmp_path: Path) -> None:
+def test_install_early_recognition_writes_the_early_finetune_run(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     download = runs / "ek55" / "published" / "RULSTM-early_recognition_0.25_8_rgb_best.pth.tar"
     download.parent.mkdir(parents=True)
     shutil.copy(_checkpoint(BRANCH_CASES[0]), download)
     path = _install(download, runs, "rgb", task="early_recognition")
-    assert path == download.parent / "RULSTM-early_recognition_0.25_8_rgb_best.safetensors"
+    assert path == runs / "ek55" / "early-rgb-a0.25-enc0-ant8" / "finetune" / "best.safetensors"
     meta = read_metadata(path)
-    assert (meta["kind"], meta["stage"], meta["metrics"]) == ("branch", "finetune", {})
+    perf = float(load_published_checkpoint(download)["perf"])  # top-1 with 100% observed
+    assert (meta["kind"], meta["stage"], meta["metrics"]) == (
+        "branch",
+        "finetune",
+        {"top1@1": perf},
+    )
     inferred = meta["converted"]["inferred"]
     assert (inferred["alpha"], inferred["s_enc"], inferred["s_ant"]) == (0.25, 0, 8)
     assert meta["converted"]["task"] == "early_recognition"
     model = sfr.load_model(path)
-    assert len(model.times) == 8
+    assert model.config.data.task == "early_recognition"
+    assert model.times == (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     assert not (runs / "ek55" / "rgb-a0.25-enc0-ant8").exists()
 
 

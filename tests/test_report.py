@@ -134,8 +134,8 @@ def ek55_files(tmp_path_factory: pytest.TempPathFactory):
 def fake_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip drawing (about 0.3 s a figure) where only the files and text matter."""
     fake = PNG_SIGNATURE + b"not drawn"
-    monkeypatch.setattr(plots, "curves_png", lambda *args: fake)
-    monkeypatch.setattr(plots, "attention_png", lambda *args: fake)
+    monkeypatch.setattr(plots, "curves_png", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(plots, "attention_png", lambda *args, **kwargs: fake)
 
 
 def markdown_row(markdown: str, label: str) -> list[str]:

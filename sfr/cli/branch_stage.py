@@ -14,6 +14,7 @@ import typer
 
 from sfr.cli.common import TrainingView, console, fail, handles_user_errors, stage_table
 from sfr.config import BranchRunConfig, load_config, parse_override
+from sfr.data.observation import position_label
 from sfr.train.stages import Stage, train_branch_stage
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file (configs/...).")]
@@ -85,10 +86,19 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         ] = None,
         select: Annotated[
             str | None,
-            _opt("--select", "Best epoch by top5 (accuracy) or mt5r (mean recall).", RunGroup),
+            _opt(
+                "--select",
+                "Best epoch by top5 (accuracy), mt5r (mean recall) or top1 (early recognition).",
+                RunGroup,
+            ),
         ] = None,
         select_time: Annotated[
-            float | None, _opt("--select-time", "Anticipation time (s) of the selection.", RunGroup)
+            float | None,
+            _opt(
+                "--select-time",
+                "Anticipation time (s) of the selection; early recognition: observed ratio.",
+                RunGroup,
+            ),
         ] = None,
         name: Annotated[
             str | None, _opt("--name", "Run folder name (default from the branch).", RunGroup)
@@ -109,11 +119,16 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         overrides = dict(parse_override(item) for item in set_ or [])
         overrides.update({k: v for k, v in named.items() if v is not None})
         resolved = load_config(BranchRunConfig, config, overrides)
-        grid = resolved.branch.grid(resolved.data.fps)
+        grid = resolved.grid
+        task = resolved.data.task
         title = f"{stage} {resolved.branch.slug}"
+        what = (
+            f"{grid.steps} frames spread over the action (early recognition)"
+            if task == "early_recognition"
+            else f"T = {grid.steps} steps of {grid.alpha:g} s"
+        )
         console.print(
-            f"[bold]{title}[/]  T = {grid.steps} steps of {grid.alpha:g} s  →  "
-            f"{runs / resolved.branch_dir / stage}",
+            f"[bold]{title}[/]  {what}  →  {runs / resolved.branch_dir / stage}",
             highlight=False,
         )
         with TrainingView(title) as view:
@@ -132,7 +147,9 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
                 result,
                 grid.anticipation_times,
                 f"Validation, best epoch {result.best_epoch + 1} "
-                f"({resolved.run.select}@{resolved.run.select_time:g}s = {result.best:.2f})",
+                f"({resolved.run.select}@"
+                f"{position_label(resolved.run.select_time, task)} = {result.best:.2f})",
+                task,
             )
         )
 

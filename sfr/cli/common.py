@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from sfr.data.observation import position_header, position_label
 from sfr.errors import SfrError
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted
@@ -146,15 +147,17 @@ class TrainingView:
         self.epoch_task = self.batch_task = None
 
 
-def stage_table(result: FitResult, times: tuple[float, ...], title: str) -> Table:
-    """Validation measures of a stage's best epoch, one row per anticipation time."""
+def stage_table(
+    result: FitResult, times: tuple[float, ...], title: str, task: str = "anticipation"
+) -> Table:
+    """Validation measures of a stage's best epoch, one row per anticipation time (or ratio)."""
     table = Table(title=title, title_justify="left")
-    table.add_column("τ (s)", justify="right")
+    table.add_column(position_header(task), justify="right")
     table.add_column("action top-1 %", justify="right")
     table.add_column("action top-5 %", justify="right")
     for seconds in times:
         table.add_row(
-            f"{seconds:g}",
+            position_label(seconds, task, unit=False),
             f"{result.metrics[f'top1@{seconds:g}']:.2f}",
             f"{result.metrics[f'top5@{seconds:g}']:.2f}",
         )
@@ -166,6 +169,7 @@ def results_table(
     times: Sequence[float],
     title: str,
     caption: str | None = None,
+    task: str = "anticipation",
 ) -> Table:
     """Models side by side: one row per model, one `top-1/top-5` column per anticipation time."""
     table = Table(
@@ -177,7 +181,8 @@ def results_table(
     )
     table.add_column("model (L = fusion level)", no_wrap=True)
     for seconds in times:
-        table.add_column(f"τ={seconds:g}s", justify="right", no_wrap=True)
+        label = position_label(seconds, task) if task != "anticipation" else f"τ={seconds:g}s"
+        table.add_column(label, justify="right", no_wrap=True)
     for name, fit in rows:
         table.add_row(
             name,

@@ -42,12 +42,16 @@ def describe(converted: dict[str, Any], stage: str) -> str:
     )
     if layout == "branch":
         what = f"{KIND_TEXT[layout]}: {what}"
+    if converted["task"] == "early_recognition":
+        grid = f"early recognition over {inferred['s_ant']} frames spread over the action"
+    else:
+        grid = (
+            f"anticipation at alpha {inferred['alpha']:g}, "
+            f"{inferred['s_enc']} + {inferred['s_ant']} steps"
+        )
     return (
         f"{what}, hidden {inferred['hidden']}, {inferred['num_classes']} classes; "
-        f"{converted['task'].replace('_', ' ')} at alpha {inferred['alpha']:g}, "
-        f"{inferred['s_enc']} + {inferred['s_ant']} steps (stage {stage})"
-        + (f"; published {published}" if published else "")
-        + "."
+        f"{grid} (stage {stage})" + (f"; published {published}" if published else "") + "."
     )
 
 
@@ -76,8 +80,12 @@ def convert(
         int | None, typer.Option("--s-ant", help="Anticipation steps (published: 8).")
     ] = None,
     task: Annotated[
-        str, typer.Option(help="anticipation or early_recognition (sets the published grid).")
-    ] = "anticipation",
+        str | None,
+        typer.Option(
+            help="anticipation or early_recognition (sets the published grid; default: "
+            "early_recognition if the file name says so, as the published names do)."
+        ),
+    ] = None,
     sequence_completion: Annotated[
         bool | None,
         typer.Option(

@@ -403,7 +403,7 @@ def pretrained(
     ],
     runs: RunsOpt = DEFAULT_RUNS,
     task: Annotated[
-        str, typer.Option("--task", help="anticipation, early_recognition or all.")
+        str, typer.Option("--task", help="anticipation, early_recognition (or early) or all.")
     ] = "all",
     dry_run: DryRunOpt = False,
     check_size: CheckSizeOpt = False,

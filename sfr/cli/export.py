@@ -11,6 +11,8 @@ import typer
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
+from sfr.data.observation import position_label
+from sfr.errors import ConfigError
 from sfr.eval.submission import SupervisionLevels, make_submission
 from sfr.files import atomic_write_text, check_writable_dir
 from sfr.models.trained import export_bundle, load_model
@@ -39,7 +41,11 @@ def submission(
         typer.Option(help="EK55: test_seen, test_unseen or validation; EK100: test or validation."),
     ] = "test_seen",
     time: Annotated[
-        float, typer.Option(help="Anticipation time (s) of the submitted scores.")
+        float,
+        typer.Option(
+            help="Anticipation time (s) of the submitted scores; early recognition: the observed "
+            "ratio (1 = the whole action, as published)."
+        ),
     ] = 1.0,
     sls_pt: Annotated[int, typer.Option(help="Supervision level: pre-training.")] = 1,
     sls_tl: Annotated[int, typer.Option(help="Supervision level: training labels.")] = 4,
@@ -47,10 +53,29 @@ def submission(
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     sampling: SamplingOpt = None,
+    with_: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--with",
+            help="Average MODEL with this model too (repeat the option); the published "
+            "early-recognition fusion: the rgb run --with the flow and obj runs --ensemble-of scores.",
+        ),
+    ] = None,
+    ensemble_of: Annotated[
+        str,
+        typer.Option(
+            "--ensemble-of",
+            help="What --with averages: probabilities, or scores (raw action scores, as the "
+            "published early-recognition fusion).",
+        ),
+    ] = "probabilities",
 ) -> None:
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
+    if ensemble_of not in ("probabilities", "scores"):
+        raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
     check_writable_dir(out.parent, "output")
     trained = load_model(model).use_sampling(sampling)
+    others = [load_model(path).use_sampling(sampling) for path in with_ or []]
     bars = sample_bars()
     with bars:
         task = bars.add_task("scoring", total=None)
@@ -63,13 +88,23 @@ def submission(
             batch_size=batch_size,
             device=device,
             progress=lambda done, total: bars.update(task, completed=done, total=total),
+            ensemble=others,
+            mean_of=ensemble_of,  # type: ignore[arg-type]
         )
     atomic_write_text(out, json.dumps(document, indent=1))
     console.print(
         f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
-        f"scores at τ = {time:g} s from {trained.name}.",
+        f"scores at {_position(time, trained.data.task)} from {trained.name}"
+        + (f" and {', '.join(m.name for m in others)} (mean of {ensemble_of})" if others else "")
+        + ".",
         highlight=False,
     )
+
+
+def _position(value: float, task: str) -> str:
+    if task == "early_recognition":
+        return f"{position_label(value, task)} observed"
+    return f"τ = {value:g} s"
 
 
 @export.command("model")

@@ -8,6 +8,7 @@ from typing import Any
 
 from sfr.cli.common import TrainingView, console, pipeline_rows, results_table, step_line
 from sfr.config import FusionRunConfig, load_config, parse_override
+from sfr.data.observation import position_label
 from sfr.data.provenance import fill_recorded_dims
 from sfr.train.fusion import FusionPlan
 from sfr.train.pipeline import StepStarted, run_pipeline
@@ -38,10 +39,16 @@ def run_and_report(
     )
     plan = FusionPlan(resolved, runs)
     model = resolved.model
+    task = resolved.data.task
+    positions = ", ".join(position_label(t, task, unit=False) for t in resolved.fused_times)
+    what = (
+        f"early recognition at observed ratios {positions}"
+        if task == "early_recognition"
+        else f"fused anticipation times {positions} s"
+    )
     console.print(
         f"[bold]{model.architecture}[/] over {', '.join(model.modalities)} at alpha "
-        f"{', '.join(f'{a:g}' for a in model.alphas)}: fused anticipation times "
-        f"{', '.join(f'{t:g}' for t in resolved.fused_times)} s  →  {runs / resolved.fusion_dir}",
+        f"{', '.join(f'{a:g}' for a in model.alphas)}: {what}  →  {runs / resolved.fusion_dir}",
         highlight=False,
     )
     with TrainingView() as view:
@@ -60,8 +67,11 @@ def run_and_report(
         results_table(
             pipeline_rows(result),
             result.times,
-            "Validation action accuracy (%), top-1/top-5 at the fused anticipation times",
-            f"best epochs chosen by {resolved.run.select}@{resolved.run.select_time:g}s; "
+            "Validation action accuracy (%), top-1/top-5 at the "
+            + ("observed ratios" if task == "early_recognition" else "fused anticipation times"),
+            f"best epochs chosen by {resolved.run.select}@"
+            f"{position_label(resolved.run.select_time, task)}; "
             "every time and measure per epoch: metrics.jsonl in each run folder",
+            task,
         )
     )

@@ -12,6 +12,7 @@ from rich.table import Table
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
+from sfr.data.observation import position_label
 from sfr.errors import ConfigError
 from sfr.eval.evaluation import (
     EvaluationEvent,
@@ -65,7 +66,9 @@ SHORT_MEASURES = {"top1": "top-1", "top5": "top-5", "mt5r": "mT5R", "mca": "mCA"
 
 
 def measures_table(entry: dict[str, Any], group: str, doc: dict[str, Any]) -> Table:
-    """One model's measures of one group: one row per anticipation time, a column per measure."""
+    """One model's measures of one group: one row per anticipation time (early recognition: per
+    observed ratio, as the published tables), a column per measure."""
+    grid_task = doc.get("task", "anticipation")
     samples = entry["samples"]
     title = doc["group_names"][group] + (
         f" — {samples['evaluated']} of {samples['total']} segments"
@@ -74,7 +77,9 @@ def measures_table(entry: dict[str, Any], group: str, doc: dict[str, Any]) -> Ta
         else ""
     )
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1))
-    table.add_column("τ", justify="right", no_wrap=True)
+    table.add_column(
+        "observed" if grid_task == "early_recognition" else "τ", justify="right", no_wrap=True
+    )
     columns = [
         (task, measure)
         for task, measures in entry["results"][group].items()
@@ -84,28 +89,33 @@ def measures_table(entry: dict[str, Any], group: str, doc: dict[str, Any]) -> Ta
         table.add_column(f"{task}\n{SHORT_MEASURES[measure]}", justify="right", no_wrap=True)
     for step, seconds in enumerate(entry["times"]):
         values = [entry["results"][group][task][measure][step] for task, measure in columns]
-        table.add_row(f"{seconds:g}s", *(cell(v) for v in values))
+        table.add_row(position_label(seconds, grid_task), *(cell(v) for v in values))
     return table
 
 
 def headline_table(doc: dict[str, Any]) -> Table:
     """Models side by side on the headline measure: a row per time, a column per model."""
     head = doc["headline"]
-    times = sorted({t for e in doc["models"] for t in e["times"]}, reverse=True)
+    grid_task = doc.get("task", "anticipation")
+    early = grid_task == "early_recognition"
+    times = sorted({t for e in doc["models"] for t in e["times"]}, reverse=not early)
     measure = f"{TASK_NAMES[head['task']]} {doc['measure_names'][head['measure']].lower()}"
     table = Table(
         title=f"{measure} (%)",
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    table.add_column("τ", justify="right", no_wrap=True)
+    table.add_column("observed" if early else "τ", justify="right", no_wrap=True)
     columns = []
     for index, entry in enumerate(doc["models"], start=1):
         table.add_column(f"[{index}]", justify="right", no_wrap=True)
         values = entry["results"][head["group"]][head["task"]][head["measure"]]
         columns.append(dict(zip(entry["times"], values, strict=True)))
     for seconds in times:
-        table.add_row(f"{seconds:g}s", *(cell(c[seconds]) if seconds in c else "" for c in columns))
+        table.add_row(
+            position_label(seconds, grid_task),
+            *(cell(c[seconds]) if seconds in c else "" for c in columns),
+        )
     return table
 
 
@@ -164,6 +174,14 @@ def validate(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    ensemble_of: Annotated[
+        str,
+        typer.Option(
+            "--ensemble-of",
+            help="What --ensemble averages: probabilities, or scores (raw action scores, as "
+            "the published early-recognition fusion of rgb/flow/obj).",
+        ),
+    ] = "probabilities",
     absent_zero: Annotated[
         bool,
         typer.Option(
@@ -183,7 +201,16 @@ def validate(
     loaded = [model.use_sampling(sampling) for model in load_models(paths, levels)]
     if ensemble and not ensemble_weights:
         ensemble_weights = [1.0] * len(loaded)
-    settings = EvaluationSettings(batch_size, device, "zero" if absent_zero else "action0")
+    if ensemble_of not in ("probabilities", "scores"):
+        raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
+    if ensemble_of != "probabilities" and not ensemble:
+        raise ConfigError("--ensemble-of is only used with --ensemble.", "Add --ensemble.")
+    settings = EvaluationSettings(
+        batch_size,
+        device,
+        "zero" if absent_zero else "action0",
+        ensemble_of,  # type: ignore[arg-type]
+    )
     view = EvaluationView()
     with view.bars:
         doc = evaluate(

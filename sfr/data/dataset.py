@@ -1,5 +1,8 @@
 """Anticipation dataset: for every segment, the features each branch needs on its own time grid.
 
+A stream's grid is a `TimeGrid` (frames before the action, anticipation) or an `ObservationGrid`
+(frames spread over the action itself, early recognition).
+
 A `Stream` is one (modality, time grid) input of a model. Streams of the same modality share one
 store read per sample: the union of their frames is read in one transaction, then split.
 Segments for which some stream has no valid frame are set aside as `discarded` (DESIGN §3).
@@ -16,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sfr.data.annotations import Segment
+from sfr.data.observation import ObservationGrid
 from sfr.data.store import FeatureStore
 from sfr.data.timegrid import Sampling, TimeGrid, sampled_frames
 from sfr.errors import DataError
@@ -26,7 +30,13 @@ class Stream:
     """One input of a model: a modality read on a time grid."""
 
     modality: str
-    grid: TimeGrid
+    grid: TimeGrid | ObservationGrid
+
+    def frames(self, segment: Segment) -> np.ndarray | None:
+        """Frames this stream reads for `segment`, oldest first; None if its grid discards it."""
+        if isinstance(self.grid, ObservationGrid):
+            return self.grid.frames(segment.start_frame, segment.end_frame)
+        return self.grid.frames(segment.start_frame)
 
     @property
     def key(self) -> str:
@@ -89,11 +99,17 @@ class AnticipationDataset(Dataset):
             self._cache = cache
 
     def _plan(self, segment: Segment) -> _Plan | None:
-        sampled = sampled_frames(
-            [stream.grid for stream in self.streams], segment.start_frame, self.sampling
-        )
-        if sampled is None:
-            return None
+        if any(isinstance(stream.grid, ObservationGrid) for stream in self.streams):
+            # early recognition: frames spread over the action itself, one rate
+            sampled = [stream.frames(segment) for stream in self.streams]
+            if any(frames is None for frames in sampled):
+                return None
+        else:
+            sampled = sampled_frames(
+                [stream.grid for stream in self.streams], segment.start_frame, self.sampling
+            )
+            if sampled is None:
+                return None
         per_stream = {stream.key: f for stream, f in zip(self.streams, sampled, strict=True)}
         frames: dict[str, np.ndarray] = {}
         picks: dict[str, np.ndarray] = {}

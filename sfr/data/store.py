@@ -92,7 +92,8 @@ class FeatureStore:
             )
         return (
             "The store may be a sparse one (the public EK55 sparse stores hold only the "
-            "frames of the alpha 0.25 grid): other rates need the full-frame-rate store, "
+            "frames of the alpha 0.25 grid): other rates and early recognition (frames inside "
+            "the actions) need the full-frame-rate store, "
             "sfr download features ek55 --full --data DATA."
         )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfr.data.annotations import ActionsTable, Segment, read_actions, read_class_names
-from sfr.errors import DataError
+from sfr.errors import ConfigError, DataError
 from sfr.eval.runner import Member, predict_split
 from sfr.models.trained import TrainedModel
 
@@ -72,7 +72,17 @@ def earliest_time(model: TrainedModel) -> float:
 def anticipate(
     model: TrainedModel, data_dir: Path, video: str, at: float, k: int = 5, device: str = "auto"
 ) -> Anticipation:
-    """Top-k anticipated actions at every anticipation time, for the moment `at` of `video`."""
+    """Top-k anticipated actions at every anticipation time, for the moment `at` of `video`.
+
+    ConfigError for an early-recognition model: it observes an annotated action, not a moment.
+    """
+    if model.data.task == "early_recognition":
+        raise ConfigError(
+            f"{model.name} recognises actions early: it observes frames spread over an annotated "
+            "action (its start and end), not the video before a moment.",
+            "Score it with `sfr validate` or `sfr export submission`, which read the actions "
+            "from the split's CSV.",
+        )
     data_dir = Path(data_dir)
     earliest = earliest_time(model)
     start = round(at * model.data.fps)

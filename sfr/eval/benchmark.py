@@ -171,8 +171,13 @@ def _task_measures(
     return out
 
 
-def score(predictions: SplitPredictions, bench: Benchmark) -> dict[str, Any]:
-    """The `samples`, `results` and `tta` parts of a report entry (schema sfr-report/1)."""
+def score(
+    predictions: SplitPredictions, bench: Benchmark, grid_task: str = "anticipation"
+) -> dict[str, Any]:
+    """The `samples`, `results` and `tta` parts of a report entry (schema sfr-report/1).
+
+    Early recognition has no time to action (the published code reports none): `tta` is None.
+    """
     if not bench.labelled:
         raise ConfigError(
             f"{bench.csv} has no labels: the {bench.split} split cannot be scored.",
@@ -192,7 +197,7 @@ def score(predictions: SplitPredictions, bench: Benchmark) -> dict[str, Any]:
             for task in TASKS
         }
     tta = None
-    if bench.dataset == "ek55":
+    if bench.dataset == "ek55" and grid_task == "anticipation":
         tta = {"k": 5}
         for task in TASKS:
             hits = predictions.hits(task, 5)[base]

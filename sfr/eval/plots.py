@@ -30,6 +30,7 @@ ATTENTION_SIZE = (6.0, 3.6)
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 TIME_LABEL = "anticipation time τ (s)"
+RATIO_LABEL = "observed part of the action (%)"
 MAX_TIME_LABELS = 8  # labelled ticks on a time axis
 STYLE: dict[str, Any] = {
     "font.size": 10,
@@ -62,7 +63,13 @@ class Curve:
     style: int
 
 
-def curves_png(panels: Mapping[str, Sequence[Curve]], ylabel: str, title: str) -> bytes:
+def curves_png(
+    panels: Mapping[str, Sequence[Curve]],
+    ylabel: str,
+    title: str,
+    *,
+    task: str = "anticipation",
+) -> bytes:
     """One panel per entry of `panels` (e.g. verb / noun / action), one line per curve."""
     matplotlib = require_matplotlib()
     labels = {curve.label for curves in panels.values() for curve in curves}
@@ -84,9 +91,9 @@ def curves_png(panels: Mapping[str, Sequence[Curve]], ylabel: str, title: str) -
                 )
                 handles.setdefault(curve.label, line)
             ax.set_title(panel)
-            _time_axis(ax, [t for curve in curves for t in curve.times], pad=0.05)
+            _time_axis(ax, [t for curve in curves for t in curve.times], pad=0.05, task=task)
         axes[0].set_ylabel(ylabel)
-        axes[len(axes) // 2].set_xlabel(TIME_LABEL)
+        axes[len(axes) // 2].set_xlabel(_axis_label(task))
         figure.suptitle(title)
         figure.legend(
             handles.values(),
@@ -99,7 +106,12 @@ def curves_png(panels: Mapping[str, Sequence[Curve]], ylabel: str, title: str) -
 
 
 def attention_png(
-    times: Sequence[float], inputs: Sequence[str], weights: Sequence[Sequence[float]], title: str
+    times: Sequence[float],
+    inputs: Sequence[str],
+    weights: Sequence[Sequence[float]],
+    title: str,
+    *,
+    task: str = "anticipation",
 ) -> bytes:
     """Mean attention weight of each input versus anticipation time, as stacked areas (0 to 1).
 
@@ -116,10 +128,10 @@ def attention_png(
         )
         ax.set_ylim(0.0, 1.0)
         ax.set_ylabel("mean attention weight")
-        ax.set_xlabel(TIME_LABEL)
+        ax.set_xlabel(_axis_label(task))
         ax.set_title(title)
         ax.grid(False)
-        _time_axis(ax, times, pad=0.0)
+        _time_axis(ax, times, pad=0.0, task=task)
         figure.legend(
             areas, inputs, loc="outside lower center", ncols=min(len(inputs), 4), frameon=False
         )
@@ -149,20 +161,27 @@ def _figure(size: tuple[float, float]) -> Figure:
     return figure
 
 
-def _time_axis(ax: Axes, times: Sequence[float], pad: float) -> None:
+def _axis_label(task: str) -> str:
+    return RATIO_LABEL if task == "early_recognition" else TIME_LABEL
+
+
+def _time_axis(ax: Axes, times: Sequence[float], pad: float, task: str = "anticipation") -> None:
     """Ticks at the anticipation times, the largest on the left (the action happens on the right),
     with `pad` (a fraction of the span) of room on either side.
 
     Beyond MAX_TIME_LABELS times, every k-th time from the largest is labelled and the others get
     an unlabelled minor tick, so labels never overlap (16 times at 0.125 s: labels every 0.25 s).
     """
-    ticks = sorted(set(times), reverse=True)
+    early = task == "early_recognition"  # observed ratios: the smallest on the left
+    ticks = sorted(set(times), reverse=not early)
     every = math.ceil(len(ticks) / MAX_TIME_LABELS)
-    ax.set_xticks(ticks[::every], [f"{t:g}" for t in ticks[::every]])
+    labels = [f"{100 * t:g}" if early else f"{t:g}" for t in ticks[::every]]
+    ax.set_xticks(ticks[::every], labels)
     ax.set_xticks([t for i, t in enumerate(ticks) if i % every], minor=True)
-    span = ticks[0] - ticks[-1]
+    span = abs(ticks[0] - ticks[-1])
     room = pad * span if span > 0 else 0.25 * ticks[0]
-    ax.set_xlim(ticks[0] + room, ticks[-1] - room)
+    direction = -1 if early else 1  # anticipation: the axis runs from the largest time down
+    ax.set_xlim(ticks[0] + direction * room, ticks[-1] - direction * room)
 
 
 def _png(figure: Figure) -> bytes:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
+from sfr.data.observation import position_header, position_label
 from sfr.errors import DataError, SfrError
 from sfr.eval import plots
 from sfr.files import atomic_write, atomic_write_text
@@ -125,6 +126,8 @@ class Report(_Strict):
     created: str
     sfr_version: str
     dataset: Literal["ek55", "ek100", "egtea"]
+    # early_recognition: every `times` list holds observed ratios of the action, ascending
+    task: Literal["anticipation", "early_recognition"] = "anticipation"
     split: str
     data: str
     headline: Headline
@@ -241,7 +244,7 @@ def _consistency_problems(report: Report) -> Iterator[str]:
         if model.name in first_index:
             yield f"{at}.name: {model.name!r} is also the name of models[{first_index[model.name]}]"
         first_index.setdefault(model.name, i)
-        yield from _descending_problems(model.times, f"{at}.times")
+        yield from _order_problems(report, model.times, f"{at}.times")
         yield from _samples_problems(model.samples, f"{at}.samples")
         if model.kind == "ensemble" and not model.members:
             yield f"{at}.members: an ensemble needs its members"
@@ -269,7 +272,7 @@ def _consistency_problems(report: Report) -> Iterator[str]:
                 f"{at}.results.{headline.group}.{headline.task}.{headline.measure}: "
                 "missing (the headline measure)"
             )
-        yield from _attention_problems(model, at)
+        yield from _attention_problems(report, model, at)
 
 
 def _samples_problems(samples: Samples, path: str) -> Iterator[str]:
@@ -289,7 +292,7 @@ def _samples_problems(samples: Samples, path: str) -> Iterator[str]:
         )
 
 
-def _attention_problems(model: ModelResults, at: str) -> Iterator[str]:
+def _attention_problems(report: Report, model: ModelResults, at: str) -> Iterator[str]:
     """Attention units: unique names, one row per time, one weight per input, rows summing to 1."""
     units: set[str] = set()
     for j, unit in enumerate(model.attention):
@@ -297,7 +300,7 @@ def _attention_problems(model: ModelResults, at: str) -> Iterator[str]:
         if unit.unit in units:
             yield f"{path}.unit: {unit.unit!r} appears twice in {at}.attention"
         units.add(unit.unit)
-        yield from _descending_problems(unit.times, f"{path}.times")
+        yield from _order_problems(report, unit.times, f"{path}.times")
         if len(unit.weights) != len(unit.times):
             yield (
                 f"{path}.weights: expected {len(unit.times)} rows (one per time), "
@@ -311,6 +314,22 @@ def _attention_problems(model: ModelResults, at: str) -> Iterator[str]:
                 )
             elif abs(sum(row) - 1.0) > WEIGHT_SUM_TOLERANCE:
                 yield f"{path}.weights[{r}]: the weights sum to {sum(row):.4f}, not 1"
+
+
+def _order_problems(report: Report, times: Sequence[float], path: str) -> Iterator[str]:
+    """Anticipation times strictly descending; observed ratios strictly ascending, at most 1."""
+    if report.task == "early_recognition":
+        for before, after in itertools.pairwise(times):
+            if after <= before:
+                yield (
+                    f"{path}: observed ratios must be strictly ascending, "
+                    f"found {after:g} after {before:g}"
+                )
+                return
+        if times and times[-1] > 1:
+            yield f"{path}: an observed ratio is at most 1, found {times[-1]:g}"
+        return
+    yield from _descending_problems(times, path)
 
 
 def _descending_problems(times: Sequence[float], path: str) -> Iterator[str]:
@@ -407,7 +426,9 @@ def render_plots(doc: dict[str, Any]) -> dict[str, bytes]:
         else:
             unit = report.models[spec.model].attention[spec.unit]
             title = f"Attention in {unit.unit} (fuses {unit.fuses})"
-            pngs[spec.name] = plots.attention_png(unit.times, unit.inputs, unit.weights, title)
+            pngs[spec.name] = plots.attention_png(
+                unit.times, unit.inputs, unit.weights, title, task=report.task
+            )
     return pngs
 
 
@@ -420,7 +441,9 @@ def _measure_png(report: Report, spec: _MeasurePlot) -> bytes:
             for i, model in enumerate(report.models)
             if (values := _values(model, spec.group, task, spec.measure)) is not None
         ]
-    return plots.curves_png(panels, f"{report.measure_names[spec.measure]} (%)", spec.caption)
+    return plots.curves_png(
+        panels, f"{report.measure_names[spec.measure]} (%)", spec.caption, task=report.task
+    )
 
 
 def _plot_specs(report: Report) -> list[_MeasurePlot | _AttentionPlot]:
@@ -527,7 +550,7 @@ def _blocks(report: Report) -> list[_Block]:
     )
     specs = _plot_specs(report)
     blocks: list[_Block] = [
-        _Heading(1, f"Action anticipation: {_dataset_name(report)}, {report.split}"),
+        _Heading(1, f"{_task_title(report)}: {_dataset_name(report)}, {report.split}"),
         _Facts(
             [
                 ("Dataset", f"{_dataset_name(report)} ({report.dataset}), split {report.split}"),
@@ -540,13 +563,15 @@ def _blocks(report: Report) -> list[_Block]:
         _Heading(2, f"Headline: {headline_name}"),
         _headline_table(report, headline_name),
         _Note(
-            f"Values in percent at each anticipation time τ (seconds before the action); "
+            f"Values in percent at each {_position_words(report)}; "
             f"{NULL} marks an undefined value, a blank cell a time at which the model was not "
             f"evaluated; the best value of each column is in bold."
         ),
     ]
     for group in _used_groups(report):
-        blocks.append(_Heading(2, f"{report.group_names[group]}: models by anticipation time"))
+        blocks.append(
+            _Heading(2, f"{report.group_names[group]}: models by {_position_name(report)}")
+        )
         blocks += [
             _Figure(s.name, s.caption)
             for s in specs
@@ -561,7 +586,8 @@ def _blocks(report: Report) -> list[_Block]:
 def _headline_table(report: Report, headline_name: str) -> _Table:
     """Models side by side at the union of their times; the best value per column in bold."""
     headline = report.headline
-    times = sorted({t for model in report.models for t in model.times}, reverse=True)
+    early = report.task == "early_recognition"
+    times = sorted({t for model in report.models for t in model.times}, reverse=not early)
     columns: list[list[float | None]] = [[] for _ in times]
     rows = []
     for model in report.models:
@@ -579,7 +605,7 @@ def _headline_table(report: Report, headline_name: str) -> _Table:
         bold |= {(r, c + 1) for r, v in enumerate(column) if best is not None and v == best}
     return _Table(
         caption=f"{headline_name} (%)",
-        header=["Model", *(f"{t:g} s" for t in times)],
+        header=["Model", *(_position(report, t) for t in times)],
         rows=rows,
         bold=frozenset(bold),
     )
@@ -604,7 +630,10 @@ def _model_blocks(
             f"{samples.evaluated} of {samples.total} evaluated, {samples.discarded} discarded "
             f"({samples.discarded_policy})",
         ),
-        ("Anticipation times", ", ".join(f"{t:g}" for t in model.times) + " s"),
+        (
+            _position_name(report).capitalize() + "s",
+            ", ".join(_position(report, t) for t in model.times),
+        ),
     ]
     if model.tta is not None:
         tta = model.tta
@@ -630,7 +659,7 @@ def _model_blocks(
         blocks.append(
             _Table(
                 caption=f"{report.group_names[group]} (%)",
-                header=["Measure", *(f"{t:g} s" for t in model.times)],
+                header=["Measure", *(_position(report, t) for t in model.times)],
                 rows=rows,
             )
         )
@@ -638,9 +667,9 @@ def _model_blocks(
         blocks.append(
             _Table(
                 caption=f"Attention of {unit.unit} (fuses {unit.fuses}): mean weight of each input",
-                header=["τ (s)", *unit.inputs],
+                header=[position_header(report.task), *unit.inputs],
                 rows=[
-                    [f"{t:g}", *(f"{w:.2f}" for w in row)]
+                    [position_label(t, report.task, unit=False), *(f"{w:.2f}" for w in row)]
                     for t, row in zip(unit.times, unit.weights)
                 ],
             )
@@ -649,6 +678,30 @@ def _model_blocks(
             _Figure(s.name, s.caption) for s in attention_plots if (s.model, s.unit) == (index, j)
         ]
     return blocks
+
+
+def _task_title(report: Report) -> str:
+    return (
+        "Early action recognition" if report.task == "early_recognition" else "Action anticipation"
+    )
+
+
+def _position_name(report: Report) -> str:
+    """What a column is: `anticipation time` or `observed ratio`."""
+    return "observed ratio" if report.task == "early_recognition" else "anticipation time"
+
+
+def _position_words(report: Report) -> str:
+    if report.task == "early_recognition":
+        return "observed ratio (share of the action seen, as the published early recognition)"
+    return "anticipation time τ (seconds before the action)"
+
+
+def _position(report: Report, value: float) -> str:
+    """A column header: `1 s` or `12.5%`."""
+    if report.task == "early_recognition":
+        return position_label(value, report.task)
+    return f"{value:g} s"
 
 
 def _values(model: ModelResults, group: str, task: str, measure: str) -> list[float | None] | None:

@@ -166,12 +166,18 @@ def predict_split(
     num_verbs: int | None = None,
     num_nouns: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mean_of: Literal["probabilities", "scores"] = "probabilities",
 ) -> SplitPredictions:
     """Run the (weighted) ensemble of `members` over `segments`, keeping the top-k of each task.
 
     `full_at` also keeps every verb and noun probability and the 100 best actions at that time
     (for challenge submissions); `num_verbs`/`num_nouns` pad the verb/noun classes to the
     benchmark's counts.
+
+    `mean_of="scores"` averages an ensemble as the published early-recognition fusion
+    (RULSTM/main.py, `--task early_recognition --modality fusion`): actions ranked by the
+    weighted mean of the members' raw scores (reported as its softmax), verbs and nouns by the
+    mean of their marginal probabilities (which is the default's).
     """
     check_members(members)
     first = members[0].model
@@ -225,13 +231,14 @@ def predict_split(
     attention = _AttentionSums(first) if len(members) == 1 else None
     done = 0
     for batches in zip(*(iterate_batches(loader) for loader in loaders), strict=True):
-        probs = None
+        probs, raw = None, None
         for member, batch in zip(members, batches, strict=True):
             output = member.model(to_device(batch["features"], torch_device))
-            member_probs = torch.softmax(output.scores.double(), dim=-1) * (
-                member.weight / total_weight
-            )
+            share = member.weight / total_weight
+            member_probs = torch.softmax(output.scores.double(), dim=-1) * share
             probs = member_probs if probs is None else probs + member_probs
+            member_raw = output.scores.double() * share
+            raw = member_raw if raw is None else raw + member_raw
             if attention is not None:
                 attention.add(output.attention)
         action = probs.cpu().numpy()
@@ -240,6 +247,9 @@ def predict_split(
             "noun": marginalise(action, actions.nouns, counts["noun"], absent),
             "action": action,
         }
+        if mean_of == "scores" and len(members) > 1:
+            action = torch.softmax(raw, dim=-1).cpu().numpy()
+            per_task["action"] = action
         rows = np.array([row_of[i] for i in batches[0]["id"]])
         for task, task_probs in per_task.items():
             flat = task_probs.reshape(-1, task_probs.shape[-1])

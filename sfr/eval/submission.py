@@ -7,14 +7,15 @@ published code): the probability of every verb and noun class and the 100 best a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sfr.data.annotations import ActionsTable
 from sfr.errors import ConfigError
 from sfr.eval.benchmark import load_benchmark
+from sfr.eval.evaluation import check_same_dataset
 from sfr.eval.runner import FullScores, Member, predict_split
 from sfr.models.trained import TrainedModel
 
@@ -106,12 +107,21 @@ def make_submission(
     batch_size: int = 128,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    ensemble: Sequence[TrainedModel] = (),
+    mean_of: Literal["probabilities", "scores"] = "probabilities",
 ) -> dict[str, Any]:
-    """The challenge document of `model` on a split, checked against the format."""
+    """The challenge document of `model` on a split, checked against the format.
+
+    With `ensemble`, the scores are the equal-weight mean of `model` and those models, of their
+    probabilities or (`mean_of="scores"`, the published early-recognition fusion) of their raw
+    action scores (see `predict_split`).
+    """
     verbs, nouns = challenge_counts(model.data.dataset)
     bench = load_benchmark(model.data, Path(data_dir), split, model.num_classes)
+    models = [model, *ensemble]
+    check_same_dataset(models)
     predictions = predict_split(
-        [Member(model)],
+        [Member(m) for m in models],
         bench.segments,
         Path(data_dir),
         bench.actions,
@@ -121,6 +131,7 @@ def make_submission(
         num_verbs=verbs,
         num_nouns=nouns,
         progress=progress,
+        mean_of=mean_of,
     )
     full = predictions.full
     if full is None:

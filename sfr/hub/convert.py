@@ -54,6 +54,7 @@ PUBLISHED_GRIDS: dict[str, tuple[float, int, int]] = {
 PUBLISHED_FUSION_MODALITIES = ("rgb", "flow", "obj")
 # Published training settings (RULSTM/main.py defaults); EK100 models select by mean top-5 recall.
 _OPTIM = {"lr": 0.01, "momentum": 0.9, "batch_size": 128, "epochs": 100}
+_EARLY_EPOCHS = 200  # RULSTM/scripts/train_early_recognition_ek55.sh
 _DROPOUT = 0.8
 _RATE_DROPOUT = 0.9
 
@@ -234,8 +235,13 @@ def published_config(
     alpha: float,
     s_enc: int,
     s_ant: int,
+    task: str = "anticipation",
 ) -> BranchRunConfig | FusionRunConfig:
     """The sfr config of a published model: the published settings with the inferred sizes.
+
+    Early recognition (`task`) gets `data.task = "early_recognition"` and the published selection:
+    top-1 action accuracy (EK100: mean top-5 recall) with the whole action observed, as
+    `configs/<dataset>/early_<modality>.toml`.
 
     A branch gets the settings of `configs/<dataset>/<modality>_a0.25.toml`, a fusion those of
     `configs/<dataset>/rulstm_matt.toml`; feature sizes other than the public ones (1024, 1024,
@@ -253,16 +259,21 @@ def published_config(
         )
     modalities = _modalities(layout, modality)
     dims = {m: b.feat_dim for m, b in zip(modalities, layout.branches, strict=True)}
-    run: dict[str, Any] = {"seed": 0, "select_time": _selection_time(alpha, s_enc, s_ant)}
+    run: dict[str, Any] = {"seed": 0, "select_time": _selection_time(alpha, s_enc, s_ant, task)}
     if dataset == "ek100":
         run["select"] = "mt5r"
+    elif task == "early_recognition":
+        run["select"] = "top1"
     tree: dict[str, Any] = {
         "data": {
             "dataset": dataset,
+            "task": task,
             "num_classes": layout.num_classes,
             "feature_dims": {m: d for m, d in dims.items() if d != PUBLIC_FEATURE_DIMS[m]},
         },
-        "optim": dict(_OPTIM),
+        "optim": {**_OPTIM, "epochs": _EARLY_EPOCHS}
+        if task == "early_recognition"
+        else dict(_OPTIM),
         "run": run,
     }
     if not layout.fusion:
@@ -321,9 +332,11 @@ def _modalities(layout: PublishedLayout, modality: str | None) -> tuple[str, ...
     return (modality,)
 
 
-def _selection_time(alpha: float, s_enc: int, s_ant: int) -> float:
+def _selection_time(alpha: float, s_enc: int, s_ant: int, task: str = "anticipation") -> float:
     """1 s where the grid anticipates it (as sfr's presets), else the step the published code
-    selects on (the 4th-last)."""
+    selects on (the 4th-last); early recognition: the whole action observed (ratio 1)."""
+    if task == "early_recognition":
+        return 1.0
     times = TimeGrid(alpha, s_enc, s_ant).anticipation_times
     return 1.0 if 1.0 in times else times[max(len(times) - 4, 0)]
 
@@ -403,7 +416,7 @@ def convert_state(
     alpha: float | None = None,
     s_enc: int | None = None,
     s_ant: int | None = None,
-    task: str = "anticipation",
+    task: str | None = None,
     sequence_completion: bool | None = None,
     source_sha256: str,
 ) -> Conversion:
@@ -413,8 +426,7 @@ def convert_state(
     if not isinstance(state, Mapping):
         raise DataError(f"{source}: its 'state_dict' is not a mapping of names to tensors.")
     layout = inspect_state(state, str(source))
-    if task not in PUBLISHED_GRIDS:
-        raise ConfigError(f"Unknown task {task!r}.", f"Pass one of: {', '.join(PUBLISHED_GRIDS)}.")
+    task = _task(task, config, source)
     if sequence_completion is None:  # the published names: `..._sequence_completion_best`
         sequence_completion = "_sequence_completion" in source.name
     if sequence_completion and layout.fusion:
@@ -431,6 +443,7 @@ def convert_state(
                 alpha=grid[0] if alpha is None else alpha,
                 s_enc=grid[1] if s_enc is None else s_enc,
                 s_ant=grid[2] if s_ant is None else s_ant,
+                task=task,
             )
         except ConfigError as error:
             raise ConfigError(f"{source}: {error.message}", error.hint) from None
@@ -494,6 +507,23 @@ def convert_state(
     return Conversion(tensors, metadata, config)
 
 
+def _task(task: str | None, config: BranchRunConfig | FusionRunConfig | None, source: Path) -> str:
+    """The task of a conversion: given, else the config's, else the published file name's
+    (`RULSTM-early_recognition_...`), else anticipation; a given task must be the config's."""
+    if task is not None and task not in PUBLISHED_GRIDS:
+        raise ConfigError(f"Unknown task {task!r}.", f"Pass one of: {', '.join(PUBLISHED_GRIDS)}.")
+    if config is not None:
+        if task not in (None, config.data.task):
+            raise ConfigError(
+                f"The given config is for {config.data.task}, not {task}.",
+                "Leave out the task (the config's holds) or fix data.task in the config.",
+            )
+        return config.data.task
+    if task is not None:
+        return task
+    return "early_recognition" if "early_recognition" in source.name else "anticipation"
+
+
 def _fusion_tensors(state: Mapping[str, Tensor], num_branches: int) -> dict[str, Tensor]:
     """A published fusion's weights under `FusionNode` keys: `inputs.<i>.branch.*`, `attention.mlp.*`."""
     tensors: dict[str, Tensor] = {}
@@ -515,11 +545,17 @@ def _published_metrics(
     """The published validation value under sfr's name for it, where it is the same measure.
 
     The published code selects anticipation models on the 4th-last step (top-5 accuracy, or
-    mean top-5 recall on EK100), in percent; early recognition on top-1 at the last step, which
-    sfr does not measure.
+    mean top-5 recall on EK100), in percent; early recognition on the last step, the whole
+    action observed (top-1 accuracy, or mean top-5 recall on EK100).
     """
     alpha, _, s_ant = grid
-    if perf is None or task != "anticipation" or s_ant < 4:
+    if perf is None:
+        return {}
+    if task == "early_recognition":
+        if as_time(selection["time"]) != 1.0:
+            return {}
+        return {f"{selection['measure']}@1": perf}
+    if s_ant < 4:
         return {}
     if as_time(4 * alpha) != as_time(selection["time"]):
         return {}
@@ -553,7 +589,7 @@ def convert_checkpoint(
     alpha: float | None = None,
     s_enc: int | None = None,
     s_ant: int | None = None,
-    task: str = "anticipation",
+    task: str | None = None,
     sequence_completion: bool | None = None,
     source_sha256: str | None = None,
     rates: Sequence[str] = (),
@@ -570,7 +606,8 @@ def convert_checkpoint(
 
     Without `config`, the published settings of `dataset` (default ek55) hold, with the sizes
     read from the tensors; `alpha`/`s_enc`/`s_ant` override the published grid of `task`
-    (0.25/6/8; early recognition 0.25/0/8). With `config`, its settings hold and must fit the
+    (0.25/6/8; early recognition 0.25/0/8; default: the config's task, else early recognition
+    when the file name says `early_recognition`, as the published names do, else anticipation). With `config`, its settings hold and must fit the
     tensors; a fusion becomes its modality fusion at rate `alpha` (default: its only rate, else
     0.25). `modality` is needed for a branch unless its 352-d features say obj. A branch is
     converted as fine-tuned (stage `finetune`) unless `sequence_completion` (by default: the
@@ -633,7 +670,7 @@ def _convert_any(
                 f"{source} is a Slow-Fast RU-LSTM checkpoint: give its grid as --rates "
                 "ALPHA:S_ENC:S_ANT, not --alpha/--s-enc/--s-ant."
             )
-        if settings.get("task", "anticipation") != "anticipation" or settings.get(
+        if settings.get("task") not in (None, "anticipation") or settings.get(
             "sequence_completion"
         ):
             raise ConfigError(
@@ -684,9 +721,9 @@ def install_published(
     status.json), the run `sfr fuse`/`sfr pipeline` start from for the alpha 0.25 branches; the
     MATT fusion (`modality` "fusion") becomes the level-1 unit of the one-rate `rulstm_matt`
     config, `RUNS/<dataset>/arch2-rgb+flow+obj-a0.25-enc6-ant8/rgb+flow+obj@0.25/`.
-    Early recognition (sfr trains no such model) becomes the standalone branch checkpoint
-    `RUNS/<dataset>/published/<name>.safetensors` on the grid 0.25/0/8, whose 8 steps stand for
-    the 8 frames the published code samples evenly over the action.
+    Early recognition (published grid 0.25/0/8: 8 frames spread over the action) becomes the
+    finished fine-tuning stage `RUNS/<dataset>/early-<modality>-a0.25-enc0-ant8/finetune/`, the
+    run `configs/<dataset>/early_matt.toml` fuses.
     A run or file already there is replaced only if it is this same conversion, or with `force`.
     """
     checkpoint = Path(checkpoint)
@@ -698,12 +735,6 @@ def install_published(
         task=task,
         source_sha256=source_sha256,
     )
-    if task == "early_recognition":
-        name = checkpoint.name.removesuffix(".pth.tar").removesuffix(".pth")
-        target = Path(runs_dir) / dataset / "published" / f"{name}.safetensors"
-        _make_room(target, target, source_sha256, force)
-        save_checkpoint(target, conversion.tensors, conversion.metadata)
-        return target
     return install_conversion(conversion, runs_dir, force=force)
 
 

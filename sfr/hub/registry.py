@@ -30,6 +30,7 @@ Root = Literal["data", "runs"]
 Kind = Literal["annotations", "class-names", "features", "pretrained", "backbone", "detections"]
 Task = Literal["anticipation", "early_recognition"]
 TASKS: tuple[str, ...] = ("anticipation", "early_recognition")
+TASK_ALIASES = {"early": "early_recognition"}
 FEATURE_MODALITIES: tuple[str, ...] = ("rgb", "flow", "obj")
 
 
@@ -191,8 +192,12 @@ class Registry(_Strict):
         ]
 
     def pretrained(self, dataset: str, task: str = "all") -> list[Artefact]:
-        """The published RU-LSTM checkpoints of a dataset for one task or for every task."""
+        """The published RU-LSTM checkpoints of a dataset for one task or for every task.
+
+        `early` is short for `early_recognition`.
+        """
         dataset = check_choice("dataset", dataset, DATASETS)
+        task = TASK_ALIASES.get(task, task)
         published = [
             a
             for a in self.artefacts

@@ -119,9 +119,9 @@ class FusionNode(nn.Module):
 
     @property
     def times(self) -> tuple[float, ...]:
-        """Anticipation times every input produces, oldest first."""
+        """Times (early recognition: observed ratios) every input produces, in the inputs' order."""
         common = set.intersection(*(set(node.times) for node in self.inputs))
-        return tuple(sorted(common, reverse=True))
+        return tuple(t for t in self.inputs[0].times if t in common)
 
     def train(self, mode: bool = True) -> FusionNode:
         super().train(mode)

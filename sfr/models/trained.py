@@ -70,6 +70,11 @@ class TrainedModel:
         """One line saying what the model is."""
         if isinstance(self.config, BranchRunConfig):
             branch = self.config.branch
+            if self.data.task == "early_recognition":
+                return (
+                    f"{branch.modality} branch, early recognition "
+                    f"({branch.s_ant} frames over the action, {self.stage})"
+                )
             return (
                 f"{branch.modality} branch, alpha {branch.alpha:g} "
                 f"({branch.s_enc} + {branch.s_ant} steps, {self.stage})"
@@ -81,7 +86,8 @@ class TrainedModel:
         what = "whole model" if level == last else f"level {level} of {last}"
         arch = "Architecture 1" if model.architecture == "arch1" else "Architecture 2"
         sampling = ", published Slow-Fast sampling" if self.data.sampling == "published" else ""
-        return f"{self.stage} ({arch}, {what}{sampling})"
+        early = ", early recognition" if self.data.task == "early_recognition" else ""
+        return f"{self.stage} ({arch}, {what}{early}{sampling})"
 
     def use_sampling(self, sampling: Sampling | None) -> TrainedModel:
         """Read its data with `sampling` (`sfr.data.timegrid.sampled_frames`) from now on; None
@@ -139,7 +145,7 @@ def model_from_checkpoint(
             dropout=config.branch.dropout,
             sequence_completion=stage == "pretrain",
         )
-        grid = config.branch.grid(config.data.fps)
+        grid = config.grid
         stream = Stream(config.branch.modality, grid)
         module: BranchNode | FusionNode = BranchNode(branch, stream.key, grid)
         target: torch.nn.Module = branch

@@ -17,12 +17,19 @@ from sfr.models.fusion import BranchNode, FusionNode
 
 
 def branch_spec(config: BranchRunConfig, num_classes: int) -> dict[str, Any]:
-    """What a branch checkpoint records about its module: enough to rebuild it."""
-    return {
+    """What a branch checkpoint records about its module: enough to rebuild it.
+
+    Early-recognition branches also record their task, so that an anticipation branch is never
+    taken for one (same weights, other inputs).
+    """
+    spec: dict[str, Any] = {
         "feat_dim": config.data.feature_dim(config.branch.modality),
         "hidden": config.branch.hidden,
         "num_classes": num_classes,
     }
+    if config.data.task != "anticipation":
+        spec["task"] = config.data.task
+    return spec
 
 
 class ModelTree:
@@ -34,7 +41,8 @@ class ModelTree:
         self.units = plan_architecture(model.architecture, model.modalities, model.alphas)
         leaves = [(leaf_label(m, r.alpha), m, r) for r in model.rates for m in model.modalities]
         self.streams = {
-            label: Stream(m, r.grid(config.data.fps, fusion=True)) for label, m, r in leaves
+            label: Stream(m, r.grid(config.data.fps, fusion=True, task=config.data.task))
+            for label, m, r in leaves
         }
         self.branch_rates = {label: (m, r) for label, m, r in leaves}
         self.by_label = {unit.label: unit for unit in self.units}
@@ -64,6 +72,7 @@ class ModelTree:
             "num_classes": num_classes,
             "grids": {leaf: list(self._grid(leaf)) for leaf in self.leaves(label)},
             "inputs": [self.spec(child, num_classes) for child in unit.inputs],
+            **({"task": self.config.data.task} if self.config.data.task != "anticipation" else {}),
         }
 
     def _grid(self, leaf: str) -> tuple[float, int, int]:

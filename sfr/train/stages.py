@@ -69,7 +69,7 @@ class StageData:
 
 
 def branch_stream(config: BranchRunConfig) -> Stream:
-    return Stream(config.branch.modality, config.branch.grid(config.data.fps))
+    return Stream(config.branch.modality, config.grid)
 
 
 def _checked_segments(path: Path, num_classes: int) -> list[Segment]:
