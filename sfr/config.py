@@ -112,6 +112,9 @@ class RunConfig(StrictModel):
 
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or bf16/fp16 mixed precision (autocast; CUDA only)"
+    )
     select: Literal["top5", "mt5r"] = Field(
         "top5", description="best epoch by top-5 action accuracy or mean top-5 recall"
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
@@ -21,7 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sfr.errors import SfrError
+from sfr import distributed
+from sfr.data.loader import resolve_precision
+from sfr.errors import DistributedError, SfrError
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted
 
@@ -50,6 +53,8 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
             try:
                 return command(*args, **kwargs)
             except SfrError as error:
+                if not distributed.is_main() and not isinstance(error, DistributedError):
+                    raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
                 raise fail(error.message, error.hint) from None
             except KeyboardInterrupt:
                 err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
@@ -63,6 +68,20 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
 user_errors = handles_user_errors(
     "Checkpoints are written atomically: run the same command again to continue."
 )
+
+
+@contextmanager
+def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
+    """Run a command as one process of a torchrun run (or alone): join the process group, and
+    print only on rank 0. Checks `--precision` against the device before any work."""
+    with distributed.session(device) as target:
+        resolve_precision(precision, target)
+        quiet = console.quiet
+        console.quiet = quiet or not distributed.is_main()
+        try:
+            yield
+        finally:
+            console.quiet = quiet
 
 
 def sample_bars() -> Progress:

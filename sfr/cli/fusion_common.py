@@ -6,7 +6,14 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from sfr.cli.common import TrainingView, console, pipeline_rows, results_table, step_line
+from sfr.cli.common import (
+    TrainingView,
+    console,
+    distributed_run,
+    pipeline_rows,
+    results_table,
+    step_line,
+)
 from sfr.config import FusionRunConfig, load_config, parse_override
 from sfr.data.provenance import fill_recorded_dims
 from sfr.train.fusion import FusionPlan
@@ -36,32 +43,33 @@ def run_and_report(
     resolved.data.feature_dims = fill_recorded_dims(
         resolved.data.feature_dims, data, resolved.model.modalities
     )
-    plan = FusionPlan(resolved, runs)
-    model = resolved.model
-    console.print(
-        f"[bold]{model.architecture}[/] over {', '.join(model.modalities)} at alpha "
-        f"{', '.join(f'{a:g}' for a in model.alphas)}: fused anticipation times "
-        f"{', '.join(f'{t:g}' for t in resolved.fused_times)} s  →  {runs / resolved.fusion_dir}",
-        highlight=False,
-    )
-    with TrainingView() as view:
-
-        def show(event: object) -> None:
-            if isinstance(event, StepStarted):
-                view.title = f"{event.step.stage} {event.step.label}"
-                view.bars.console.print(step_line(event), highlight=False)
-            else:
-                view(event)
-
-        result = run_pipeline(
-            plan, data, levels=levels, branches=branches, force=force, progress=show, hint=hint
+    with distributed_run(resolved.run.device, resolved.run.precision):
+        plan = FusionPlan(resolved, runs)
+        model = resolved.model
+        console.print(
+            f"[bold]{model.architecture}[/] over {', '.join(model.modalities)} at alpha "
+            f"{', '.join(f'{a:g}' for a in model.alphas)}: fused anticipation times "
+            f"{', '.join(f'{t:g}' for t in resolved.fused_times)} s  →  {runs / resolved.fusion_dir}",
+            highlight=False,
         )
-    console.print(
-        results_table(
-            pipeline_rows(result),
-            result.times,
-            "Validation action accuracy (%), top-1/top-5 at the fused anticipation times",
-            f"best epochs chosen by {resolved.run.select}@{resolved.run.select_time:g}s; "
-            "every time and measure per epoch: metrics.jsonl in each run folder",
+        with TrainingView() as view:
+
+            def show(event: object) -> None:
+                if isinstance(event, StepStarted):
+                    view.title = f"{event.step.stage} {event.step.label}"
+                    view.bars.console.print(step_line(event), highlight=False)
+                else:
+                    view(event)
+
+            result = run_pipeline(
+                plan, data, levels=levels, branches=branches, force=force, progress=show, hint=hint
+            )
+        console.print(
+            results_table(
+                pipeline_rows(result),
+                result.times,
+                "Validation action accuracy (%), top-1/top-5 at the fused anticipation times",
+                f"best epochs chosen by {resolved.run.select}@{resolved.run.select_time:g}s; "
+                "every time and measure per epoch: metrics.jsonl in each run folder",
+            )
         )
-    )

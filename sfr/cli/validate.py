@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich import box
 from rich.table import Table
 
-from sfr import __version__
-from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import console, sample_bars, user_errors
+from sfr import __version__, distributed
+from sfr.cli.branch_stage import DataOpt, PrecisionOpt, WorkersOpt
+from sfr.cli.common import console, distributed_run, sample_bars, user_errors
 from sfr.errors import ConfigError
 from sfr.eval.evaluation import (
     EvaluationEvent,
@@ -164,6 +164,8 @@ def validate(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], PrecisionOpt] = "fp32",
+    workers: Annotated[int | None, WorkersOpt] = None,
     absent_zero: Annotated[
         bool,
         typer.Option(
@@ -182,7 +184,23 @@ def validate(
     loaded = load_models(paths, levels)
     if ensemble and not ensemble_weights:
         ensemble_weights = [1.0] * len(loaded)
-    settings = EvaluationSettings(batch_size, device, "zero" if absent_zero else "action0")
+    settings = EvaluationSettings(
+        batch_size, device, "zero" if absent_zero else "action0", precision, workers
+    )
+    with distributed_run(device, precision):
+        _validate(loaded, data, split, ensemble, ensemble_weights, settings, report)
+
+
+def _validate(
+    loaded: list[Any],
+    data: Path,
+    split: str,
+    ensemble: bool,
+    ensemble_weights: list[float],
+    settings: EvaluationSettings,
+    report: Path | None,
+) -> None:
+    """Score the models (every process of a torchrun run takes part), print and write (rank 0)."""
     view = EvaluationView()
     with view.bars:
         doc = evaluate(
@@ -210,6 +228,6 @@ def validate(
             console.print(
                 f"  [{index}] {entry['name']}", highlight=False, markup=False, soft_wrap=True
             )
-    if report is not None:
+    if report is not None and distributed.is_main():
         files = write_report(doc, report)
         console.print(f"Report written to {files.html} (and report.json, report.md, plots/).")

@@ -44,11 +44,14 @@ EvaluationEvent = ModelStarted | SamplesDone
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """How to run inference: batch size, device, verbs/nouns absent from every action."""
+    """How to run inference: batch size, device, verbs/nouns absent from every action,
+    precision and DataLoader workers (None: each model's data.num_workers)."""
 
     batch_size: int = 128
     device: str = "auto"
     absent: Literal["action0", "zero"] = "action0"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    workers: int | None = None
 
 
 def load_models(sources: Sequence[Path], every_level: bool = False) -> list[TrainedModel]:
@@ -153,6 +156,8 @@ def evaluate(
             bench.actions,
             batch_size=settings.batch_size,
             device=settings.device,
+            precision=settings.precision,
+            workers=settings.workers,
             absent=settings.absent,
             progress=lambda done, total: report(SamplesDone(done, total)),
         )

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sfr import distributed
 from sfr.checkpoint import load_checkpoint
 from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig, OptimConfig
 from sfr.data.annotations import (
@@ -199,6 +200,7 @@ def fit_settings(config: BranchRunConfig | FusionRunConfig, optim: OptimConfig) 
         select_time=config.run.select_time,
         num_workers=config.data.num_workers,
         device=config.run.device,
+        precision=config.run.precision,
     )
 
 
@@ -232,7 +234,9 @@ def train_branch_stage(
             branch_metadata(config, "pretrain", data.num_classes)["model"],
             f"Create it first with the same config and overrides as this command: {command} ...",
         )
-    resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    resuming = distributed.on_main(
+        lambda: run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    )
     torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
     branch = create_branch(
         feat_dim=config.data.feature_dim(config.branch.modality),
