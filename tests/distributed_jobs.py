@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+START_METHOD = "fork"  # a copy of the test process: no second import of torch (seconds each)
 TIMEOUT_S = 30  # collectives of the test processes (SFR_DIST_TIMEOUT)
 
 
@@ -32,7 +33,7 @@ def launch(
     `world` ranks; returns their exit codes (None for a rank still running after `wait_s`,
     which is then killed: a hang)."""
     out.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(START_METHOD)
     port = free_port()
     processes = [
         context.Process(target=_rank_main, args=(rank, world, port, steps, str(out)))

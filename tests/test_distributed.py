@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from distributed_jobs import launch
 from safetensors.torch import load_file
 
-from distributed_jobs import launch
 from sfr.checkpoint import read_metadata
 from sfr.config import BranchRunConfig, load_config
 from sfr.data.loader import ShardedBatchSampler
@@ -219,3 +219,39 @@ def test_validation_measures_from_label_ranks_equal_the_metric_functions() -> No
         assert got[f"top1@{t:g}"] == 100 * topk_accuracy(scores[:, k], labels, 1)
         assert got[f"top5@{t:g}"] == 100 * topk_accuracy(scores[:, k], labels, 5)
     assert got["mt5r@1"] == 100 * mean_topk_recall(scores[:, 1], labels, 5)
+
+
+@pytest.mark.parametrize("command", ["train-branch", "finetune", "validate"])
+def test_mixed_precision_on_the_cpu_is_refused_by_name(
+    cli, command: str, config_path: Path, golden_data: Path, tmp_path: Path
+) -> None:
+    """bf16/fp16 need CUDA: a clear message before any work, nothing written."""
+    from clitools import assert_user_error
+
+    runs = tmp_path / "runs"
+    if command == "validate":
+        args = [command, str(tmp_path), "--data", str(golden_data)]
+    else:
+        args = [command, "--config", str(config_path), "--data", str(golden_data), "--runs", runs]
+    for precision in ("bf16", "fp16"):
+        code, output, error = cli(*args, "--device", "cpu", "--precision", precision)
+        assert_user_error(
+            code, output, error, f"--precision {precision} needs a CUDA device", "fp32"
+        )
+    assert not runs.exists()
+
+
+def test_workers_and_precision_are_recorded_and_may_change_on_resume(
+    cli, config_path: Path, golden_data: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    common = ["--config", config_path, "--data", golden_data, "--runs", runs, "--epochs", "1"]
+    code, output, error = cli("train-branch", *common, "--workers", "1", "--precision", "fp32")
+    assert code == 0, f"{output}\n{error!r}"
+    saved = json.loads((runs / STAGE / "config.json").read_text())
+    assert saved["data"]["num_workers"] == 1 and saved["run"]["precision"] == "fp32"
+    code, output, error = cli(
+        "train-branch", *common, "--epochs", "2", "--workers", "0", "--resume"
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    assert len(measures(runs / STAGE)) == 2

@@ -12,6 +12,7 @@ from rich.table import Table
 from sfr import __version__, distributed
 from sfr.cli.branch_stage import DataOpt, PrecisionOpt, WorkersOpt
 from sfr.cli.common import console, distributed_run, sample_bars, user_errors
+from sfr.data.loader import resolve_precision
 from sfr.errors import ConfigError
 from sfr.eval.evaluation import (
     EvaluationEvent,
@@ -181,6 +182,7 @@ def validate(
     if report is not None:
         check_writable_dir(report, "report")
         require_matplotlib()  # before inference, not after it
+    resolve_precision(precision, distributed.process_device(device))  # before loading anything
     loaded = load_models(paths, levels)
     if ensemble and not ensemble_weights:
         ensemble_weights = [1.0] * len(loaded)
