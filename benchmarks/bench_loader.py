@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from sfr.data.annotations import Segment
 from sfr.data.dataset import AnticipationDataset, Stream, open_stores
@@ -32,6 +33,7 @@ from sfr.data.timegrid import TimeGrid
 DIMS = {"rgb": 1024, "flow": 1024, "obj": 352}
 GRID = TimeGrid(alpha=0.125, s_enc=24, s_ant=16)  # T = 40
 SEGMENTS, PER_VIDEO, SPACING, BATCH = 1024, 128, 30, 128  # spacing in frames (1 s at 30 fps)
+EPOCH = 4096  # samples per timed pass (32 batches, the segments repeated), as in a long epoch
 WORKERS = (0, 2, 4)
 
 
@@ -57,12 +59,13 @@ def write_store(folder: Path, planned: list[Segment]) -> dict[str, int]:
 
 
 def samples_per_second(dataset: AnticipationDataset, workers: int, device: str) -> float:
-    """One timed pass of the training loader after a warm-up pass (workers started); on CUDA
-    the batches are pinned (page-locked), as training pins them, but not copied to the GPU."""
+    """One timed pass of `EPOCH` samples after a warm-up pass (workers started, pages cached);
+    on CUDA the batches are pinned (page-locked) as training pins them, not copied to the GPU."""
+    epoch = Subset(dataset, [i % len(dataset) for i in range(EPOCH)])
     loader = create_loader(
-        dataset, batch_size=BATCH, device=torch.device(device), workers=workers, persistent=True
+        epoch, batch_size=BATCH, device=torch.device(device), workers=workers, persistent=True
     )
-    for _ in loader:  # warm-up: workers start, pages are cached
+    for _ in loader:
         pass
     began, seen = time.perf_counter(), 0
     for batch in loader:
@@ -95,6 +98,7 @@ def run(
         "setup": {
             **setup,
             "segments": segment_count,
+            "samples_per_pass": EPOCH,
             "batch": BATCH,
             "steps": GRID.steps,
             "alpha": GRID.alpha,

@@ -255,3 +255,29 @@ def test_workers_and_precision_are_recorded_and_may_change_on_resume(
     )
     assert code == 0, f"{output}\n{error!r}"
     assert len(measures(runs / STAGE)) == 2
+
+
+def test_whole_batches_equal_the_collated_samples(golden_data: Path) -> None:
+    """`__getitems__` (what workers return) equals collating `__getitem__`'s samples, with
+    several streams of one modality (gathered) and one stream per modality (read in place)."""
+    from torch.utils.data import default_collate
+
+    from sfr.data.annotations import read_segments
+    from sfr.data.dataset import AnticipationDataset, Stream, open_stores
+    from sfr.data.loader import collate
+    from sfr.data.timegrid import TimeGrid
+
+    segments = read_segments(golden_data / "validation.csv")
+    stores = open_stores(golden_data, {"rgb": 16, "obj": 12})
+    streams = [Stream("rgb", TimeGrid(0.25, 2, 4)), Stream("rgb", TimeGrid(0.5, 1, 2)),
+               Stream("obj", TimeGrid(0.25, 2, 4))]  # fmt: skip
+    for preload in (False, True):
+        dataset = AnticipationDataset(segments, streams, stores, preload=preload)
+        indices = [3, 0, 7, 7, len(dataset) - 1]
+        whole = collate(dataset.__getitems__(indices))
+        expected = default_collate([dataset[i] for i in indices])
+        assert whole.keys() == expected.keys() and whole["id"] == expected["id"]
+        for task in ("verb", "noun", "action"):
+            assert torch.equal(whole[task], expected[task])
+        for key in expected["features"]:
+            assert torch.equal(whole["features"][key], expected["features"][key]), key

@@ -15,8 +15,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from sfr.data.dataset import BATCHED
 from sfr.errors import ConfigError, SfrError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -162,7 +163,16 @@ def create_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
+        collate_fn=collate,
     )
+
+
+def collate(samples: list | dict) -> dict:
+    """DataLoader's default collation, except for a batch that the dataset built whole
+    (`AnticipationDataset.__getitems__`), which passes as it is (without its marker)."""
+    if isinstance(samples, dict) and samples.pop(BATCHED, False):
+        return samples
+    return default_collate(samples)
 
 
 def iterate_batches(loader: DataLoader) -> Iterator[dict]:

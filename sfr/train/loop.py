@@ -473,7 +473,9 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.scaler.is_enabled():
-            tensors["amp.scale"] = torch.tensor([self.scaler.get_scale()], dtype=torch.float64)
+            amp = self.scaler.state_dict()  # fp16 loss scale and its growth tracker
+            tensors["amp.scale"] = torch.tensor([amp["scale"]], dtype=torch.float64)
+            tensors["amp.growth_tracker"] = torch.tensor([amp["_growth_tracker"]])
         meta = {
             **self.metadata,
             "epoch": epoch,
@@ -505,5 +507,8 @@ class Trainer:
         if "rng.cuda" in tensors and self.device.type == "cuda" and self.rank == 0:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if "amp.scale" in tensors and self.scaler.is_enabled():
-            self.scaler.update(float(tensors["amp.scale"][0]))
+            amp = self.scaler.state_dict()
+            amp["scale"] = float(tensors["amp.scale"][0])
+            amp["_growth_tracker"] = int(tensors["amp.growth_tracker"][0])
+            self.scaler.load_state_dict(amp)
         return meta["epoch"] + 1, meta["best"], meta["best_epoch"]
