@@ -57,7 +57,8 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
                     raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
                 raise fail(error.message, error.hint) from None
             except KeyboardInterrupt:
-                err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
+                if distributed.is_main():  # torchrun interrupts every process: one message
+                    err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
                 raise typer.Exit(130) from None
 
         return wrapper  # type: ignore[return-value]
