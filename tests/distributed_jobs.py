@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,29 @@ def free_port() -> int:
 
 
 def launch(
-    steps: list[tuple[str, dict[str, Any]]], out: Path, world: int = 2, wait_s: float = 90
+    steps: list[tuple[str, dict[str, Any]]],
+    out: Path,
+    world: int = 2,
+    wait_s: float = 90,
+    timeout_s: float = TIMEOUT_S,
+    grace_s: float | None = None,
 ) -> list[int | None]:
     """Run the jobs `steps` ((name, keyword arguments), in order, in one process group) on
     `world` ranks; returns their exit codes (None for a rank still running after `wait_s`,
-    which is then killed: a hang)."""
+    which is then killed: a hang). Ranks above 0 get `grace_s` more seconds once rank 0 is
+    done (default `wait_s`)."""
     out.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context(START_METHOD)
     port = free_port()
     processes = [
-        context.Process(target=_rank_main, args=(rank, world, port, steps, str(out)))
+        context.Process(target=_rank_main, args=(rank, world, port, steps, str(out), timeout_s))
         for rank in range(world)
     ]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join(wait_s)
+    processes[0].join(wait_s)
+    for process in processes[1:]:
+        process.join(wait_s if grace_s is None else grace_s)
     codes = [process.exitcode for process in processes]
     for process in processes:
         if process.is_alive():
@@ -51,10 +59,10 @@ def launch(
     return codes
 
 
-def _rank_main(rank: int, world: int, port: int, steps: list, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, steps: list, out: str, timeout_s: float) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SFR_DIST_TIMEOUT=str(TIMEOUT_S),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SFR_DIST_TIMEOUT=str(timeout_s),
     )  # fmt: skip
     torch.set_num_threads(1)
     from sfr import distributed
@@ -69,9 +77,16 @@ def _rank_main(rank: int, world: int, port: int, steps: list, out: str) -> None:
 
 
 def _train(
-    rank: int, config: str, data: str, runs: str, resume: bool = False, kill_at: Any = None
+    rank: int,
+    config: str,
+    data: str,
+    runs: str,
+    resume: bool = False,
+    kill_at: Any = None,
+    stall_at: Any = None,
 ) -> dict:
-    """Train a branch's pre-training; rank 1 dies at (epoch, batch) `kill_at` if given."""
+    """Train a branch's pre-training; rank 1 dies at (epoch, batch) `kill_at`, or stops
+    responding for a minute at `stall_at`, if given."""
     from sfr.config import BranchRunConfig, load_config
     from sfr.errors import SfrError
     from sfr.train.loop import BatchDone
@@ -86,6 +101,13 @@ def _train(
             and (event.epoch, event.done) == tuple(kill_at)
         ):
             os._exit(3)  # as a process killed by the OOM killer or a failed node
+        if (
+            stall_at is not None
+            and rank == 1
+            and isinstance(event, BatchDone)
+            and (event.phase, event.epoch, event.done) == ("train", *stall_at)
+        ):
+            time.sleep(60)  # as a process stuck on a dead file system
 
     resolved = load_config(BranchRunConfig, Path(config))
     try:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,23 @@ def test_a_killed_rank_fails_clearly_and_the_run_resumes_under_ddp(
         entry.pop("source")
     assert ours == theirs
     assert not (report / "plots").exists() or (report / "report.html").is_file()
+
+
+def test_a_stalled_rank_times_out_instead_of_hanging(
+    config_path: Path, golden_data: Path, tmp_path: Path
+) -> None:
+    """Rank 1 stops responding in epoch 2: rank 0 gives up after SFR_DIST_TIMEOUT seconds."""
+    runs = tmp_path / "runs"
+    train = {"config": str(config_path), "data": str(golden_data), "runs": str(runs)}
+    began = time.monotonic()
+    steps = [("train", {**train, "stall_at": [1, 1]})]
+    codes = launch(steps, tmp_path / "out", wait_s=30, timeout_s=3, grace_s=0)
+    assert codes[0] == 0 and time.monotonic() - began < 30, codes  # rank 1 is still asleep
+    (result,) = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    assert result["error"] == "DistributedError", result
+    assert "Training stopped at epoch 2" in result["message"]
+    assert "SFR_DIST_TIMEOUT=3 s" in result["message"]
+    assert read_metadata(runs / STAGE / "last.safetensors")["epoch"] == 0
 
 
 def test_validation_measures_from_label_ranks_equal_the_metric_functions() -> None:
