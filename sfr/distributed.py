@@ -80,7 +80,7 @@ def process_device(name: str) -> torch.device:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if local >= torch.cuda.device_count():
-        raise ConfigError(
+        raise DistributedError(
             f"torchrun started process LOCAL_RANK {local} but this machine has "
             f"{torch.cuda.device_count()} CUDA device(s).",
             "Start at most one process per GPU: --nproc-per-node <number of GPUs>.",
@@ -120,8 +120,18 @@ def session(device: str) -> Iterator[torch.device]:
         ) from None
     try:
         yield target
+    except SfrError as error:
+        error.rank = rank()  # type: ignore[attr-defined]  # raised while the group ran
+        raise
     finally:
         shutdown()
+
+
+def own_error(error: SfrError) -> bool:
+    """Whether a process other than rank 0 should report `error` itself: it arose in that
+    process while the group ran (rank 0 reports the errors that every process meets alike,
+    such as a bad option, and those it handed to the others)."""
+    return getattr(error, "rank", None) is not None and not getattr(error, "from_main", False)
 
 
 def shutdown() -> None:
@@ -160,6 +170,8 @@ def on_main(work: Callable[[], T]) -> T:
     dist.broadcast_object_list(box, src=0, device=_comm_device())
     kind, value = box[0]  # type: ignore[misc]
     if kind == "error":
+        if not is_main():
+            value.from_main = True  # type: ignore[union-attr]  # rank 0 reports it
         raise value  # type: ignore[misc]
     return value  # type: ignore[return-value]
 

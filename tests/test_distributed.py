@@ -299,3 +299,33 @@ def test_whole_batches_equal_the_collated_samples(golden_data: Path) -> None:
             assert torch.equal(whole[task], expected[task])
         for key in expected["features"]:
             assert torch.equal(whole["features"][key], expected["features"][key]), key
+
+
+def test_other_ranks_report_only_their_own_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Rank 1 stays silent about errors every rank meets (rank 0 prints them) but names
+    itself with an error that arose in it alone, such as a missing key in its shard."""
+    import typer
+
+    from sfr.cli.common import handles_user_errors
+    from sfr.errors import DataError, DistributedError, RunError
+
+    monkeypatch.setenv("RANK", "1")
+    own = DataError("Feature store 'rgb' has no key 'P01_01_frame_0000000042.jpg'.")
+    own.rank = 1
+    shared = RunError("Run directory runs/x already holds a finished run.")
+    shared.rank, shared.from_main = 1, True
+    lost = DistributedError("Training stopped at epoch 2: process rank 1 of 2 lost contact.")
+    for error, printed in [(DataError("before the group"), ""), (shared, ""),
+                           (own, "rank 1: Feature store 'rgb'"), (lost, "rank 1: Training stopped")]:  # fmt: skip
+
+        @handles_user_errors("")
+        def command(error: Exception = error) -> None:
+            raise error
+
+        with pytest.raises(typer.Exit) as exit:
+            command()
+        assert exit.value.exit_code == 2
+        output = capsys.readouterr().err
+        assert (printed in output) if printed else output == "", output

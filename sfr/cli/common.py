@@ -53,9 +53,12 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
             try:
                 return command(*args, **kwargs)
             except SfrError as error:
-                if not distributed.is_main() and not isinstance(error, DistributedError):
+                if distributed.is_main():
+                    raise fail(error.message, error.hint) from None
+                if not (distributed.own_error(error) or isinstance(error, DistributedError)):
                     raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
-                raise fail(error.message, error.hint) from None
+                rank = f"rank {distributed.rank()}: "
+                raise fail(rank + error.message, error.hint) from None
             except KeyboardInterrupt:
                 if distributed.is_main():  # torchrun interrupts every process: one message
                     err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
