@@ -132,6 +132,9 @@ class RunConfig(StrictModel):
 
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or bf16/fp16 mixed precision (autocast; CUDA only)"
+    )
     select: Literal["top5", "mt5r", "top1"] = Field(
         "top5",
         description="best epoch by top-5 action accuracy, mean top-5 recall or top-1 accuracy "

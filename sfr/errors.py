@@ -39,3 +39,7 @@ class RunError(SfrError):
 
 class TrainingError(SfrError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class DistributedError(SfrError):
+    """A multi-process run lost one of its processes or could not start (torchrun, DDP)."""

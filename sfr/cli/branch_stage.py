@@ -12,7 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-from sfr.cli.common import TrainingView, console, fail, handles_user_errors, stage_table
+from sfr.cli.common import (
+    TrainingView,
+    console,
+    distributed_run,
+    fail,
+    handles_user_errors,
+    stage_table,
+)
 from sfr.config import BranchRunConfig, load_config, parse_override
 from sfr.data.observation import position_label
 from sfr.train.stages import Stage, train_branch_stage
@@ -34,6 +41,18 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override any config field: section.field=value (repeatable)."),
 ]
 DataGroup, BranchGroup, OptimGroup, RunGroup = "Data", "Branch", "Optimisation", "Run"
+WorkersOpt = typer.Option(
+    "--workers",
+    "--num-workers",
+    min=0,
+    help="DataLoader worker processes (each opens its own LMDB handles).",
+    rich_help_panel=DataGroup,
+)
+PrecisionOpt = typer.Option(
+    "--precision",
+    help="fp32, or bf16/fp16 mixed precision (CUDA only).",
+    rich_help_panel=RunGroup,
+)
 
 
 def _opt(flag: str, help: str, group: str) -> Any:
@@ -60,9 +79,7 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             bool | None,
             _opt("--preload/--no-preload", "Read all sequences into memory first.", DataGroup),
         ] = None,
-        num_workers: Annotated[
-            int | None, _opt("--num-workers", "DataLoader workers.", DataGroup)
-        ] = None,
+        num_workers: Annotated[int | None, WorkersOpt] = None,
         modality: Annotated[
             str | None, _opt("--modality", "rgb, flow or obj.", BranchGroup)
         ] = None,
@@ -84,6 +101,7 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         device: Annotated[
             str | None, _opt("--device", "auto, cpu, cuda or cuda:N.", RunGroup)
         ] = None,
+        precision: Annotated[str | None, PrecisionOpt] = None,
         select: Annotated[
             str | None,
             _opt(
@@ -113,7 +131,7 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             "branch.s_enc": s_enc, "branch.s_ant": s_ant, "branch.hidden": hidden,
             "branch.dropout": dropout, "optim.epochs": epochs, "optim.batch_size": batch_size,
             "optim.lr": lr, "optim.momentum": momentum, "optim.weight_decay": weight_decay,
-            "run.seed": seed, "run.device": device, "run.select": select,
+            "run.seed": seed, "run.device": device, "run.precision": precision, "run.select": select,
             "run.select_time": select_time, "run.name": name,
         }  # fmt: skip
         overrides = dict(parse_override(item) for item in set_ or [])
@@ -127,31 +145,32 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             if task == "early_recognition"
             else f"T = {grid.steps} steps of {grid.alpha:g} s"
         )
-        console.print(
-            f"[bold]{title}[/]  {what}  →  {runs / resolved.branch_dir / stage}",
-            highlight=False,
-        )
-        with TrainingView(title) as view:
-            result = train_branch_stage(
-                resolved,
-                stage,
-                data,
-                runs,
-                force=force,
-                resume=resume,
-                progress=view,
-                source=str(config),
+        with distributed_run(resolved.run.device, resolved.run.precision):
+            console.print(
+                f"[bold]{title}[/]  {what}  →  {runs / resolved.branch_dir / stage}",
+                highlight=False,
             )
-        console.print(
-            stage_table(
-                result,
-                grid.anticipation_times,
-                f"Validation, best epoch {result.best_epoch + 1} "
-                f"({resolved.run.select}@"
-                f"{position_label(resolved.run.select_time, task)} = {result.best:.2f})",
-                task,
+            with TrainingView(title) as view:
+                result = train_branch_stage(
+                    resolved,
+                    stage,
+                    data,
+                    runs,
+                    force=force,
+                    resume=resume,
+                    progress=view,
+                    source=str(config),
+                )
+            console.print(
+                stage_table(
+                    result,
+                    grid.anticipation_times,
+                    f"Validation, best epoch {result.best_epoch + 1} "
+                    f"({resolved.run.select}@"
+                    f"{position_label(resolved.run.select_time, task)} = {result.best:.2f})",
+                    task,
+                )
             )
-        )
 
     command.__doc__ = doc
     return handles_user_errors(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
@@ -21,8 +22,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from sfr import distributed
+from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_header, position_label
-from sfr.errors import SfrError
+from sfr.errors import DistributedError, SfrError
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted
 
@@ -51,9 +54,15 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
             try:
                 return command(*args, **kwargs)
             except SfrError as error:
-                raise fail(error.message, error.hint) from None
+                if distributed.is_main():
+                    raise fail(error.message, error.hint) from None
+                if not (distributed.own_error(error) or isinstance(error, DistributedError)):
+                    raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
+                rank = f"rank {distributed.rank()}: "
+                raise fail(rank + error.message, error.hint) from None
             except KeyboardInterrupt:
-                err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
+                if distributed.is_main():  # torchrun interrupts every process: one message
+                    err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
                 raise typer.Exit(130) from None
 
         return wrapper  # type: ignore[return-value]
@@ -64,6 +73,20 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
 user_errors = handles_user_errors(
     "Checkpoints are written atomically: run the same command again to continue."
 )
+
+
+@contextmanager
+def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
+    """Run a command as one process of a torchrun run (or alone): join the process group, and
+    print only on rank 0. Checks `--precision` against the device before any work."""
+    with distributed.session(device) as target:
+        resolve_precision(precision, target)
+        quiet = console.quiet
+        console.quiet = quiet or not distributed.is_main()
+        try:
+            yield
+        finally:
+            console.quiet = quiet
 
 
 def sample_bars() -> Progress:

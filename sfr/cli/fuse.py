@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from sfr.cli.branch_stage import ConfigOpt, DataOpt, RunsOpt, SetOpt
+from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
 from sfr.cli.common import fail, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.train.fusion import FusionPlan
@@ -42,6 +42,8 @@ def fuse(
     device: Annotated[
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
     ] = None,
+    precision: Annotated[str | None, PrecisionOpt] = None,
+    workers: Annotated[int | None, WorkersOpt] = None,
     set_: SetOpt = None,
 ) -> None:
     """Train the attention fusions of Architecture 1 or 2 from the fine-tuned branches.
@@ -58,6 +60,8 @@ def fuse(
             "fusion_optim.lr": lr,
             "fusion_optim.batch_size": batch_size,
             "run.device": device,
+            "run.precision": precision,
+            "data.num_workers": workers,
         },
         set_,
     )

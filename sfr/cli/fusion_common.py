@@ -6,7 +6,14 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from sfr.cli.common import TrainingView, console, pipeline_rows, results_table, step_line
+from sfr.cli.common import (
+    TrainingView,
+    console,
+    distributed_run,
+    pipeline_rows,
+    results_table,
+    step_line,
+)
 from sfr.config import FusionRunConfig, load_config, parse_override
 from sfr.data.observation import position_label
 from sfr.data.provenance import fill_recorded_dims
@@ -37,41 +44,44 @@ def run_and_report(
     resolved.data.feature_dims = fill_recorded_dims(
         resolved.data.feature_dims, data, resolved.model.modalities
     )
-    plan = FusionPlan(resolved, runs)
-    model = resolved.model
-    task = resolved.data.task
-    positions = ", ".join(position_label(t, task, unit=False) for t in resolved.fused_times)
-    what = (
-        f"early recognition at observed ratios {positions}"
-        if task == "early_recognition"
-        else f"fused anticipation times {positions} s"
-    )
-    console.print(
-        f"[bold]{model.architecture}[/] over {', '.join(model.modalities)} at alpha "
-        f"{', '.join(f'{a:g}' for a in model.alphas)}: {what}  →  {runs / resolved.fusion_dir}",
-        highlight=False,
-    )
-    with TrainingView() as view:
-
-        def show(event: object) -> None:
-            if isinstance(event, StepStarted):
-                view.title = f"{event.step.stage} {event.step.label}"
-                view.bars.console.print(step_line(event), highlight=False)
-            else:
-                view(event)
-
-        result = run_pipeline(
-            plan, data, levels=levels, branches=branches, force=force, progress=show, hint=hint
+    with distributed_run(resolved.run.device, resolved.run.precision):
+        plan = FusionPlan(resolved, runs)
+        model = resolved.model
+        task = resolved.data.task
+        positions = ", ".join(position_label(t, task, unit=False) for t in resolved.fused_times)
+        what = (
+            f"early recognition at observed ratios {positions}"
+            if task == "early_recognition"
+            else f"fused anticipation times {positions} s"
         )
-    console.print(
-        results_table(
-            pipeline_rows(result),
-            result.times,
-            "Validation action accuracy (%), top-1/top-5 at the "
-            + ("observed ratios" if task == "early_recognition" else "fused anticipation times"),
-            f"best epochs chosen by {resolved.run.select}@"
-            f"{position_label(resolved.run.select_time, task)}; "
-            "every time and measure per epoch: metrics.jsonl in each run folder",
-            task,
+        console.print(
+            f"[bold]{model.architecture}[/] over {', '.join(model.modalities)} at alpha "
+            f"{', '.join(f'{a:g}' for a in model.alphas)}: {what}  →  {runs / resolved.fusion_dir}",
+            highlight=False,
         )
-    )
+        with TrainingView() as view:
+
+            def show(event: object) -> None:
+                if isinstance(event, StepStarted):
+                    view.title = f"{event.step.stage} {event.step.label}"
+                    view.bars.console.print(step_line(event), highlight=False)
+                else:
+                    view(event)
+
+            result = run_pipeline(
+                plan, data, levels=levels, branches=branches, force=force, progress=show, hint=hint
+            )
+        console.print(
+            results_table(
+                pipeline_rows(result),
+                result.times,
+                "Validation action accuracy (%), top-1/top-5 at the "
+                + (
+                    "observed ratios" if task == "early_recognition" else "fused anticipation times"
+                ),
+                f"best epochs chosen by {resolved.run.select}@"
+                f"{position_label(resolved.run.select_time, task)}; "
+                "every time and measure per epoch: metrics.jsonl in each run folder",
+                task,
+            )
+        )

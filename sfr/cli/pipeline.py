@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sfr.cli.branch_stage import DataOpt, RunsOpt, SetOpt
+from sfr.cli.branch_stage import DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
 from sfr.cli.common import user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 
@@ -32,6 +32,8 @@ def pipeline(
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    precision: Annotated[str | None, PrecisionOpt] = None,
+    workers: Annotated[int | None, WorkersOpt] = None,
     set_: SetOpt = None,
 ) -> None:
     """Pre-train and fine-tune every branch, then train every fusion level.
@@ -41,7 +43,13 @@ def pipeline(
     """
     resolved = load_fusion_config(
         config,
-        {"model.freeze_branches": freeze_branches, "run.device": device, "run.seed": seed},
+        {
+            "model.freeze_branches": freeze_branches,
+            "run.device": device,
+            "run.precision": precision,
+            "data.num_workers": workers,
+            "run.seed": seed,
+        },
         set_,
     )
     run_and_report(

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich import box
 from rich.table import Table
 
-from sfr import __version__
-from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
+from sfr import __version__, distributed
+from sfr.cli.branch_stage import DataOpt, PrecisionOpt, WorkersOpt
+from sfr.cli.common import SamplingOpt, console, distributed_run, sample_bars, user_errors
+from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
 from sfr.eval.evaluation import (
@@ -182,6 +183,8 @@ def validate(
             "the published early-recognition fusion of rgb/flow/obj).",
         ),
     ] = "probabilities",
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], PrecisionOpt] = "fp32",
+    workers: Annotated[int | None, WorkersOpt] = None,
     absent_zero: Annotated[
         bool,
         typer.Option(
@@ -198,19 +201,36 @@ def validate(
     if report is not None:
         check_writable_dir(report, "report")
         require_matplotlib()  # before inference, not after it
-    loaded = [model.use_sampling(sampling) for model in load_models(paths, levels)]
-    if ensemble and not ensemble_weights:
-        ensemble_weights = [1.0] * len(loaded)
+    resolve_precision(precision, distributed.process_device(device))  # before loading anything
     if ensemble_of not in ("probabilities", "scores"):
         raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
     if ensemble_of != "probabilities" and not ensemble:
         raise ConfigError("--ensemble-of is only used with --ensemble.", "Add --ensemble.")
+    loaded = [model.use_sampling(sampling) for model in load_models(paths, levels)]
+    if ensemble and not ensemble_weights:
+        ensemble_weights = [1.0] * len(loaded)
     settings = EvaluationSettings(
-        batch_size,
-        device,
-        "zero" if absent_zero else "action0",
-        ensemble_of,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        device=device,
+        absent="zero" if absent_zero else "action0",
+        ensemble_of=ensemble_of,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+        workers=workers,
     )
+    with distributed_run(device, precision):
+        _validate(loaded, data, split, ensemble, ensemble_weights, settings, report)
+
+
+def _validate(
+    loaded: list[Any],
+    data: Path,
+    split: str,
+    ensemble: bool,
+    ensemble_weights: list[float],
+    settings: EvaluationSettings,
+    report: Path | None,
+) -> None:
+    """Score the models (every process of a torchrun run takes part), print and write (rank 0)."""
     view = EvaluationView()
     with view.bars:
         doc = evaluate(
@@ -238,6 +258,6 @@ def validate(
             console.print(
                 f"  [{index}] {entry['name']}", highlight=False, markup=False, soft_wrap=True
             )
-    if report is not None:
+    if report is not None and distributed.is_main():
         files = write_report(doc, report)
         console.print(f"Report written to {files.html} (and report.json, report.md, plots/).")

@@ -144,16 +144,68 @@ class AnticipationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.plans)
 
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        """A whole batch, as DataLoader's default collation would build it from the samples:
+        `{"id": [...], "verb"/"noun"/"action": (B,) int64, "features": {key: (B, T, D)}}`.
+
+        Each stream's features are read straight into one (B, T, D) tensor (in shared memory
+        inside a DataLoader worker, so that handing it to the main process copies nothing):
+        one LMDB transaction per store and sample, no per-sample tensors, no stacking.
+        """
+        rows = len(indices)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        features: dict[str, torch.Tensor] = {}
+        for stream in self.streams:
+            dim = self.stores[stream.modality].dim
+            tensor = torch.empty((rows, stream.grid.steps, dim), dtype=torch.float32)
+            features[stream.key] = tensor.share_memory_() if in_worker else tensor
+        arrays = {key: tensor.numpy() for key, tensor in features.items()}
+        for row, index in enumerate(indices):
+            self._read_into(index, {key: array[row] for key, array in arrays.items()})
+        segments = [self.plans[index].segment for index in indices]
+        labels = {
+            task: torch.tensor([_label(getattr(s, task)) for s in segments], dtype=torch.int64)
+            for task in ("verb", "noun", "action")
+        }
+        return {BATCHED: True, "id": [s.id for s in segments], **labels, "features": features}
+
+    def _read_into(self, index: int, out: dict[str, np.ndarray]) -> None:
+        """Sample `index`'s features into the (T, D) arrays `out` (by stream key)."""
+        if self._cache is not None:
+            for key, vectors in self._cache[index].items():
+                out[key][...] = vectors
+            return
+        plan = self.plans[index]
+        segment = plan.segment
+        for modality, frames in plan.frames.items():
+            mine = [s for s in self.streams if s.modality == modality]
+            picks = plan.picks[mine[0].key]
+            direct = len(mine) == 1 and np.array_equal(picks, np.arange(len(frames)))
+            store = self.stores[modality]
+            if direct:  # the stream reads every frame once, in order: no gather needed
+                store.read(segment.video, frames, sample_id=segment.id, out=out[mine[0].key])
+                continue
+            vectors = store.read(segment.video, frames, sample_id=segment.id)
+            for stream in mine:
+                out[stream.key][...] = vectors[plan.picks[stream.key]]
+
     def __getitem__(self, index: int) -> dict:
         segment = self.plans[index].segment
         features = self._cache[index] if self._cache is not None else self._read(index)
         return {
             "id": segment.id,
-            "verb": -1 if segment.verb is None else segment.verb,
-            "noun": -1 if segment.noun is None else segment.noun,
-            "action": -1 if segment.action is None else segment.action,
+            "verb": _label(segment.verb),
+            "noun": _label(segment.noun),
+            "action": _label(segment.action),
             "features": {key: torch.from_numpy(value) for key, value in features.items()},
         }
+
+
+BATCHED = "batched"  # key that marks a batch built whole by `__getitems__`
+
+
+def _label(value: int | None) -> int:
+    return -1 if value is None else value
 
 
 def open_stores(data_dir: Path, dims: Mapping[str, int]) -> dict[str, FeatureStore]:

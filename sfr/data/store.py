@@ -53,9 +53,20 @@ class FeatureStore:
             self._pid = os.getpid()
         return self._env
 
-    def read(self, video: str, frames: Sequence[int], sample_id: str = "?") -> np.ndarray:
-        """Vectors of `frames` of `video` as a (len(frames), dim) float32 array, in one transaction."""
-        out = np.empty((len(frames), self.dim), dtype=np.float32)
+    def read(
+        self,
+        video: str,
+        frames: Sequence[int],
+        sample_id: str = "?",
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Vectors of `frames` of `video` as a (len(frames), dim) float32 array, in one transaction.
+
+        `out`, a (len(frames), dim) float32 array (e.g. a row of a batch), receives the vectors
+        straight from LMDB's memory map, without an intermediate copy.
+        """
+        if out is None:
+            out = np.empty((len(frames), self.dim), dtype=np.float32)
         with self.env.begin(buffers=True) as txn:
             for row, frame in enumerate(frames):
                 key = frame_key(video, int(frame))

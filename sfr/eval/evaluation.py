@@ -46,13 +46,16 @@ EvaluationEvent = ModelStarted | SamplesDone
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """How to run inference: batch size, device, verbs/nouns absent from every action, and what
-    an ensemble averages (see `predict_split`)."""
+    """How to run inference: batch size, device, verbs/nouns absent from every action, what
+    an ensemble averages (see `predict_split`), precision and DataLoader workers (None: each
+    model's data.num_workers)."""
 
     batch_size: int = 128
     device: str = "auto"
     absent: Literal["action0", "zero"] = "action0"
     ensemble_of: Literal["probabilities", "scores"] = "probabilities"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    workers: int | None = None
 
 
 def load_models(sources: Sequence[Path], every_level: bool = False) -> list[TrainedModel]:
@@ -170,6 +173,8 @@ def evaluate(
             bench.actions,
             batch_size=settings.batch_size,
             device=settings.device,
+            precision=settings.precision,
+            workers=settings.workers,
             absent=settings.absent,
             mean_of=settings.ensemble_of,
             progress=lambda done, total: report(SamplesDone(done, total)),

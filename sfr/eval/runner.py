@@ -6,10 +6,14 @@ their weighted mean, and verb and noun probabilities are marginalised from it (D
 the k best classes of each row are kept, so memory grows with samples × times × k, not with
 the number of classes. Segments that some member's time grid sets aside stay in the result,
 flagged `discarded`, so that each benchmark can count them as it requires.
+
+Under torchrun every process scores a contiguous share of the segments and the kept top-k rows
+are gathered (`sfr.distributed`), so the predictions equal those of a single process.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +21,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import Subset
 
+from sfr import distributed
 from sfr.data.annotations import ActionsTable, Segment
 from sfr.data.dataset import AnticipationDataset, open_stores
-from sfr.data.loader import iterate_batches, resolve_device, to_device
+from sfr.data.loader import create_loader, iterate_batches, resolve_precision, to_device
 from sfr.errors import ConfigError
 from sfr.eval.metrics import marginalise, top_k
 from sfr.models.fusion import FusionNode
@@ -137,7 +142,18 @@ class _AttentionSums:
         self.count += next(iter(attention.values())).shape[0] if attention else 0
 
     def means(self) -> list[AttentionMeans]:
-        if not isinstance(self.model.module, FusionNode) or self.count == 0:
+        """Mean weights over the samples of every process."""
+        if not isinstance(self.model.module, FusionNode):
+            return []
+        units = _fusion_units(self.model.module)
+        for node in units:  # the same collectives on every process, even one without samples
+            local = self.sums.get(node.label)
+            if local is None:
+                local = np.zeros((len(self.model.times), len(node.input_labels)))
+            self.sums[node.label] = distributed.gather_rows(np.asarray(local)[None]).sum(0)
+        (count,) = distributed.all_sum([self.count])
+        self.count = int(count)
+        if self.count == 0:
             return []
         tree = ModelTree(self.model.config)
         return [
@@ -148,7 +164,7 @@ class _AttentionSums:
                 self.model.times,
                 self.sums[node.label] / self.count,
             )
-            for node in _fusion_units(self.model.module)
+            for node in units
         ]
 
 
@@ -160,6 +176,8 @@ def predict_split(
     *,
     batch_size: int = 128,
     device: str = "auto",
+    precision: str = "fp32",
+    workers: int | None = None,
     k: int = 5,
     full_at: float | None = None,
     absent: Literal["action0", "zero"] = "action0",
@@ -178,6 +196,10 @@ def predict_split(
     (RULSTM/main.py, `--task early_recognition --modality fusion`): actions ranked by the
     weighted mean of the members' raw scores (reported as its softmax), verbs and nouns by the
     mean of their marginal probabilities (which is the default's).
+    `workers` DataLoader processes read the features (default: the first model's
+    data.num_workers); `precision` bf16/fp16 runs the models under autocast (CUDA). Under
+    torchrun each process scores its share of the segments; every process returns the whole
+    split's predictions.
     """
     check_members(members)
     first = members[0].model
@@ -186,7 +208,8 @@ def predict_split(
         raise ConfigError(
             f"The model does not predict at {full_at:g} s; it predicts at {_seconds(times)}."
         )
-    torch_device = resolve_device(device)
+    torch_device = distributed.process_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
     dims = {
         s.modality: m.model.data.feature_dim(s.modality) for m in members for s in m.model.streams
     }
@@ -205,13 +228,13 @@ def predict_split(
         else AnticipationDataset(kept, m.model.streams, stores, sampling=m.model.data.sampling)
         for dataset, m in zip(datasets, members, strict=True)
     ]
+    share = distributed.shard(len(kept))  # this process's contiguous share of the segments
     loaders = [
-        DataLoader(
-            dataset,
+        create_loader(
+            Subset(dataset, share) if distributed.active() else dataset,
             batch_size=batch_size,
-            shuffle=False,
-            num_workers=m.model.data.num_workers,
-            pin_memory=torch_device.type == "cuda",
+            device=torch_device,
+            workers=m.model.data.num_workers if workers is None else workers,
         )
         for dataset, m in zip(datasets, members, strict=True)
     ]
@@ -227,17 +250,26 @@ def predict_split(
     top_probs = {t: np.zeros((n, steps, k), dtype=np.float32) for t in TASKS}
     row_of = {segment.id: row for row, segment in enumerate(segments)}
     full_rows: dict[str, list[np.ndarray]] = {name: [] for name in ("verb", "noun", "ids", "probs")}
+    local_rows: list[np.ndarray] = []
+    local_ids: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+    local_probs: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
     full_index = times.index(full_at) if full_at is not None else None
     attention = _AttentionSums(first) if len(members) == 1 else None
+    autocast = (
+        torch.autocast(torch_device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     done = 0
     for batches in zip(*(iterate_batches(loader) for loader in loaders), strict=True):
         probs, raw = None, None
         for member, batch in zip(members, batches, strict=True):
-            output = member.model(to_device(batch["features"], torch_device))
-            share = member.weight / total_weight
-            member_probs = torch.softmax(output.scores.double(), dim=-1) * share
+            with autocast:
+                output = member.model(to_device(batch["features"], torch_device))
+            fraction = member.weight / total_weight
+            member_probs = torch.softmax(output.scores.double(), dim=-1) * fraction
             probs = member_probs if probs is None else probs + member_probs
-            member_raw = output.scores.double() * share
+            member_raw = output.scores.double() * fraction
             raw = member_raw if raw is None else raw + member_raw
             if attention is not None:
                 attention.add(output.attention)
@@ -254,8 +286,11 @@ def predict_split(
         for task, task_probs in per_task.items():
             flat = task_probs.reshape(-1, task_probs.shape[-1])
             best = top_k(flat, k)
-            top_ids[task][rows] = best.reshape(len(rows), steps, -1)
-            top_probs[task][rows] = np.take_along_axis(flat, best, 1).reshape(len(rows), steps, -1)
+            local_ids[task].append(best.reshape(len(rows), steps, -1))
+            local_probs[task].append(
+                np.take_along_axis(flat, best, 1).reshape(len(rows), steps, -1).astype(np.float32)
+            )
+        local_rows.append(rows)
         if full_index is not None:
             full_rows["verb"].append(per_task["verb"][:, full_index].astype(np.float32))
             full_rows["noun"].append(per_task["noun"][:, full_index].astype(np.float32))
@@ -264,7 +299,15 @@ def predict_split(
             full_rows["probs"].append(np.take_along_axis(action[:, full_index], best, 1))
         done += len(rows)
         if progress is not None:
-            progress(done, len(kept))
+            progress(done, len(share))
+    rows = distributed.gather_rows(_stack(local_rows, (0,), np.int64))
+    for task in TASKS:
+        top_ids[task][rows] = distributed.gather_rows(
+            _stack(local_ids[task], (0, steps, k), np.int64)
+        )
+        top_probs[task][rows] = distributed.gather_rows(
+            _stack(local_probs[task], (0, steps, k), np.float32)
+        )
     discarded = np.array([segment.id not in kept_ids for segment in segments], dtype=bool)
     labels = {
         task: np.array(
@@ -282,8 +325,20 @@ def predict_split(
         attention.means() if attention is not None else [],
     )
     if full_at is not None:
+        shapes = {"verb": (0, counts["verb"]), "noun": (0, counts["noun"])}
+        top = (0, min(SUBMISSION_ACTIONS, actions.num_actions))
+        dtypes = {"verb": np.float32, "noun": np.float32, "ids": np.int64, "probs": np.float64}
+        full_rows = {
+            name: [distributed.gather_rows(_stack(parts, shapes.get(name, top), dtypes[name]))]
+            for name, parts in full_rows.items()
+        }
         predictions.full = _full_scores(full_at, full_rows, discarded, counts, actions.num_actions)
     return predictions
+
+
+def _stack(parts: list[np.ndarray], empty: tuple[int, ...], dtype: type) -> np.ndarray:
+    """The rows of `parts` as one array of `dtype` (shape `empty` when there are none)."""
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty, dtype)
 
 
 def _full_scores(

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sfr import distributed
 from sfr.config import FusionRunConfig
 from sfr.models.architectures import FusionUnit
 from sfr.models.fusion import FusionNode
@@ -97,7 +98,9 @@ def train_fusion_unit(
     node = plan.build(unit.label, data.num_classes, config.model.freeze_branches)
     if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written
         plan.initialise(node, unit, data.num_classes, hint)
-    resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    resuming = distributed.on_main(
+        lambda: run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    )
     metadata = {
         "kind": "fusion",
         "stage": unit.label,

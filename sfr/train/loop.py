@@ -1,12 +1,20 @@
 """The training loop of one stage: SGD epochs, validation, best/last checkpoints, exact resume.
 
 Each epoch reads like this: shuffle with a generator seeded by (seed, epoch) → forward → loss on
-every anticipation step → backward → SGD step → validate → checkpoint. The global torch RNG
-(dropout masks) is saved with the last checkpoint, so a resumed run continues bit for bit.
+every anticipation step → backward → SGD step → validate → checkpoint. The torch RNG of every
+process (dropout masks) is saved with the last checkpoint, so a resumed run continues bit for
+bit.
+
+Under torchrun (`sfr.distributed`) every process trains a DistributedDataParallel copy of the
+model on its share of each global batch (`ShardedBatchSampler`); gradients are averaged so
+that one step equals the single-process step on the whole global batch. Validation is split
+between the processes and its per-sample results gathered, so every measure is the
+single-process value. Only rank 0 writes the run folder; the others wait at a barrier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -17,12 +25,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from sfr import distributed
 from sfr.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
-from sfr.data.loader import iterate_batches, resolve_device, to_device
+from sfr.data.loader import (
+    ShardedBatchSampler,
+    create_loader,
+    iterate_batches,
+    resolve_precision,
+    to_device,
+)
 from sfr.errors import TrainingError
-from sfr.eval.metrics import mean_topk_recall, topk_accuracy
+from sfr.eval.metrics import class_mean, label_ranks
 from sfr.train.rundir import RunDir
 
 
@@ -51,6 +67,7 @@ class FitSettings:
     num_workers: int = 0
     device: str = "cpu"
     class_weights: tuple[float, ...] | None = None  # per action class; None: unweighted
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -126,21 +143,40 @@ def time_key(measure: str, seconds: float) -> str:
     return f"{measure}@{seconds:g}"
 
 
-def evaluate_scores(
-    scores: np.ndarray, labels: np.ndarray, times: tuple[float, ...], select_time: float
+def evaluate_ranks(
+    ranks: np.ndarray, labels: np.ndarray, times: tuple[float, ...], select_time: float
 ) -> dict[str, float]:
-    """Action top-1/top-5 (%) at every time and mean top-5 recall (%) at the selection time."""
+    """Action top-1/top-5 (%) at every time and mean top-5 recall (%) at the selection time.
+
+    `ranks` (N, K) is the 0-based rank of each row's label at each time (`label_ranks`): what
+    the measures need of the (N, K, C) scores, small enough to gather from every process.
+    """
     metrics: dict[str, float] = {}
     for k, seconds in enumerate(times):
-        metrics[time_key("top1", seconds)] = 100 * topk_accuracy(scores[:, k], labels, 1)
-        metrics[time_key("top5", seconds)] = 100 * topk_accuracy(scores[:, k], labels, 5)
+        for measure, top in (("top1", 1), ("top5", 5)):
+            hits = ranks[:, k] < top
+            metrics[time_key(measure, seconds)] = 100 * float(hits.mean()) if len(hits) else 0.0
     k_sel = times.index(select_time)
-    metrics[time_key("mt5r", select_time)] = 100 * mean_topk_recall(scores[:, k_sel], labels, 5)
+    recall = class_mean(ranks[:, k_sel] < 5, labels)
+    metrics[time_key("mt5r", select_time)] = 100 * (recall or 0.0)
     return metrics
 
 
+class _TaskScores(nn.Module):
+    """A task's scores as a module's forward, so DistributedDataParallel can wrap any task."""
+
+    def __init__(self, task: AnticipationTask) -> None:
+        super().__init__()
+        self.model = task.module
+        self.task_scores = task.scores
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return self.task_scores(features)
+
+
 class Trainer:
-    """Trains one `AnticipationTask` in one run directory."""
+    """Trains one `AnticipationTask` in one run directory (one process of a torchrun run, or
+    the only one)."""
 
     def __init__(
         self,
@@ -159,7 +195,10 @@ class Trainer:
         self.settings = settings
         self.metadata = metadata
         self.progress = progress or (lambda event: None)
-        self.device = resolve_device(settings.device)
+        self.device = distributed.process_device(settings.device)
+        self.autocast_dtype = resolve_precision(settings.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16")
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.class_weights = (
             None
             if settings.class_weights is None
@@ -172,27 +211,53 @@ class Trainer:
             weight_decay=settings.weight_decay,
         )
 
-    def _loader(self, dataset: Dataset, epoch: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
-        return DataLoader(
-            dataset,
-            batch_size=self.settings.batch_size,
-            shuffle=shuffle,
-            num_workers=self.settings.num_workers,
-            generator=generator,
-            pin_memory=self.device.type == "cuda",
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loaders(self) -> tuple[ShardedBatchSampler, DataLoader, DataLoader]:
+        """This process's training batches (sampler set per epoch) and validation share."""
+        settings = self.settings
+        sampler = ShardedBatchSampler(
+            len(self.train_set),
+            settings.batch_size,
+            shuffle=True,
+            seed=settings.seed,
+            rank=self.rank,
+            world_size=self.world,
         )
+        common = {"device": self.device, "workers": settings.num_workers, "persistent": True}
+        train = create_loader(self.train_set, batch_sampler=sampler, **common)
+        val_share = distributed.shard(len(self.val_set))
+        val_set = self.val_set if self.world == 1 else Subset(self.val_set, val_share)
+        val = create_loader(val_set, batch_size=settings.batch_size, **common)
+        return sampler, train, val
 
     def fit(self, resume: bool) -> FitResult:
-        """Train to `settings.epochs`, continuing from last.safetensors when `resume`."""
+        """Train to `settings.epochs`, continuing from last.safetensors when `resume`.
+
+        Raises TrainingError when the loss diverges and DistributedError when another process
+        of a distributed run is lost; the last finished epoch's checkpoint is kept either way.
+        """
         module = self.task.module.to(self.device)
         start, best, best_epoch = 0, -math.inf, -1
         history = self.run_dir.read_metrics()
         if resume:
             start, best, best_epoch = self._restore()
+        else:
+            self._seed_dropout(0)
         history = [h for h in history if h["epoch"] < start]
-        self.run_dir.set_status("running", epoch=start - 1, best=best, best_epoch=best_epoch)
-        batches = math.ceil(len(self.train_set) / self.settings.batch_size)
+        self._write(
+            lambda: self.run_dir.set_status(
+                "running", epoch=start - 1, best=best, best_epoch=best_epoch
+            )
+        )
+        sampler, train_loader, val_loader = self._loaders()
+        model: nn.Module = _TaskScores(self.task)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
         self.progress(
             StageStarted(
                 str(self.run_dir.root),
@@ -200,18 +265,21 @@ class Trainer:
                 self.settings.epochs,
                 len(self.train_set),
                 len(self.val_set),
-                batches,
+                len(sampler),
             )
         )
         for epoch in range(start, self.settings.epochs):
             began = time.perf_counter()
-            train_loss = self._train_epoch(module, epoch)
-            val_loss, metrics = self._validate(module, epoch)
+            sampler.set_epoch(epoch)
+            with distributed.peer_failures(
+                f"Training stopped at epoch {epoch + 1}", self._resume_hint(epoch)
+            ):
+                train_loss = self._train_epoch(model, train_loader, sampler.weights(), epoch)
+                val_loss, metrics = self._validate(module, val_loader, epoch)
             selection = metrics[time_key(self.settings.select, self.settings.select_time)]
             is_best = selection > best
             if is_best:
                 best, best_epoch = selection, epoch
-                self._save_best(epoch, metrics)
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -222,9 +290,13 @@ class Trainer:
                 **metrics,
             }
             history.append(record)
-            self.run_dir.write_metrics(history)
-            self._save_last(epoch, best, best_epoch)
-            self.run_dir.set_status("running", epoch=epoch, best=best, best_epoch=best_epoch)
+            with distributed.peer_failures(
+                f"Saving epoch {epoch + 1} failed", self._resume_hint(epoch)
+            ):
+                rng = distributed.gather_rows(torch.get_rng_state().numpy()[None])  # (W, S)
+                self._write(
+                    self._save_epoch, epoch, metrics, is_best, best, best_epoch, history, rng
+                )
             self.progress(
                 EpochDone(
                     epoch,
@@ -239,8 +311,10 @@ class Trainer:
                     time.perf_counter() - began,
                 )
             )
-        self.run_dir.set_status(
-            "finished", epoch=self.settings.epochs - 1, best=best, best_epoch=best_epoch
+        self._write(
+            lambda: self.run_dir.set_status(
+                "finished", epoch=self.settings.epochs - 1, best=best, best_epoch=best_epoch
+            )
         )
         best_metrics = next((h for h in history if h["epoch"] == best_epoch), {})
         return FitResult(
@@ -251,65 +325,144 @@ class Trainer:
             history,
         )
 
-    def _train_epoch(self, module: nn.Module, epoch: int) -> float:
-        module.train()
-        loader = self._loader(self.train_set, epoch, shuffle=True)
+    def _write(self, work: Callable[..., None], *args: Any) -> None:
+        """Run `work(*args)` (file writes) on rank 0 only; every process continues once it is
+        done (the barrier around checkpoint writes)."""
+        if distributed.is_main():
+            work(*args)
+        distributed.barrier()
+
+    def _resume_hint(self, epoch: int) -> str:
+        kept = (
+            f"The checkpoints of epoch {epoch} are kept in {self.run_dir.root}: continue "
+            "with the same command and --resume."
+            if epoch > 0 or self.run_dir.last_path.is_file()
+            else f"No epoch had finished; {self.run_dir.root} holds no checkpoint yet."
+        )
+        return f"Check the other processes' output for the cause. {kept}"
+
+    def _seed_dropout(self, epoch: int) -> None:
+        """Give ranks above 0 dropout masks of their own (rank 0 keeps run.seed's stream)."""
+        if self.rank > 0:
+            torch.manual_seed(self.settings.seed * 1_000_003 + self.rank * 10_007 + epoch)
+
+    def _train_epoch(
+        self, model: nn.Module, loader: DataLoader, weights: list[float], epoch: int
+    ) -> float:
+        """One pass over this process's training batches; the mean loss over all processes.
+
+        `weights` scale each batch's mean loss to its share of the global batch, so that
+        DDP's average of the processes' gradients is the gradient of the global batch's mean.
+        """
+        model.train()
         total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
-        for index, batch in enumerate(iterate_batches(loader)):
-            labels = batch["action"].to(self.device)
-            scores = self.task.scores(to_device(batch["features"], self.device))  # (B, K, C)
-            loss = anticipation_loss(scores, labels, self.class_weights)
-            if not torch.isfinite(loss):
-                kept = (
-                    f" The checkpoints of epoch {epoch - 1} are kept in {self.run_dir.root} "
-                    "(continue from them with --resume)."
-                    if self.run_dir.last_path.is_file()
-                    else ""
-                )
-                raise TrainingError(
-                    f"The training loss became {loss.item()} at epoch {epoch + 1}, batch "
-                    f"{index + 1}: training stopped.",
-                    f"Lower the learning rate (--lr).{kept}",
-                )
+        for index, (batch, weight) in enumerate(zip(iterate_batches(loader), weights, strict=True)):
+            labels = batch["action"].to(self.device, non_blocking=True)
+            with self._autocast():
+                scores = model(to_device(batch["features"], self.device))  # (B, K, C)
+                loss = anticipation_loss(scores, labels, self.class_weights)
+            self._check_finite(loss, epoch, index)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.item() * len(labels)
-            hits += _top5_hits(scores[:, k_sel], labels)
-            seen += len(labels)
+            self.scaler.scale(loss * weight if self.world > 1 else loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if weight > 0:
+                total += loss.item() * len(labels)
+                hits += _top5_hits(scores[:, k_sel].detach(), labels)
+                seen += len(labels)
             rate = seen / max(time.perf_counter() - began, 1e-9)
             self.progress(
                 BatchDone(
-                    "train", epoch, index + 1, len(loader), total / seen, 100 * hits / seen, rate
+                    "train",
+                    epoch,
+                    index + 1,
+                    len(loader),
+                    total / max(seen, 1),
+                    100 * hits / max(seen, 1),
+                    rate,
                 )
             )
+        total, seen = distributed.all_sum([total, seen])
         return total / max(seen, 1)
 
+    def _check_finite(self, loss: Tensor, epoch: int, index: int) -> None:
+        """Stop on a non-finite loss (on every process when any one of them sees it)."""
+        value = loss.detach().float()
+        if self.world > 1:
+            (finite,) = distributed.all_sum([float(torch.isfinite(value))])
+            bad = finite < self.world
+        else:
+            bad = not torch.isfinite(value)
+        if not bad or self.scaler.is_enabled():  # fp16: GradScaler skips such steps itself
+            return
+        kept = (
+            f" The checkpoints of epoch {epoch - 1} are kept in {self.run_dir.root} "
+            "(continue from them with --resume)."
+            if self.run_dir.last_path.is_file()
+            else ""
+        )
+        raise TrainingError(
+            f"The training loss became {value.item()} at epoch {epoch + 1}, batch "
+            f"{index + 1}: training stopped.",
+            f"Lower the learning rate (--lr).{kept}",
+        )
+
     @torch.no_grad()
-    def _validate(self, module: nn.Module, epoch: int) -> tuple[float, dict[str, float]]:
+    def _validate(
+        self, module: nn.Module, loader: DataLoader, epoch: int
+    ) -> tuple[float, dict[str, float]]:
+        """Loss and measures over the whole validation set (every process's share gathered)."""
         module.eval()
-        loader = self._loader(self.val_set, epoch, shuffle=False)
-        all_scores, all_labels, total, hits, began = [], [], 0.0, 0, time.perf_counter()
+        ranks, all_labels, losses = [], [], []
+        total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
         for index, batch in enumerate(iterate_batches(loader)):
-            labels = batch["action"].to(self.device)
-            scores = self.task.scores(to_device(batch["features"], self.device))
-            total += anticipation_loss(scores, labels, self.class_weights).item() * len(labels)
-            all_scores.append(scores.float().cpu().numpy())
-            all_labels.append(labels.cpu().numpy())
+            labels = batch["action"].to(self.device, non_blocking=True)
+            with self._autocast():
+                scores = self.task.scores(to_device(batch["features"], self.device))  # (B, K, C)
+            scores = scores.float()
+            batch_size, steps, classes = scores.shape
+            loss = F.cross_entropy(
+                scores.reshape(-1, classes), labels.repeat_interleave(steps), reduction="none"
+            ).reshape(batch_size, steps)  # (B, K): plain cross-entropy, even with class weights
+            losses.append(loss.double().mean(1).cpu().numpy())
+            label_np = labels.cpu().numpy()
+            ranks.append(label_ranks(scores.cpu().numpy(), label_np))  # (B, K)
+            all_labels.append(label_np)
+            total += float(loss.sum()) / steps
             hits += _top5_hits(scores[:, k_sel], labels)
-            seen = sum(len(lab) for lab in all_labels)
+            seen += batch_size
             rate = seen / max(time.perf_counter() - began, 1e-9)
             self.progress(
                 BatchDone(
                     "val", epoch, index + 1, len(loader), total / seen, 100 * hits / seen, rate
                 )
             )
-        scores = np.concatenate(all_scores)
-        labels = np.concatenate(all_labels)
-        metrics = evaluate_scores(scores, labels, self.task.times, self.settings.select_time)
-        return total / max(len(labels), 1), metrics
+        times = self.task.times
+        empty = np.zeros((0, len(times)), np.int64)
+        all_ranks = distributed.gather_rows(np.concatenate(ranks) if ranks else empty)
+        labels = distributed.gather_rows(np.concatenate(all_labels) if all_labels else empty[:, 0])
+        loss = distributed.gather_rows(np.concatenate(losses) if losses else np.zeros(0))
+        metrics = evaluate_ranks(all_ranks, labels, times, self.settings.select_time)
+        return float(loss.sum()) / max(len(labels), 1), metrics
+
+    def _save_epoch(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        is_best: bool,
+        best: float,
+        best_epoch: int,
+        history: list[dict[str, Any]],
+        rng: np.ndarray,
+    ) -> None:
+        """Write the epoch's files: best weights (if best), metrics, last checkpoint, status."""
+        if is_best:
+            self._save_best(epoch, metrics)
+        self.run_dir.write_metrics(history)
+        self._save_last(epoch, best, best_epoch, rng)
+        self.run_dir.set_status("running", epoch=epoch, best=best, best_epoch=best_epoch)
 
     def _save_best(self, epoch: int, metrics: dict[str, float]) -> None:
         meta = {
@@ -320,19 +473,36 @@ class Trainer:
         }
         save_checkpoint(self.run_dir.best_path, self.task.module.state_dict(), meta)
 
-    def _save_last(self, epoch: int, best: float, best_epoch: int) -> None:
+    def _save_last(self, epoch: int, best: float, best_epoch: int, rng: np.ndarray) -> None:
+        """Weights, momentum, loss scale and the RNG state of every process (`rng` (W, S))."""
         tensors = add_prefix(self.task.module.state_dict(), "model")
         for index, state in self.optimizer.state_dict()["state"].items():
             if state.get("momentum_buffer") is not None:
                 tensors[f"optim.momentum.{index}"] = state["momentum_buffer"]
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.torch"] = torch.from_numpy(rng[0].copy())
+        for rank in range(1, len(rng)):
+            tensors[f"rng.torch.rank{rank}"] = torch.from_numpy(rng[rank].copy())
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {**self.metadata, "epoch": epoch, "best": best, "best_epoch": best_epoch}
+        if self.scaler.is_enabled():
+            amp = self.scaler.state_dict()  # fp16 loss scale and its growth tracker
+            tensors["amp.scale"] = torch.tensor([amp["scale"]], dtype=torch.float64)
+            tensors["amp.growth_tracker"] = torch.tensor([amp["_growth_tracker"]])
+        meta = {
+            **self.metadata,
+            "epoch": epoch,
+            "best": best,
+            "best_epoch": best_epoch,
+            "world_size": self.world,
+        }
         save_checkpoint(self.run_dir.last_path, tensors, meta)
 
     def _restore(self) -> tuple[int, float, int]:
-        """Load last.safetensors; returns (next epoch, best selection value, best epoch)."""
+        """Load last.safetensors; returns (next epoch, best selection value, best epoch).
+
+        Every process restores its own RNG state when the run had as many processes; with
+        another number of processes, ranks above 0 reseed from (run.seed, rank, epoch).
+        """
         tensors, meta = load_checkpoint(self.run_dir.last_path)
         self.task.module.load_state_dict(split_prefix(tensors, "model"))
         momentum = split_prefix(tensors, "optim.momentum")
@@ -341,7 +511,16 @@ class Trainer:
             int(i): {"momentum_buffer": buf.to(self.device)} for i, buf in momentum.items()
         }
         self.optimizer.load_state_dict(state)
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
+        own = "rng.torch" if self.rank == 0 else f"rng.torch.rank{self.rank}"
+        if own in tensors:
+            torch.set_rng_state(tensors[own])
+        else:
+            self._seed_dropout(meta["epoch"] + 1)
+        if "rng.cuda" in tensors and self.device.type == "cuda" and self.rank == 0:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if "amp.scale" in tensors and self.scaler.is_enabled():
+            amp = self.scaler.state_dict()
+            amp["scale"] = float(tensors["amp.scale"][0])
+            amp["_growth_tracker"] = int(tensors["amp.growth_tracker"][0])
+            self.scaler.load_state_dict(amp)
         return meta["epoch"] + 1, meta["best"], meta["best_epoch"]

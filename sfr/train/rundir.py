@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = (
     "optim.epochs",
     "fusion_optim.epochs",
     "run.device",
+    "run.precision",
     "data.num_workers",
     "data.preload",
 )

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sfr import distributed
 from sfr.checkpoint import load_checkpoint
 from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig, OptimConfig
 from sfr.data.annotations import (
@@ -206,6 +207,7 @@ def fit_settings(
         num_workers=config.data.num_workers,
         device=config.run.device,
         class_weights=None if class_weights is None else tuple(class_weights),
+        precision=config.run.precision,
     )
 
 
@@ -248,7 +250,9 @@ def train_branch_stage(
             branch_metadata(config, "pretrain", data.num_classes)["model"],
             f"Create it first with the same config and overrides as this command: {command} ...",
         )
-    resuming = run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    resuming = distributed.on_main(
+        lambda: run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+    )
     torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
     branch = create_branch(
         feat_dim=config.data.feature_dim(config.branch.modality),
