@@ -314,6 +314,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
         train_branch_stage(config, "pretrain", golden_data, runs, progress=poison_after_first_epoch)
     assert "nan" in caught.value.message and "epoch 2" in caught.value.message  # 1-based
     assert "--lr" in (caught.value.hint or "") and str(root) in (caught.value.hint or "")
+    assert (caught.value.hint or "").index("input features") < caught.value.hint.index("--lr")
 
     assert (root / "best.safetensors").read_bytes() == saved["best"]
     assert (root / "last.safetensors").read_bytes() == saved["last"]

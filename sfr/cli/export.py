@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import console, sample_bars, user_errors
 from sfr.eval.submission import SupervisionLevels, make_submission
-from sfr.files import atomic_write_text, check_writable_dir
+from sfr.files import atomic_write_text, check_writable_dir, json_text
 from sfr.models.trained import export_bundle, load_model
 
 export = typer.Typer(
@@ -63,7 +62,7 @@ def submission(
             device=device,
             progress=lambda done, total: bars.update(task, completed=done, total=total),
         )
-    atomic_write_text(out, json.dumps(document, indent=1))
+    atomic_write_text(out, json_text(document, f"The submission for {out}", indent=1))
     console.print(
         f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
         f"scores at τ = {time:g} s from {trained.name}.",

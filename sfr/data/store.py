@@ -74,6 +74,14 @@ class FeatureStore:
                         "Set data.feature_dims for this modality to the store's dimension.",
                     )
                 out[row] = np.frombuffer(value, dtype=np.float32)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            key = frame_key(video, int(frames[int(np.argmin(finite))]))
+            raise DataError(
+                f"Feature store '{self.name}' ({self.path}): key '{key}', needed by annotation id "
+                f"{sample_id}, holds a vector with NaN or infinite values.",
+                "Re-extract or re-download this store; its vectors must be finite.",
+            )
         return out
 
     def _missing_key_hint(self) -> str:
@@ -112,11 +120,23 @@ def _open_readonly(path: Path) -> lmdb.Environment:
         _READERS.pop(inherited).close()
     if key not in _READERS:
         try:
-            _READERS[key] = lmdb.open(
-                str(path), readonly=True, lock=False, readahead=False, max_readers=512
-            )
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=512)
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         except lmdb.Error as error:
-            raise DataError(f"Cannot open feature store {path}: {error}") from None
+            raise DataError(
+                f"Cannot open feature store {path}: {error}",
+                "The data.mdb file is damaged: download or extract the store again.",
+            ) from None
+        size = (path / "data.mdb").stat().st_size
+        if size < needed:
+            env.close()
+            # Reading a page past the end of a memory-mapped file kills the process (SIGBUS).
+            raise DataError(
+                f"Feature store {path} is truncated: data.mdb holds {size} bytes, its index "
+                f"needs {needed}.",
+                "The file was cut short (an interrupted copy or download): fetch it again.",
+            )
+        _READERS[key] = env
     return _READERS[key]
 
 

@@ -258,7 +258,9 @@ class Trainer:
                 raise TrainingError(
                     f"The training loss became {loss.item()} at epoch {epoch + 1}, batch "
                     f"{index + 1}: training stopped.",
-                    f"Lower the learning rate (--lr).{kept}",
+                    "Possible causes, most likely first: non-finite or very large input features "
+                    "(check the feature stores and data.feature_dims), then a learning rate too "
+                    f"high for these inputs (lower --lr).{kept}",
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sfr.errors import RunError
-from sfr.files import atomic_write_text
+from sfr.files import atomic_write_text, finite_or_none
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = (
@@ -106,7 +106,8 @@ class RunDir:
         return resume and self.last_path.is_file()
 
     def set_status(self, state: str, **fields: Any) -> None:
-        atomic_write_text(self.status_path, json.dumps({"state": state, **fields}, sort_keys=True))
+        record = finite_or_none({"state": state, **fields})  # no best yet: null, not -Infinity
+        atomic_write_text(self.status_path, json.dumps(record, sort_keys=True))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
@@ -116,4 +117,4 @@ class RunDir:
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs)."""
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in records))
