@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,11 +43,15 @@ def parse_weights(weights: list[str], models: list[Path]) -> tuple[list[float], 
         else:
             paths.append(path)
     try:
-        return [float(v) for v in values], paths
+        numbers = [float(v) for v in values]
     except ValueError:
+        numbers = []
+    if len(numbers) != len(values) or not all(math.isfinite(w) and w >= 0 for w in numbers):
         raise ConfigError(
-            f"--weights must be numbers, got {' '.join(values)}.", "Example: --weights 0.55 0.45"
-        ) from None
+            f"--weights must be finite non-negative numbers, got {' '.join(values)}.",
+            "Example: --weights 0.55 0.45",
+        )
+    return numbers, paths
 
 
 def _is_number(text: str) -> bool:
@@ -139,8 +144,19 @@ def validate(
     data: DataOpt,
     split: Annotated[
         str,
-        typer.Option(help="validation; EGTEA: validation1-3 (default: the model's split)."),
+        typer.Option(
+            help="The split to score: validation (for EGTEA the model's own validationN), "
+            "or EGTEA validation1-3."
+        ),
     ] = "validation",
+    other_split: Annotated[
+        bool,
+        typer.Option(
+            "--other-split",
+            help="EGTEA: score on another split's validation segments, which are training "
+            "segments of the model's split.",
+        ),
+    ] = False,
     report: Annotated[
         Path | None,
         typer.Option("--report", help="Write report.json, report.md, report.html and plots here."),
@@ -182,7 +198,9 @@ def validate(
     loaded = load_models(paths, levels)
     if ensemble and not ensemble_weights:
         ensemble_weights = [1.0] * len(loaded)
-    settings = EvaluationSettings(batch_size, device, "zero" if absent_zero else "action0")
+    settings = EvaluationSettings(
+        batch_size, device, "zero" if absent_zero else "action0", other_split=other_split
+    )
     view = EvaluationView()
     with view.bars:
         doc = evaluate(

@@ -117,4 +117,6 @@ class RunDir:
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs)."""
-        atomic_write_text(self.metrics_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in records))
+        atomic_write_text(
+            self.metrics_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in records)
+        )
