@@ -5,7 +5,6 @@ Each test names the case of the issue it turns into a check.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path

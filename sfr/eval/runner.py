@@ -11,7 +11,6 @@ flagged `discarded`, so that each benchmark can count them as it requires.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
