@@ -5,6 +5,7 @@ Each test names the case of the issue it turns into a check.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -155,3 +156,166 @@ def test_ensemble_api_refuses_a_nan_weight(trained_runs: TrainedRuns) -> None:
             models, trained_runs.data, ensemble_weights=[math.nan, 1.0],
             settings=EvaluationSettings(device="cpu"),
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# cases 6, 7, 10, 14: run folders after failures, kills and damage
+
+BRANCH_TOML = """\
+[data]
+dataset = "ek55"
+feature_dims = { rgb = 16, flow = 16, obj = 12 }
+
+[branch]
+modality = "rgb"
+alpha = 0.25
+s_enc = 2
+s_ant = 4
+hidden = 8
+dropout = 0.5
+
+[optim]
+lr = 0.1
+batch_size = 16
+epochs = 1
+
+[run]
+seed = 0
+device = "cpu"
+"""
+RUN = Path("ek55") / "rgb-a0.25-enc2-ant4" / "pretrain"
+
+
+def branch_args(tmp_path: Path, data: Path, *extra: object) -> list[object]:
+    config = tmp_path / "branch.toml"
+    if not config.exists():
+        config.write_text(BRANCH_TOML, encoding="utf-8")
+    return ["train-branch", "--config", config, "--data", data, "--runs", tmp_path / "runs", *extra]
+
+
+def test_a_data_check_fails_before_the_run_folder_is_touched(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Case 6: a wrong feature dimension is found before anything is written."""
+    code, output, error = cli(
+        *branch_args(tmp_path, golden_data, "--set", "data.feature_dims.rgb=20")
+    )
+    assert_user_error(code, output, error, "dimension 16, expected 20")
+    assert not (tmp_path / "runs").exists()
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_simply_started_again(
+    cli: Cli, golden_copy: Path, golden_data: Path, tmp_path: Path
+) -> None:
+    """Case 6: a key missing deep in the data stops the first epoch; the corrected data trains
+    without --force or --resume (and so does --resume)."""
+    from sfr.data.annotations import read_segments
+    from sfr.data.store import frame_key
+    from sfr.data.timegrid import TimeGrid
+
+    last = read_segments(golden_copy / "training.csv")[-1]
+    key = frame_key(last.video, int(TimeGrid(0.25, 2, 4).frames(last.start_frame)[-1])).encode()
+    env = lmdb.open(str(golden_copy / "rgb"))
+    with env.begin(write=True) as txn:
+        assert txn.delete(key)
+    env.close()
+    code, output, error = cli(*branch_args(tmp_path, golden_copy))
+    assert_user_error(code, output, error, "has no key")
+    root = tmp_path / "runs" / RUN
+    assert json.loads((root / "status.json").read_text())["state"] == "running"
+    # the corrected data (the complete store), a changed setting, no --force or --resume
+    code, output, _ = cli(*branch_args(tmp_path, golden_data, "--set", "optim.lr=0.05"))
+    assert code == 0, output
+    assert json.loads((root / "status.json").read_text())["state"] == "finished"
+
+
+def test_temp_files_of_killed_checkpoint_writes_are_removed_on_start_and_resume(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Case 7."""
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+    root = tmp_path / "runs" / RUN
+    torn = root / ".last.safetensors.k1ll3d.tmp"
+    torn.write_bytes(b"\0" * 100)
+    code, output, _ = cli(*branch_args(tmp_path, golden_data, "--resume", "--epochs", "2"))
+    assert code == 0, output
+    assert not torn.exists()
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["best.safetensors", "config.json", "last.safetensors", "metrics.jsonl", "status.json"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("status.json", "{not json", "run status"),
+        ("status.json", '{"state": "exploded"}', "run status"),
+        ("config.json", "[1, 2", "saved config"),
+        ("metrics.jsonl", '{"epoch": 0}\n{"epo', "metrics log"),
+    ],
+)
+def test_damaged_run_files_on_resume_are_messages(
+    cli: Cli, golden_data: Path, tmp_path: Path, name: str, content: str, needle: str
+) -> None:
+    """Case 10: damaged JSON of a run folder; --force then starts over."""
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+    root = tmp_path / "runs" / RUN
+    (root / name).write_text(content)
+    code, output, error = cli(*branch_args(tmp_path, golden_data, "--resume", "--epochs", "2"))
+    assert_user_error(code, output, error, needle, str(root / name), "--force")
+    code, output, _ = cli(*branch_args(tmp_path, golden_data, "--force"))
+    assert code == 0, output
+
+
+def test_damaged_last_checkpoint_on_resume_is_a_message(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Case 10: a last.safetensors without its RNG state, with wrong shapes, or non-JSON
+    metadata."""
+    import torch
+
+    from sfr.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
+
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+    last = tmp_path / "runs" / RUN / "last.safetensors"
+    tensors, meta = load_checkpoint(last)
+    resume = branch_args(tmp_path, golden_data, "--resume", "--epochs", "2")
+
+    without_rng = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    save_checkpoint(last, without_rng, meta)
+    code, output, error = cli(*resume)
+    assert_user_error(code, output, error, f"Cannot resume from {last}", "rng.torch", "--force")
+
+    wrong = {k: torch.zeros(3, 3) if k.endswith("weight_ih_l0") else v for k, v in tensors.items()}
+    save_checkpoint(last, wrong, meta)
+    code, output, error = cli(*resume)
+    assert_user_error(code, output, error, f"Cannot resume from {last}", "size mismatch")
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(last), {METADATA_KEY: "{oops"})
+    code, output, error = cli(*resume)
+    assert_user_error(code, output, error, f"sfr metadata of checkpoint {last}")
+
+
+def test_a_checkpoint_with_wrong_shapes_is_a_message(
+    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
+) -> None:
+    """Case 10: `validate` on a checkpoint whose tensors do not fit its config."""
+    import torch
+
+    from sfr.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, meta = load_checkpoint(trained_runs.branch("rgb@0.25") / "best.safetensors")
+    name = next(k for k in tensors if k.endswith("weight") and tensors[k].dim() == 2)
+    tensors[name] = torch.zeros(2, 2)
+    bad = (
+        save_checkpoint(tmp_path / "bad.safetensors", tensors, meta) or tmp_path / "bad.safetensors"
+    )
+    code, output, error = cli("validate", bad, "--data", trained_runs.data, *CPU)
+    assert_user_error(code, output, error, str(bad), "do not fit", "size mismatch")

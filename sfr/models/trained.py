@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from sfr.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from sfr.checkpoint import load_checkpoint, load_error_summary, read_metadata, save_checkpoint
 from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig
 from sfr.data.dataset import Stream
 from sfr.errors import RunError
@@ -142,7 +142,13 @@ def model_from_checkpoint(
         module = tree.build(stage, num_classes)
         target = module
         streams = tuple(tree.streams[leaf] for leaf in tree.leaves(stage))
-    missing, unexpected = target.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = target.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than the config describes
+        raise RunError(
+            f"{source}: its weights do not fit the model it describes ({load_error_summary(error)}).",
+            "The file is damaged or was edited: train or export it again.",
+        ) from None
     if missing or unexpected:
         raise RunError(
             f"{source}: its weights do not fit the model it describes "

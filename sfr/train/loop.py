@@ -19,9 +19,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sfr.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
+from sfr.checkpoint import (
+    add_prefix,
+    load_checkpoint,
+    load_error_summary,
+    save_checkpoint,
+    split_prefix,
+)
 from sfr.data.loader import iterate_batches, resolve_device, to_device
-from sfr.errors import TrainingError
+from sfr.errors import RunError, TrainingError
 from sfr.eval.metrics import mean_topk_recall, topk_accuracy
 from sfr.train.rundir import RunDir
 
@@ -322,7 +328,21 @@ class Trainer:
         save_checkpoint(self.run_dir.last_path, tensors, meta)
 
     def _restore(self) -> tuple[int, float, int]:
-        """Load last.safetensors; returns (next epoch, best selection value, best epoch)."""
+        """Load last.safetensors; returns (next epoch, best selection value, best epoch).
+
+        Raises RunError when the file lacks a part of the state or holds other shapes.
+        """
+        try:
+            return self._restore_state()
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise RunError(
+                f"Cannot resume from {self.run_dir.last_path}: it does not hold this run's "
+                f"training state ({type(error).__name__}: {load_error_summary(error)}).",
+                "Pass --force instead of --resume to delete what sfr wrote in "
+                f"{self.run_dir.root} and train from scratch.",
+            ) from None
+
+    def _restore_state(self) -> tuple[int, float, int]:
         tensors, meta = load_checkpoint(self.run_dir.last_path)
         self.task.module.load_state_dict(split_prefix(tensors, "model"))
         momentum = split_prefix(tensors, "optim.momentum")
@@ -334,4 +354,5 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        return meta["epoch"] + 1, meta["best"], meta["best_epoch"]
+        best = -math.inf if meta["best"] is None else float(meta["best"])
+        return int(meta["epoch"]) + 1, best, int(meta["best_epoch"])

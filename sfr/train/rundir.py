@@ -13,12 +13,11 @@ Later stages find earlier ones by this convention.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sfr.errors import RunError
-from sfr.files import atomic_write_text, finite_or_none
+from sfr.files import atomic_write_text, finite_or_none, remove_stale_temp_files
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = (
@@ -49,6 +48,28 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     )
 
 
+# Every file sfr writes in a run folder: `--force` deletes these and nothing else.
+RUN_FILES = (
+    "config.json",
+    "status.json",
+    "metrics.jsonl",
+    "best.safetensors",
+    "last.safetensors",
+)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of a run folder, or a RunError saying it is damaged and what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunError(
+            f"The {what} {path} cannot be read: {error}.",
+            f"The run folder {path.parent} is damaged: pass --force to delete what sfr wrote "
+            "there and train from scratch.",
+        ) from None
+
+
 class RunDir:
     """The files of one stage run and the rules for starting, resuming or overwriting it."""
 
@@ -65,7 +86,13 @@ class RunDir:
         """`{"state": "empty" | "running" | "finished", ...}` as recorded in status.json."""
         if not self.status_path.is_file():
             return {"state": "empty"}
-        return json.loads(self.status_path.read_text(encoding="utf-8"))
+        status = _read_json(self.status_path, "run status")
+        if not isinstance(status, dict) or status.get("state") not in ("running", "finished"):
+            raise RunError(
+                f"The run status {self.status_path} is not one sfr writes: {status!r}.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            )
+        return status
 
     @property
     def finished(self) -> bool:
@@ -74,17 +101,43 @@ class RunDir:
     def saved_config(self) -> dict[str, Any] | None:
         if not self.config_path.is_file():
             return None
-        return json.loads(self.config_path.read_text(encoding="utf-8"))
+        saved = _read_json(self.config_path, "saved config")
+        if not isinstance(saved, dict):
+            raise RunError(
+                f"The saved config {self.config_path} is not a JSON object.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            )
+        return saved
+
+    def clear(self) -> None:
+        """Delete the files sfr wrote here (`RUN_FILES` and temp files), and the folder if empty.
+
+        Anything else in the folder is left alone.
+        """
+        for name in RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        remove_stale_temp_files(self.root)
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
 
     def prepare(self, config: dict[str, Any], *, force: bool, resume: bool) -> bool:
         """Make the folder ready for training; True if a saved state should be resumed.
 
         A finished or interrupted run is refused unless `force` (start over) or `resume`
-        (continue it; its saved config must match apart from `RESUMABLE_CHANGES`).
+        (continue it; its saved config must match apart from `RESUMABLE_CHANGES`). A run that
+        stopped before its first checkpoint holds nothing to keep: it is simply started again.
+        Temp files of checkpoint writes killed midway are deleted.
         """
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(
+                f"The run folder {self.root} is a file.",
+                "Move it away or choose another --runs folder.",
+            )
+        if force:
+            self.clear()
         state = self.status()["state"]
-        if force and self.root.exists():
-            shutil.rmtree(self.root)
+        if state == "running" and not self.last_path.is_file():
+            self.clear()  # failed before its first epoch ended: nothing to resume or protect
             state = "empty"
         if state != "empty" and not resume:
             what = "a finished run" if state == "finished" else "an interrupted run"
@@ -101,7 +154,7 @@ class RunDir:
                     f"Cannot resume {self.root}: its saved config differs in {', '.join(changed)}.",
                     "Resume with the same settings, or pass --force to start over.",
                 )
-        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.root)
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True))
         return resume and self.last_path.is_file()
 
@@ -112,8 +165,23 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+            for line in lines:
+                if line.strip():
+                    records.append(json.loads(line))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise RunError(
+                f"The metrics log {self.metrics_path} cannot be read: {error}.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            ) from None
+        if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
+            raise RunError(
+                f"The metrics log {self.metrics_path} holds lines sfr did not write.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            )
+        return records
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs)."""

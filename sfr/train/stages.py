@@ -126,6 +126,7 @@ def load_stage_data(
                 f"their video for the {longest.key} grid ({longest.grid.steps} steps).",
                 "Check the CSV and the alpha / s_enc / s_ant settings.",
             )
+        _ = dataset[0]  # a first read checks the stores' dimensions before any run folder
         sets.append(dataset)
     return StageData(sets[0], sets[1], actions, num_classes)
 
