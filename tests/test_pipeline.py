@@ -732,3 +732,30 @@ def test_an_interrupted_fusion_unit_resumes_with_more_epochs(
     # the finished unit is extended to the new epoch count too: its results are this config's
     assert [e.action for e in starts(events)] == ["resume", "resume"]
     assert [r["epoch"] for r in metrics_lines(unit_root(branches_only, label))] == [0, 1, 2]
+
+
+def test_every_existing_stage_is_checked_before_any_training(
+    runs_copy: Path, synthetic_data: Path
+) -> None:
+    """Issue 11 case 8: a final unit of another config is refused before the first step runs."""
+    events: list[object] = []
+    with pytest.raises(RunError, match=r"differs in model\.rate_dropout"):
+        run_pipeline(
+            FusionPlan(fusion_config(rate_dropout=0.1), runs_copy),
+            synthetic_data,
+            progress=events.append,
+        )
+    assert events == []
+
+
+def test_a_branch_is_compared_only_on_what_its_model_depends_on(
+    runs_copy: Path, synthetic_data: Path
+) -> None:
+    """Issue 11 case 8: the rgb branches do not depend on the flow feature size."""
+    config = fusion_config({"data.feature_dims.flow": 9}, modalities=["rgb"])
+    events: list[object] = []
+    run_pipeline(FusionPlan(config, runs_copy), synthetic_data, levels=[], progress=events.append)
+    assert [e.action for e in starts(events)] == ["skip"] * 4
+    changed = fusion_config({"data.feature_dims.rgb": 9}, modalities=["rgb"])
+    with pytest.raises(RunError, match=r"data\.feature_dims\.rgb"):
+        run_pipeline(FusionPlan(changed, runs_copy), synthetic_data, levels=[])

@@ -111,6 +111,27 @@ def _same_run(step: PipelineStep, plan: FusionPlan) -> bool:
     return saved.get(epochs, {}).get("epochs") == current[epochs]["epochs"]
 
 
+def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
+    """Refuse before any training when a finished or interrupted step holds another config.
+
+    Only the fields its model depends on are compared (`config_differences`); a step that
+    stopped before its first checkpoint holds nothing to keep and is started again.
+    """
+    for step in steps:
+        state = step.run.status()["state"]
+        if state == "empty" or (state == "running" and not step.run.last_path.is_file()):
+            continue
+        changed = config_differences(step.run.saved_config() or {}, step_config(step, plan))
+        if changed:
+            what = "finished" if state == "finished" else "interrupted"
+            raise RunError(
+                f"The {what} stage in {step.run.root} was trained with another config: it "
+                f"differs in {', '.join(changed)}.",
+                "Pass --force to retrain, or use another --runs folder (or run.name) for this "
+                "config.",
+            )
+
+
 def _finetuned(pretrain: PipelineStep, steps: list[PipelineStep], plan: FusionPlan) -> bool:
     """Whether a branch's fine-tuning is already finished (then its pre-training is not needed,
     e.g. for a converted published branch)."""
@@ -134,6 +155,8 @@ def run_pipeline(
     stores = {m: data_config.feature_dim(m) for m in plan.config.model.modalities}
     open_stores(require_data_dir(data_dir), stores)  # every store exists before any training
     steps = pipeline_steps(plan, levels, branches)
+    if not force:
+        check_existing_steps(steps, plan)  # up front, not after hours of other training
     result = PipelineResult(plan.config.fused_times, steps=steps)
     branch_data: dict[str, StageData] = {}
     for index, step in enumerate(steps, start=1):

@@ -40,11 +40,34 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _used_modalities(tree: dict[str, Any]) -> set[str] | None:
+    """The modalities a config's model reads (a branch's one, a fusion's list); None if unknown."""
+    branch, model = tree.get("branch"), tree.get("model")
+    if isinstance(branch, dict) and isinstance(branch.get("modality"), str):
+        return {branch["modality"]}
+    if isinstance(model, dict) and isinstance(model.get("modalities"), list):
+        return set(model["modalities"])
+    return None
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted fields whose values differ between two config trees (resumable ones excluded)."""
+    """Dotted fields whose values differ between two config trees.
+
+    Resumable fields are excluded, and so are the feature sizes of modalities the model does
+    not read (an rgb branch does not depend on `data.feature_dims.flow`).
+    """
     a, b = _flatten(saved), _flatten(current)
+    used = _used_modalities(current)
+
+    def concerns_model(key: str) -> bool:
+        if key in RESUMABLE_CHANGES:
+            return False
+        if used is not None and key.startswith("data.feature_dims."):
+            return key.removeprefix("data.feature_dims.") in used
+        return True
+
     return sorted(
-        key for key in set(a) | set(b) if a.get(key) != b.get(key) and key not in RESUMABLE_CHANGES
+        key for key in set(a) | set(b) if a.get(key) != b.get(key) and concerns_model(key)
     )
 
 
