@@ -97,13 +97,36 @@ def _umask() -> int:
     return mask
 
 
+def check_folder_path(folder: Path, what: str) -> Path:
+    """Refuse a `folder` that is a file or lies under one, without creating anything."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == folder else f"lies under the file {path}"
+                raise RunError(
+                    f"The {what} folder {folder} {where}.",
+                    "Choose a folder (or a new path) instead.",
+                )
+            break
+    return folder
+
+
+def check_output_file(path: Path, what: str) -> Path:
+    """Refuse an output file path that is a folder or whose folder cannot be written, up front."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(
+            f"The {what} {path} is a folder.",
+            f"Give a file name, e.g. {path / ('out' + (path.suffix or '.json'))}.",
+        )
+    check_writable_dir(path.parent, f"{what}'s")
+    return path
+
+
 def check_writable_dir(folder: Path, what: str) -> Path:
     """Create `folder` if needed and prove a file can be written there, before long work."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RunError(
-            f"The {what} folder {folder} is a file.", "Choose a folder (or a new path) instead."
-        )
+    folder = check_folder_path(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".sfr-write-test.", dir=folder)

@@ -319,3 +319,53 @@ def test_a_checkpoint_with_wrong_shapes_is_a_message(
     )
     code, output, error = cli("validate", bad, "--data", trained_runs.data, *CPU)
     assert_user_error(code, output, error, str(bad), "do not fit", "size mismatch")
+
+
+# --------------------------------------------------------------------------------------------
+# case 9: output paths that are folders or files, before any work
+
+
+@pytest.mark.parametrize("command", ["model", "submission"])
+def test_export_to_an_existing_folder_is_refused_before_inference(
+    cli: Cli,
+    trained_runs: TrainedRuns,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    import sfr.cli.export as export_module
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(export_module, "load_model", no_work)
+    out = tmp_path / "existing"
+    out.mkdir()
+    extra = (
+        ["--data", trained_runs.data, "--split", "validation"] if command == "submission" else []
+    )
+    code, output, error = cli("export", command, trained_runs.branch("rgb@0.5"), out, *extra)
+    assert_user_error(code, output, error, f"{out} is a folder")
+
+
+def test_runs_pointing_at_a_file_is_a_message(cli: Cli, golden_data: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.write_text("a file")
+    code, output, error = cli(*branch_args(tmp_path, golden_data))
+    assert_user_error(code, output, error, f"lies under the file {runs}")
+    assert runs.read_text() == "a file"
+
+
+def test_a_full_disk_while_writing_a_file_is_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sfr.errors import RunError
+    from sfr.files import atomic_write_text
+
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(RunError, match=r"out\.json could not be written: No space left"):
+        atomic_write_text(tmp_path / "out.json", "{}")
+    assert list(tmp_path.iterdir()) == []

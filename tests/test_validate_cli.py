@@ -323,7 +323,7 @@ def test_validate_unwritable_report_folder_fails_before_inference(
     code, output, error = cli(
         "validate", trained_runs.fusion("arch2"), "--data", trained_runs.data, "--report", folder
     )
-    assert_user_error(code, output, error, f"The report folder {folder} cannot be written")
+    assert_user_error(code, output, error, f"The report folder {folder} lies under the file")
     assert evaluations == []
 
 

@@ -11,7 +11,7 @@ from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import console, sample_bars, user_errors
 from sfr.eval.submission import SupervisionLevels, make_submission
-from sfr.files import atomic_write_text, check_writable_dir, json_text
+from sfr.files import atomic_write_text, check_output_file, json_text
 from sfr.models.trained import export_bundle, load_model
 
 export = typer.Typer(
@@ -47,7 +47,7 @@ def submission(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
-    check_writable_dir(out.parent, "output")
+    check_output_file(out, "output file")
     trained = load_model(model)
     bars = sample_bars()
     with bars:
@@ -77,7 +77,7 @@ def model_bundle(
     out: Annotated[Path, typer.Argument(help="The .safetensors bundle to write.")],
 ) -> None:
     """Write one file with every weight of every level and the config (`sfr.load_model` reads it)."""
-    check_writable_dir(out.parent, "output")
+    check_output_file(out, "output file")
     trained = load_model(model)
     export_bundle(trained, out, __version__)
     size = out.stat().st_size / 2**20

@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from sfr.errors import RunError
-from sfr.files import atomic_write_text, finite_or_none, remove_stale_temp_files
+from sfr.files import (
+    atomic_write_text,
+    check_folder_path,
+    finite_or_none,
+    remove_stale_temp_files,
+)
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = (
@@ -151,11 +156,7 @@ class RunDir:
         stopped before its first checkpoint holds nothing to keep: it is simply started again.
         Temp files of checkpoint writes killed midway are deleted.
         """
-        if self.root.exists() and not self.root.is_dir():
-            raise RunError(
-                f"The run folder {self.root} is a file.",
-                "Move it away or choose another --runs folder.",
-            )
+        check_folder_path(self.root, "run")  # --runs naming a file is refused, not a traceback
         if force:
             self.clear()
         state = self.status()["state"]
