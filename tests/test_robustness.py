@@ -369,3 +369,38 @@ def test_a_full_disk_while_writing_a_file_is_a_message(
     with pytest.raises(RunError, match=r"out\.json could not be written: No space left"):
         atomic_write_text(tmp_path / "out.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# case 15: predict names an unknown video and a moment past the end; case 11: --at nan
+
+
+def test_predict_an_unknown_video_says_so(cli: Cli, trained_runs: TrainedRuns) -> None:
+    code, output, error = cli(
+        "predict", trained_runs.fusion("arch1"), "--data", trained_runs.data,
+        "--video", "P99_99", "--at", "3", *CPU,
+    )  # fmt: skip
+    assert_user_error(code, output, error, "Video 'P99_99' is not in the rgb feature store")
+    assert "sparse" not in output and "download" not in output
+
+
+def test_predict_past_the_last_frame_says_so(cli: Cli, trained_runs: TrainedRuns) -> None:
+    from sfr.data.store import FeatureStore
+
+    first, last = FeatureStore(trained_runs.data / "rgb", 8).frame_range("P01_03")
+    assert 1 <= first < last
+    code, output, error = cli(
+        "predict", trained_runs.fusion("arch1"), "--data", trained_runs.data,
+        "--video", "P01_03", "--at", f"{last / 30 + 60:g}", *CPU,
+    )  # fmt: skip
+    assert_user_error(code, output, error, "is past its last feature frame", f"..{last} of it")
+    assert "sparse" not in output
+
+
+@pytest.mark.parametrize("at", ["nan", "inf", "-3"])
+def test_predict_at_must_be_a_finite_moment(cli: Cli, trained_runs: TrainedRuns, at: str) -> None:
+    code, output, error = cli(
+        "predict", trained_runs.fusion("arch1"), "--data", trained_runs.data,
+        "--video", "P01_03", "--at", at, *CPU,
+    )  # fmt: skip
+    assert_user_error(code, output, error, "--at must be a moment in seconds")

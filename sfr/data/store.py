@@ -84,6 +84,24 @@ class FeatureStore:
             )
         return out
 
+    def frame_range(self, video: str) -> tuple[int, int] | None:
+        """First and last frame numbers the store holds for `video`; None if it holds none.
+
+        Keys sort by frame (zero-padded), so two cursor moves find both ends.
+        """
+        prefix = f"{video}_frame_".encode()
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(prefix) or not cursor.key().startswith(prefix):
+                return None
+            first = cursor.key()
+            if cursor.set_range(prefix + b"~"):  # "~" sorts after every digit
+                cursor.prev()
+            else:
+                cursor.last()
+            last = cursor.key()
+        return _frame_of(first, prefix), _frame_of(last, prefix)
+
     def _missing_key_hint(self) -> str:
         """What to do about a missing key: extract more frames (own store) or fetch a full one."""
         from sfr.data.provenance import read_record
@@ -107,6 +125,10 @@ class FeatureStore:
     def close(self) -> None:
         """Forget this store's handle (the shared environment stays open for other readers)."""
         self._env = None
+
+
+def _frame_of(key: bytes, prefix: bytes) -> int:
+    return int(key[len(prefix) :].split(b".")[0])
 
 
 def _open_readonly(path: Path) -> lmdb.Environment:
