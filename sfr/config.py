@@ -345,12 +345,23 @@ def load_config(
 ) -> StrictModelT:
     """Read a TOML config file and validate it with overrides (see `build_config`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"Config file {path} is a folder.", "Pass a TOML file to --config (configs/...)."
+        )
     if not path.is_file():
         raise ConfigError(
             f"Config file {path} does not exist.", "Pass an existing TOML file to --config."
         )
     try:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is not a TOML text file (it is not UTF-8 text).",
+            "Pass a TOML config file to --config (configs/...).",
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"Config file {path} cannot be read: {error.strerror}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}.") from None
     return build_config(model, tree, overrides, source=str(path))

@@ -404,3 +404,66 @@ def test_predict_at_must_be_a_finite_moment(cli: Cli, trained_runs: TrainedRuns,
         "--video", "P01_03", "--at", at, *CPU,
     )  # fmt: skip
     assert_user_error(code, output, error, "--at must be a moment in seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# case 11: damaged input files
+
+
+def train_on(cli: Cli, golden_copy: Path, tmp_path: Path) -> tuple[int, str, BaseException | None]:
+    return cli(*branch_args(tmp_path, golden_copy))
+
+
+def test_a_csv_with_non_utf8_bytes_is_a_message(
+    cli: Cli, golden_copy: Path, tmp_path: Path
+) -> None:
+    path = golden_copy / "training.csv"
+    path.write_bytes(path.read_bytes() + b"\xff\xfe 1, P01, 3\n")
+    code, output, error = train_on(cli, golden_copy, tmp_path)
+    assert_user_error(code, output, error, f"{path} is not a UTF-8 text CSV")
+
+
+def test_a_csv_with_a_huge_field_is_a_message(cli: Cli, golden_copy: Path, tmp_path: Path) -> None:
+    path = golden_copy / "validation.csv"
+    path.write_text(path.read_text() + '"' + "x" * 200_000 + '"\n')
+    code, output, error = train_on(cli, golden_copy, tmp_path)
+    assert_user_error(code, output, error, str(path), "not a readable CSV row", "field larger")
+
+
+@pytest.mark.parametrize(
+    ("row", "needle"),
+    [
+        ("24,take_x", "the row has 2 columns, so no 'verb'"),
+        ("24,take_x,-3,1", "verb class -3 is outside 0..99999"),
+        ("24,take_x,12345678901,1", "verb class 12345678901 is outside"),
+    ],
+)
+def test_a_damaged_actions_row_is_a_message(
+    cli: Cli, golden_copy: Path, tmp_path: Path, row: str, needle: str
+) -> None:
+    path = golden_copy / "actions.csv"
+    path.write_text(path.read_text().rstrip("\n") + f"\n{row}\n")
+    code, output, error = train_on(cli, golden_copy, tmp_path)
+    assert_user_error(code, output, error, str(path), needle)
+
+
+def test_a_binary_file_given_as_toml_is_a_message(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "model.safetensors"
+    config.write_bytes(b"\x80\x00\xffbinary" * 20)
+    code, output, error = cli("train-branch", "--config", config, "--data", golden_data)
+    assert_user_error(code, output, error, f"{config} is not a TOML text file")
+
+
+def test_folders_where_files_are_expected_are_named_as_folders(
+    cli: Cli, golden_copy: Path, tmp_path: Path
+) -> None:
+    """Case 16: a folder is not reported as 'does not exist'."""
+    code, output, error = cli("train-branch", "--config", tmp_path, "--data", golden_copy)
+    assert_user_error(code, output, error, f"Config file {tmp_path} is a folder")
+    csv = golden_copy / "training.csv"
+    csv.unlink()
+    csv.mkdir()
+    code, output, error = train_on(cli, golden_copy, tmp_path)
+    assert_user_error(code, output, error, f"Annotation file {csv} is a folder")
