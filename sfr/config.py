@@ -10,9 +10,9 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sfr.data.timegrid import TimeGrid, as_time
 from sfr.errors import ConfigError
@@ -32,9 +32,28 @@ PUBLIC_FEATURE_DIMS: dict[str, int] = {"rgb": 1024, "flow": 1024, "obj": 352}
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown fields are errors, values are re-validated on edit."""
+    """Base of every config section: unknown fields are errors, values are re-validated on edit;
+    NaN and infinite numbers are refused everywhere."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds that keep a typo from allocating tens of GB or running for hours: generous
+# multiples of the largest published values (hidden 1024, 40 steps, 1024-d features).
+MAX_HIDDEN = 16_384
+MAX_STEPS = 1_000
+MAX_FEATURE_DIM = 65_536
+MAX_CLASSES = 1_000_000
+
+
+def _folder_name(value: str) -> str:
+    """A run or data name becomes one folder under --runs: one path component, never `..`."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"must be one folder name (no '/', '\\', '.' or '..'), got {value!r}")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(_folder_name)]
 
 
 StrictModelT = TypeVar("StrictModelT", bound=StrictModel)
@@ -44,19 +63,26 @@ class DataConfig(StrictModel):
     """Where the annotations and features are and how to read them."""
 
     dataset: DatasetName = Field("ek55", description="annotation format and benchmark")
-    name: str | None = Field(None, description="first folder of run directories (default: dataset)")
-    fps: float = Field(30.0, gt=0, description="frame rate of the frame numbers in the CSVs")
+    name: FolderName | None = Field(
+        None,
+        description="first folder of run directories (default: dataset); one folder name",
+    )
+    fps: float = Field(
+        30.0, gt=0, le=1000, description="frame rate of the frame numbers in the CSVs"
+    )
     split: int = Field(1, ge=1, le=3, description="EGTEA split (training{split}.csv)")
     train_csv: str | None = Field(None, description="training CSV (default per dataset)")
     val_csv: str | None = Field(None, description="validation CSV (default per dataset)")
     actions_csv: str = "actions.csv"
-    num_classes: int | None = Field(None, ge=2, description="action classes (default: actions.csv)")
-    feature_dims: dict[Modality, int] = Field(
+    num_classes: int | None = Field(
+        None, ge=2, le=MAX_CLASSES, description="action classes (default: actions.csv)"
+    )
+    feature_dims: dict[Modality, Annotated[int, Field(ge=1, le=MAX_FEATURE_DIM)]] = Field(
         default_factory=dict,
         description="feature size per modality (default rgb/flow 1024, obj 352)",
     )
     preload: bool = Field(False, description="read every sequence into memory once before training")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
 
     @property
     def run_prefix(self) -> str:
@@ -77,10 +103,10 @@ class BranchConfig(StrictModel):
     """One RU-LSTM branch: a modality read at rate `alpha` over S_enc + S_ant steps."""
 
     modality: Modality
-    alpha: float = Field(gt=0, description="seconds between steps")
-    s_enc: int = Field(ge=0, description="encoding steps")
-    s_ant: int = Field(ge=1, description="anticipation steps")
-    hidden: int = Field(1024, ge=1)
+    alpha: float = Field(gt=0, le=60, description="seconds between steps")
+    s_enc: int = Field(ge=0, le=MAX_STEPS, description="encoding steps")
+    s_ant: int = Field(ge=1, le=MAX_STEPS, description="anticipation steps")
+    hidden: int = Field(1024, ge=1, le=MAX_HIDDEN)
     dropout: float = Field(0.8, ge=0, lt=1)
     shared_dropout_mask: bool = Field(
         False,
@@ -103,8 +129,8 @@ class OptimConfig(StrictModel):
     lr: float = Field(0.01, gt=0, lt=3.4e38, description="learning rate (a float32 value)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, ge=1)
-    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    epochs: int = Field(100, ge=1, le=100_000)
 
 
 class RunConfig(StrictModel):
@@ -116,7 +142,7 @@ class RunConfig(StrictModel):
         "top5", description="best epoch by top-5 action accuracy or mean top-5 recall"
     )
     select_time: float = Field(1.0, gt=0, description="anticipation time (s) of the selection")
-    name: str | None = Field(None, description="run folder name (default from the branch)")
+    name: FolderName | None = Field(None, description="run folder name (default from the branch)")
 
 
 def _check_select_time(seconds: float, times: tuple[float, ...], what: str) -> None:
@@ -149,11 +175,14 @@ class BranchRunConfig(StrictModel):
 class RateConfig(StrictModel):
     """One rate of a slow-fast model: its branches' grid, and the encoding steps fusion reads."""
 
-    alpha: float = Field(gt=0, description="seconds between steps")
-    s_enc: int = Field(ge=0, description="encoding steps of the branch stages")
-    s_ant: int = Field(ge=1, description="anticipation steps")
+    alpha: float = Field(gt=0, le=60, description="seconds between steps")
+    s_enc: int = Field(ge=0, le=MAX_STEPS, description="encoding steps of the branch stages")
+    s_ant: int = Field(ge=1, le=MAX_STEPS, description="anticipation steps")
     fusion_s_enc: int | None = Field(
-        None, ge=0, description="encoding steps fed by the fusion stages (default: s_enc)"
+        None,
+        ge=0,
+        le=MAX_STEPS,
+        description="encoding steps fed by the fusion stages (default: s_enc)",
     )
 
     def grid(self, fps: float, *, fusion: bool) -> TimeGrid:
@@ -175,7 +204,7 @@ class FusionModelConfig(StrictModel):
     )
     modalities: list[Modality] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
     rates: list[RateConfig] = Field(min_length=1)
-    hidden: int = Field(1024, ge=1)
+    hidden: int = Field(1024, ge=1, le=MAX_HIDDEN)
     branch_dropout: float = Field(0.8, ge=0, lt=1)
     modality_dropout: float = Field(0.8, ge=0, lt=1, description="dropout of modality attention")
     rate_dropout: float = Field(0.9, ge=0, lt=1, description="dropout of slow-fast attention")

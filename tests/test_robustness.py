@@ -467,3 +467,36 @@ def test_folders_where_files_are_expected_are_named_as_folders(
     csv.mkdir()
     code, output, error = train_on(cli, golden_copy, tmp_path)
     assert_user_error(code, output, error, f"Annotation file {csv} is a folder")
+
+
+# --------------------------------------------------------------------------------------------
+# case 12: config values without a sane bound; case 14: names are one folder
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("data.feature_dims.rgb=0", "data.feature_dims.rgb"),
+        ("branch.hidden=100000000", "branch.hidden"),
+        ("branch.s_enc=100000", "branch.s_enc"),
+        ("branch.alpha=inf", "branch.alpha"),
+        ("optim.lr=nan", "optim.lr"),
+        ("data.fps=1e9", "data.fps"),
+    ],
+)
+def test_config_values_without_a_sane_bound_are_refused_before_any_work(
+    cli: Cli, golden_data: Path, tmp_path: Path, override: str, needle: str
+) -> None:
+    code, output, error = cli(*branch_args(tmp_path, golden_data, "--set", override))
+    assert_user_error(code, output, error, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", "..", "."])
+def test_run_and_data_names_are_one_folder(
+    cli: Cli, golden_data: Path, tmp_path: Path, name: str
+) -> None:
+    for args in (("--name", name), ("--set", f"data.name={name}")):
+        code, output, error = cli(*branch_args(tmp_path, golden_data, *args))
+        assert_user_error(code, output, error, "must be one folder name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["branch.toml"]
