@@ -326,8 +326,16 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _describe(error: ValidationError, model: type[BaseModel], source: str) -> str:
-    """One line per problem: `source: dotted.field: message (allowed: ...)`."""
+def _describe(
+    error: ValidationError,
+    model: type[BaseModel],
+    source: str,
+    overridden: Sequence[str] = (),
+) -> str:
+    """One line per problem: `source: dotted.field: message (allowed: ...)`.
+
+    A field set on the command line (`overridden`) is blamed on the override, not the file.
+    """
     lines = []
     for problem in error.errors():
         loc = ".".join(str(p) for p in problem["loc"])
@@ -345,7 +353,12 @@ def _describe(error: ValidationError, model: type[BaseModel], source: str) -> st
             message = f"unknown field (allowed: {allowed})"
         elif problem["type"] == "value_error":
             message = message.removeprefix("Value error, ")
-        lines.append(f"{source}: {loc}: {message}" if loc else f"{source}: {message}")
+        origin = (
+            "command-line override"
+            if any(loc == key or loc.startswith(key + ".") for key in overridden)
+            else source
+        )
+        lines.append(f"{origin}: {loc}: {message}" if loc else f"{source}: {message}")
     return "\n".join(lines)
 
 
@@ -364,7 +377,8 @@ def build_config(
         return model.model_validate(merged)
     except ValidationError as error:
         raise ConfigError(
-            "Invalid configuration:\n" + _describe(error, model, source),
+            "Invalid configuration:\n"
+            + _describe(error, model, source, [k for k, v in overrides.items() if v is not None]),
             "Fix the file or the command-line override; `sfr <command> --help` lists the options.",
         ) from None
 

@@ -500,3 +500,18 @@ def test_run_and_data_names_are_one_folder(
         code, output, error = cli(*branch_args(tmp_path, golden_data, *args))
         assert_user_error(code, output, error, "must be one folder name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["branch.toml"]
+
+
+# --------------------------------------------------------------------------------------------
+# case 16: messages that mislead
+
+
+def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    code, output, error = cli(*branch_args(tmp_path, golden_data, "--set", "optim.lrr=0.1"))
+    assert_user_error(code, output, error, "command-line override: optim.lrr: unknown field")
+    assert f"{tmp_path / 'branch.toml'}: optim.lrr" not in output
+    (tmp_path / "branch.toml").write_text(BRANCH_TOML.replace("lr = 0.1", "lrr = 0.1"))
+    code, output, error = cli(*branch_args(tmp_path, golden_data))
+    assert_user_error(code, output, error, f"{tmp_path / 'branch.toml'}: optim.lrr: unknown")
