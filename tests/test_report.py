@@ -332,7 +332,7 @@ def test_missing_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SfrError) as caught:
         write_report(egtea_doc(), tmp_path / "out")
-    assert caught.value.hint == 'pip install "sfr[report]"'
+    assert caught.value.hint.startswith('pip install -e ".[report]"')  # the README's form
     assert not (tmp_path / "out").exists()
 
 

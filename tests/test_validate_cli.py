@@ -340,7 +340,7 @@ def test_validate_report_without_matplotlib_fails_before_inference(
         "validate", trained_runs.fusion("arch2"), "--data", trained_runs.data,
         "--report", tmp_path / "report",
     )  # fmt: skip
-    assert_user_error(code, output, error, 'pip install "sfr[report]"')
+    assert_user_error(code, output, error, 'pip install -e ".[report]"')
     assert evaluations == []
 
 

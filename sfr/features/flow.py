@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sfr.errors import DataError
+from sfr.errors import DataError, install_extra
 from sfr.features.sources import (
     FLOW_COMPONENT_PAIRS,
     FrameReader,
@@ -222,7 +222,7 @@ def _opencv_tvl1() -> Any:
             "Computing TV-L1 flow needs OpenCV's contrib modules (cv2.optflow), which this OpenCV "
             "lacks.",
             "pip uninstall opencv-python opencv-python-headless; "
-            "pip install opencv-contrib-python-headless (or: pip install 'sfr[video]')",
+            f"pip install opencv-contrib-python-headless (or: {install_extra('video')})",
         )
     return optflow.DualTVL1OpticalFlow_create()
 

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from sfr.errors import DataError
+from sfr.errors import DataError, install_extra
 from sfr.features.sources import as_fraction, require, wanted_frames
 
 SEEK_GAP_SECONDS = Fraction(10)
@@ -291,9 +291,9 @@ def torchcodec_reader(path: Path, *, name: str, fps: float = 30.0) -> NoReturn:
         )
         raise DataError(
             f"The torchcodec video backend cannot read {path}: {reason}.",
-            "Use the default backend, pyav (pip install 'sfr[video]').",
+            f"Use the default backend, pyav ({install_extra('video')}).",
         ) from None
     raise DataError(
         f"The torchcodec video backend cannot read {path}: this version of sfr supports only PyAV.",
-        "Use the default backend, pyav (pip install 'sfr[video]').",
+        f"Use the default backend, pyav ({install_extra('video')}).",
     )
