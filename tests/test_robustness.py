@@ -515,3 +515,19 @@ def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(
     (tmp_path / "branch.toml").write_text(BRANCH_TOML.replace("lr = 0.1", "lrr = 0.1"))
     code, output, error = cli(*branch_args(tmp_path, golden_data))
     assert_user_error(code, output, error, f"{tmp_path / 'branch.toml'}: optim.lrr: unknown")
+
+
+def test_the_python_api_names_the_expected_input_shape(trained_runs: TrainedRuns) -> None:
+    import torch
+
+    from sfr.models.trained import load_model
+
+    model = load_model(trained_runs.branch("rgb@0.25"))
+    assert model.input_shapes() == {"rgb@0.25": (6, 8)}
+    assert model({"rgb@0.25": torch.zeros(3, 6, 8)}).scores.shape[:2] == (3, 4)
+    with pytest.raises(DataError, match=r"shape \(3, 5, 8\), expected \(3, 6, 8\)"):
+        model({"rgb@0.25": torch.zeros(3, 5, 8)})
+    with pytest.raises(DataError, match=r"shape \(3, 6, 7\), expected \(3, 6, 8\)"):
+        model({"rgb@0.25": torch.zeros(3, 6, 7)})
+    with pytest.raises(DataError, match=r"needs the input 'rgb@0.25' \(a \(B, 6, 8\) tensor\)"):
+        model({"rgb": torch.zeros(3, 6, 8)})
