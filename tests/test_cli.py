@@ -135,7 +135,7 @@ def test_named_overrides_change_the_run_dir_and_resume_extends_a_run(
     assert code == 0, f"{output}\n{error!r}"
     assert "resuming" in output
     lines = (root / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
     code, output, error = cli("finetune", *common, *rate)
     assert code == 0, f"{output}\n{error!r}"

@@ -182,8 +182,8 @@ def check_pipeline(arch: str, runs: Path, result: PipelineResult, events: list[o
         fit = result.results[(step.label, step.stage)]
         assert Path(fit.run_dir) == root
         status = json.loads((root / "status.json").read_text())
-        assert status["state"] == "finished" and status["epoch"] == 1
-        assert [r["epoch"] for r in metrics_lines(root)] == [0, 1]
+        assert status["state"] == "finished" and status["epoch"] == 2
+        assert [r["epoch"] for r in metrics_lines(root)] == [1, 2]
         meta = read_metadata(root / "best.safetensors")
         assert meta["kind"] == ("branch" if step.level == 0 else "fusion")
         assert meta["metrics"] == fit.metrics and meta["epoch"] == fit.best_epoch
@@ -731,7 +731,7 @@ def test_an_interrupted_fusion_unit_resumes_with_more_epochs(
     )
     # the finished unit is extended to the new epoch count too: its results are this config's
     assert [e.action for e in starts(events)] == ["resume", "resume"]
-    assert [r["epoch"] for r in metrics_lines(unit_root(branches_only, label))] == [0, 1, 2]
+    assert [r["epoch"] for r in metrics_lines(unit_root(branches_only, label))] == [1, 2, 3]
 
 
 def test_every_existing_stage_is_checked_before_any_training(

@@ -531,3 +531,47 @@ def test_the_python_api_names_the_expected_input_shape(trained_runs: TrainedRuns
         model({"rgb@0.25": torch.zeros(3, 6, 7)})
     with pytest.raises(DataError, match=r"needs the input 'rgb@0.25' \(a \(B, 6, 8\) tensor\)"):
         model({"rgb": torch.zeros(3, 6, 8)})
+
+
+# --------------------------------------------------------------------------------------------
+# case 19: epochs numbered alike on screen and in the files, the best names its measure,
+# status.json is strict JSON
+
+
+def strict_json(text: str) -> object:
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_epochs_are_numbered_from_1_on_screen_and_in_the_files(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    code, output, _ = cli(*branch_args(tmp_path, golden_data, "--epochs", "2"))
+    assert code == 0, output
+    root = tmp_path / "runs" / RUN
+    status = strict_json((root / "status.json").read_text())
+    records = [strict_json(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and status["epoch"] == 2
+    best = next(r for r in records if r["epoch"] == status["best_epoch"])
+    assert best["selection"] == status["best"]
+    assert "epoch   1/2" in output and "epoch   2/2" in output
+    assert f"best epoch {status['best_epoch']} (top5@1s = {status['best']:.2f})" in output
+    assert "top5@1s" in output.split("epoch   1/2", 1)[1].splitlines()[0]
+
+
+def test_status_before_the_first_epoch_is_strict_json(tmp_path: Path) -> None:
+    from sfr.train.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.prepare({"a": 1}, force=False, resume=False)
+    run.set_status("running", epoch=-1, best=-math.inf, best_epoch=-1)
+    status = strict_json((tmp_path / "run" / "status.json").read_text())
+    assert status == {"state": "running", "epoch": 0, "best": None, "best_epoch": None}
+    run.write_metrics([{"epoch": 0, "val_loss": math.inf}])
+    assert strict_json((tmp_path / "run" / "metrics.jsonl").read_text()) == {
+        "epoch": 1,
+        "val_loss": None,
+    }
+    assert run.read_metrics() == [{"epoch": 0, "val_loss": None}]

@@ -114,11 +114,11 @@ def test_pretrain_then_finetune_write_complete_run_dirs(
         assert json.loads((root / "config.json").read_text()) == resolved
         status = json.loads((root / "status.json").read_text())
         assert status["state"] == "finished"
-        assert status["epoch"] == 1
-        assert status["best_epoch"] == result.best_epoch
+        assert status["epoch"] == 2  # epochs are numbered from 1 in the files
+        assert status["best_epoch"] == result.best_epoch + 1
 
         records = metrics_lines(root)
-        assert [r["epoch"] for r in records] == [0, 1]
+        assert [r["epoch"] for r in records] == [1, 2]
         best_so_far = -math.inf
         for record in records:
             for key in ("epoch", "train_loss", "val_loss", "selection", "best", "is_best"):
@@ -221,7 +221,7 @@ def test_resume_continues_bit_for_bit(golden_data: Path, tmp_path: Path, stage: 
     straight = train_branch_stage(four, stage, golden_data, straight_runs)
     torch.manual_seed(5)
     train_branch_stage(two, stage, golden_data, resumed_runs)
-    assert [r["epoch"] for r in metrics_lines(run_root(resumed_runs, two, stage))] == [0, 1]
+    assert [r["epoch"] for r in metrics_lines(run_root(resumed_runs, two, stage))] == [1, 2]
     torch.manual_seed(123)  # the resumed run must restore its own RNG state, not use this one
     resumed = train_branch_stage(four, stage, golden_data, resumed_runs, resume=True)
 
@@ -229,7 +229,7 @@ def test_resume_continues_bit_for_bit(golden_data: Path, tmp_path: Path, stage: 
     for name in ("best.safetensors", "last.safetensors"):
         assert_same_tensors(load_file(str(a / name)), load_file(str(b / name)))
     assert metrics_lines(a) == metrics_lines(b)
-    assert [r["epoch"] for r in metrics_lines(b)] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in metrics_lines(b)] == [1, 2, 3, 4]
     assert (resumed.best_epoch, resumed.best) == (straight.best_epoch, straight.best)
     assert json.loads((b / "status.json").read_text())["state"] == "finished"
     assert read_metadata(b / "last.safetensors")["epoch"] == 3
@@ -257,7 +257,7 @@ def test_finished_run_is_refused_without_force_or_resume(golden_data: Path, tmp_
     result = train_branch_stage(config, "pretrain", golden_data, runs, force=True)
     assert (root / "stray.txt").read_text() == "left by hand"
     assert not (root / ".last.safetensors.x1y2.tmp").exists()
-    assert [r["epoch"] for r in metrics_lines(root)] == [0]
+    assert [r["epoch"] for r in metrics_lines(root)] == [1]
     assert result.best_epoch == 0
     assert json.loads((root / "status.json").read_text())["state"] == "finished"
 
@@ -322,7 +322,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert (root / "best.safetensors").read_bytes() == saved["best"]
     assert (root / "last.safetensors").read_bytes() == saved["last"]
     assert read_metadata(root / "last.safetensors")["epoch"] == 0
-    assert [r["epoch"] for r in metrics_lines(root)] == [0]
+    assert [r["epoch"] for r in metrics_lines(root)] == [1]
     assert json.loads((root / "status.json").read_text())["state"] == "running"
     assert leftovers(root) == []
 
@@ -331,7 +331,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     with pytest.raises(RunError, match="interrupted run"):
         train_branch_stage(config, "pretrain", golden_data, runs)
     result = train_branch_stage(config, "pretrain", golden_data, runs, resume=True)
-    assert [r["epoch"] for r in metrics_lines(root)] == [0, 1, 2]
+    assert [r["epoch"] for r in metrics_lines(root)] == [1, 2, 3]
     assert all(math.isfinite(r["train_loss"]) for r in result.history)
 
 

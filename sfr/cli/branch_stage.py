@@ -116,7 +116,8 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             f"{runs / resolved.branch_dir / stage}",
             highlight=False,
         )
-        with TrainingView(title) as view:
+        measure = f"{resolved.run.select}@{resolved.run.select_time:g}s"
+        with TrainingView(title, measure) as view:
             result = train_branch_stage(
                 resolved,
                 stage,

@@ -94,8 +94,10 @@ def info_bars() -> Progress:
 class TrainingView:
     """Rich rendering of training progress events: epoch and batch bars, one line per epoch."""
 
-    def __init__(self, title: str = "") -> None:
+    def __init__(self, title: str = "", measure: str = "selection") -> None:
+        """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s)."""
         self.title = title
+        self.measure = measure
         self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
@@ -117,7 +119,9 @@ class TrainingView:
                 "  batches", total=event.batches_per_epoch, info=""
             )
             if event.start_epoch:
-                self.bars.console.print(f"  resuming {event.run_dir} at epoch {event.start_epoch}")
+                self.bars.console.print(
+                    f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
+                )
         elif isinstance(event, BatchDone) and self.batch_task is not None:
             self.bars.update(
                 self.batch_task,
@@ -129,12 +133,14 @@ class TrainingView:
             )
         elif isinstance(event, EpochDone) and self.epoch_task is not None:
             self.bars.update(
-                self.epoch_task, completed=event.epoch + 1, info=f"best {event.best:.2f}"
+                self.epoch_task,
+                completed=event.epoch + 1,
+                info=f"best {self.measure} {event.best:.2f} (epoch {event.best_epoch + 1})",
             )
             marker = " [green]★ best[/]" if event.is_best else ""
             self.bars.console.print(
                 f"  epoch {event.epoch + 1:>3}/{event.epochs}  loss {event.train_loss:.4f} "
-                f"(val {event.val_loss:.4f})  selection {event.selection:6.2f}{marker}  "
+                f"(val {event.val_loss:.4f})  {self.measure} {event.selection:6.2f}{marker}  "
                 f"{event.seconds:.1f} s",
                 highlight=False,
             )

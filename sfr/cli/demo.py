@@ -18,7 +18,14 @@ from sfr.cli.common import (
     step_line,
     user_errors,
 )
-from sfr.train.demo import DemoDataReady, DemoEvent, DemoPlan, DemoResult, run_demo
+from sfr.train.demo import (
+    DemoDataReady,
+    DemoEvent,
+    DemoPlan,
+    DemoResult,
+    demo_config,
+    run_demo,
+)
 from sfr.train.pipeline import StepStarted
 
 
@@ -58,7 +65,8 @@ def demo(
     plan = DemoPlan()
     torch.set_num_threads(plan.threads)
     began = time.perf_counter()
-    with TrainingView() as view:
+    run = demo_config(plan).run
+    with TrainingView(measure=f"{run.select}@{run.select_time:g}s") as view:
 
         def show(event: DemoEvent) -> None:
             if isinstance(event, DemoDataReady):

@@ -44,7 +44,8 @@ def run_and_report(
         f"{', '.join(f'{t:g}' for t in resolved.fused_times)} s  →  {runs / resolved.fusion_dir}",
         highlight=False,
     )
-    with TrainingView() as view:
+    measure = f"{resolved.run.select}@{resolved.run.select_time:g}s"
+    with TrainingView(measure=measure) as view:
 
         def show(event: object) -> None:
             if isinstance(event, StepStarted):

@@ -122,10 +122,14 @@ def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
         if state == "empty" or (state == "running" and not step.run.last_path.is_file()):
             continue
         changed = config_differences(step.run.saved_config() or {}, step_config(step, plan))
-        if changed:
-            what = "finished" if state == "finished" else "interrupted"
+        if changed and state == "running":
             raise RunError(
-                f"The {what} stage in {step.run.root} was trained with another config: it "
+                f"Cannot resume {step.run.root}: its saved config differs in {', '.join(changed)}.",
+                "Resume with the same settings, or pass --force to start over.",
+            )
+        if changed:
+            raise RunError(
+                f"The finished stage in {step.run.root} was trained with another config: it "
                 f"differs in {', '.join(changed)}.",
                 "Pass --force to retrain, or use another --runs folder (or run.name) for this "
                 "config.",

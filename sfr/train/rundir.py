@@ -4,6 +4,10 @@
         config.json        resolved config of the run
         status.json        {"state": "running" | "finished", "epoch": ..., "best": ...}
         metrics.jsonl      one line per finished epoch
+
+Epochs in status.json and metrics.jsonl are numbered from 1, as on screen (`"epoch": 3` is the
+third epoch; 0 before the first has ended, `best_epoch` null until there is a best); the code
+counts from 0 and `RunDir` translates at the file boundary.
         best.safetensors   weights of the best epoch (+ config and metrics in its metadata)
         last.safetensors   weights, optimiser and RNG state after the last epoch (for --resume)
 
@@ -84,6 +88,29 @@ RUN_FILES = (
     "best.safetensors",
     "last.safetensors",
 )
+
+
+_EPOCH_FIELDS = ("epoch", "best_epoch")
+
+
+def _numbered(record: dict[str, Any]) -> dict[str, Any]:
+    """0-based epoch indexes -> the 1-based numbers of the files (no best epoch yet: null)."""
+    out = dict(record)
+    for key in _EPOCH_FIELDS:
+        if isinstance(out.get(key), int):
+            out[key] = out[key] + 1 if out[key] >= 0 or key == "epoch" else None
+    return out
+
+
+def _indexed(record: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_numbered`: the files' epoch numbers -> 0-based indexes."""
+    out = dict(record)
+    for key in _EPOCH_FIELDS:
+        if isinstance(out.get(key), int):
+            out[key] -= 1
+        elif key in out and out[key] is None:
+            out[key] = -1
+    return out
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -183,7 +210,8 @@ class RunDir:
         return resume and self.last_path.is_file()
 
     def set_status(self, state: str, **fields: Any) -> None:
-        record = finite_or_none({"state": state, **fields})  # no best yet: null, not -Infinity
+        """Write status.json; `epoch` and `best_epoch` are 0-based here, 1-based in the file."""
+        record = finite_or_none({"state": state, **_numbered(fields)})  # null, not -Infinity
         atomic_write_text(self.status_path, json.dumps(record, sort_keys=True))
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -205,10 +233,12 @@ class RunDir:
                 f"The metrics log {self.metrics_path} holds lines sfr did not write.",
                 f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
             )
-        return records
+        return [_indexed(record) for record in records]
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs)."""
-        atomic_write_text(
-            self.metrics_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in records)
-        )
+        """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs).
+
+        Records count epochs from 0 like the code; the file numbers them from 1.
+        """
+        lines = (json.dumps(finite_or_none(_numbered(r))) + "\n" for r in records)
+        atomic_write_text(self.metrics_path, "".join(lines))
