@@ -575,3 +575,37 @@ def test_status_before_the_first_epoch_is_strict_json(tmp_path: Path) -> None:
         "val_loss": None,
     }
     assert run.read_metrics() == [{"epoch": 0, "val_loss": None}]
+
+
+# --------------------------------------------------------------------------------------------
+# case 20: the published presets run on `sfr synth` output without data overrides
+
+
+def test_synth_writes_the_published_presets_set_to_its_data(cli: Cli, tmp_path: Path) -> None:
+    from sfr.config import BranchRunConfig, FusionRunConfig, load_config
+    from sfr.data.presets import PUBLISHED_PRESETS
+
+    out = tmp_path / "synth"
+    code, output, _ = cli("synth", out, "--videos", "2", "--val-videos", "1",
+                          "--actions-per-video", "12")  # fmt: skip
+    assert code == 0, output
+    presets = sorted(p.name for p in (out / "configs").iterdir())
+    assert "sf_arch2.toml" in presets and "rgb_a0.25.toml" in presets and len(presets) == 13
+    meta = json.loads((out / "synthetic_meta.json").read_text())
+    fusion = load_config(FusionRunConfig, out / "configs" / "sf_arch2.toml")
+    assert fusion.data.num_classes == meta["num_actions"] and fusion.data.name == "synthetic"
+    assert fusion.data.feature_dims == meta["dims"]
+    branch = load_config(BranchRunConfig, out / "configs" / "obj_a0.5.toml")
+    published = load_config(BranchRunConfig, PUBLISHED_PRESETS / "obj_a0.5.toml")
+    assert branch.branch == published.branch and branch.optim == published.optim
+    assert (
+        f"--config {out / 'configs' / 'obj_a0.5.toml'}"
+        in (out / "configs" / "obj_a0.5.toml").read_text()
+    )
+    # only speed options, no data override: the preset fits the data
+    code, output, _ = cli(
+        "train-branch", "--config", out / "configs" / "rgb_a0.5.toml", "--data", out,
+        "--runs", tmp_path / "runs", "--epochs", "1", "--hidden", "8", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, output
+    assert (tmp_path / "runs" / "synthetic" / "rgb-a0.5-enc6-ant4" / "pretrain").is_dir()
