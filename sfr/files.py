@@ -124,6 +124,18 @@ def check_output_file(path: Path, what: str) -> Path:
     return path
 
 
+def refuse_existing(path: Path, what: str, force: bool) -> None:
+    """The one overwrite rule of sfr: an existing output is replaced only with `--force`.
+
+    Raises RunError naming `path` when it exists and `force` is False.
+    """
+    if Path(path).exists() and not force:
+        raise RunError(
+            f"The {what} {path} already exists.",
+            "Pass --force to replace it, or choose another path.",
+        )
+
+
 def check_writable_dir(folder: Path, what: str) -> Path:
     """Create `folder` if needed and prove a file can be written there, before long work."""
     folder = check_folder_path(folder, what)

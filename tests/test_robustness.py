@@ -609,3 +609,57 @@ def test_synth_writes_the_published_presets_set_to_its_data(cli: Cli, tmp_path: 
     )  # fmt: skip
     assert code == 0, output
     assert (tmp_path / "runs" / "synthetic" / "rgb-a0.5-enc6-ant4" / "pretrain").is_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# case 18: one overwrite rule, --force
+
+
+def test_export_model_refuses_to_overwrite_without_force(
+    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
+) -> None:
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"an earlier bundle")
+    code, output, error = cli("export", "model", trained_runs.branch("rgb@0.5"), out)
+    assert_user_error(code, output, error, f"The bundle {out} already exists", "--force")
+    assert out.read_bytes() == b"an earlier bundle"
+    code, output, _ = cli("export", "model", trained_runs.branch("rgb@0.5"), out, "--force")
+    assert code == 0, output
+    assert out.read_bytes() != b"an earlier bundle"
+
+
+def test_export_submission_refuses_to_overwrite_before_inference(
+    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sfr.cli.export as export_module
+
+    monkeypatch.setattr(export_module, "load_model", lambda *a: pytest.fail("model loaded"))
+    out = tmp_path / "sub.json"
+    out.write_text("{}")
+    code, output, error = cli(
+        "export", "submission", trained_runs.branch("rgb@0.5"), out,
+        "--data", trained_runs.data, "--split", "validation",
+    )  # fmt: skip
+    assert_user_error(code, output, error, f"The submission file {out} already exists")
+
+
+def test_validate_report_refuses_to_overwrite_a_report_without_force(
+    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
+) -> None:
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text("{}")
+    code, output, error = cli(
+        "validate", trained_runs.branch("rgb@0.5"), "--data", trained_runs.data,
+        "--report", report, *CPU,
+    )  # fmt: skip
+    assert_user_error(code, output, error, f"The report {report / 'report.json'} already exists")
+
+
+def test_synth_force_replaces_only_a_synthetic_dataset(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    code, output, error = cli("synth", out, "--force")
+    assert_user_error(code, output, error, "is not a synthetic dataset sfr wrote")
+    assert (out / "thesis.tex").read_text() == "precious"

@@ -60,6 +60,9 @@ def demo(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the synthetic data and runs.")
     ] = Path("sfr-demo"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier demo in --out (data and runs).")
+    ] = False,
 ) -> None:
     """Generate synthetic data, train every branch and both fusion levels, print the results."""
     plan = DemoPlan()
@@ -82,7 +85,7 @@ def demo(
             else:
                 view(event)
 
-        result = run_demo(out, plan, progress=show)
+        result = run_demo(out, plan, force=force, progress=show)
     console.print(demo_table(result))
     console.print(headline(result), highlight=False)
     console.print(

@@ -11,7 +11,7 @@ from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import console, sample_bars, user_errors
 from sfr.eval.submission import SupervisionLevels, make_submission
-from sfr.files import atomic_write_text, check_output_file, json_text
+from sfr.files import atomic_write_text, check_output_file, json_text, refuse_existing
 from sfr.models.trained import export_bundle, load_model
 
 export = typer.Typer(
@@ -19,6 +19,9 @@ export = typer.Typer(
     help="Write challenge submissions and self-contained model bundles.",
     no_args_is_help=True,
 )
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace OUT if it exists (only that file is replaced).")
+]
 ModelArg = Annotated[
     Path,
     typer.Argument(
@@ -45,9 +48,11 @@ def submission(
     sls_td: Annotated[int, typer.Option(help="Supervision level: training data.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    force: ForceOpt = False,
 ) -> None:
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
     check_output_file(out, "output file")
+    refuse_existing(out, "submission file", force)  # before the inference, not after it
     trained = load_model(model)
     bars = sample_bars()
     with bars:
@@ -75,9 +80,11 @@ def submission(
 def model_bundle(
     model: ModelArg,
     out: Annotated[Path, typer.Argument(help="The .safetensors bundle to write.")],
+    force: ForceOpt = False,
 ) -> None:
     """Write one file with every weight of every level and the config (`sfr.load_model` reads it)."""
     check_output_file(out, "output file")
+    refuse_existing(out, "bundle", force)
     trained = load_model(model)
     export_bundle(trained, out, __version__)
     size = out.stat().st_size / 2**20

@@ -24,7 +24,7 @@ from sfr.eval.evaluation import (
 )
 from sfr.eval.plots import require_matplotlib
 from sfr.eval.report import write_report
-from sfr.files import check_writable_dir
+from sfr.files import check_writable_dir, refuse_existing
 
 TASK_NAMES = {"verb": "Verb", "noun": "Noun", "action": "Action"}
 
@@ -180,6 +180,9 @@ def validate(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the report in --report DIR if there is one.")
+    ] = False,
     absent_zero: Annotated[
         bool,
         typer.Option(
@@ -194,6 +197,7 @@ def validate(
         raise ConfigError("--weights is only used with --ensemble.", "Add --ensemble.")
     if report is not None:
         check_writable_dir(report, "report")
+        refuse_existing(report / "report.json", "report", force)
         require_matplotlib()  # before inference, not after it
     loaded = load_models(paths, levels)
     if ensemble and not ensemble_weights:
