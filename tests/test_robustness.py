@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from clitools import assert_user_error
 from conftest import TrainedRuns, writable_copy
 
+from sfr.data.presets import PUBLISHED_PRESETS as PUBLISHED
 from sfr.errors import DataError
 from sfr.files import json_text
 
@@ -663,3 +665,67 @@ def test_synth_force_replaces_only_a_synthetic_dataset(cli: Cli, tmp_path: Path)
     code, output, error = cli("synth", out, "--force")
     assert_user_error(code, output, error, "is not a synthetic dataset sfr wrote")
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------------------------
+# case 17: the same names and placeholders for the same things in every command
+
+
+def every_command() -> list[list[str]]:
+    import typer.main
+
+    from sfr.cli.app import app
+
+    def walk(command: object, prefix: list[str]) -> list[list[str]]:
+        found = [prefix]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += walk(sub, [*prefix, name])
+        return found
+
+    return walk(typer.main.get_command(app), [])
+
+
+def test_every_help_uses_one_placeholder_convention(cli: Cli) -> None:
+    commands = every_command()
+    assert len(commands) > 20
+    for command in commands:
+        code, output, _ = cli(*command, "--help")
+        assert code == 0, (command, output)
+        assert not re.search(r"<(bool|path|int|str|float|list)", output), (command, output)
+        assert "{out}" not in output and "REPORT.json " not in output, (command, output)
+
+
+def test_version(cli: Cli) -> None:
+    from sfr import __version__
+
+    code, output, _ = cli("--version")
+    assert code == 0 and output.strip() == f"sfr {__version__}"
+
+
+def test_fuse_and_pipeline_take_the_same_training_options(cli: Cli) -> None:
+    for command in ("fuse", "pipeline"):
+        code, output, _ = cli(command, "--help")
+        assert code == 0, output
+        for option in ("--epochs", "--lr", "--batch-size", "--seed", "--device", "--force"):
+            assert option in output, (command, option)
+
+
+def test_pipeline_epochs_and_lr_set_every_stage(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sfr.cli.pipeline as pipeline_module
+
+    seen = {}
+    monkeypatch.setattr(
+        pipeline_module, "run_and_report", lambda resolved, *a, **k: seen.update(c=resolved)
+    )
+    code, output, _ = cli(
+        "pipeline", PUBLISHED / "sf_arch2.toml", "--data", tmp_path,
+        "--epochs", "3", "--lr", "0.5", "--batch-size", "4", "--seed", "7",
+    )  # fmt: skip
+    assert code == 0, output
+    config = seen["c"]
+    assert config.optim.epochs == config.fusion_optim.epochs == 3
+    assert config.optim.lr == config.fusion_optim.lr == 0.5
+    assert config.optim.batch_size == config.fusion_optim.batch_size == 4
+    assert config.run.seed == 7

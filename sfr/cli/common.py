@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import typer
+import typer.core
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -63,6 +64,56 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
 user_errors = handles_user_errors(
     "Checkpoints are written atomically: run the same command again to continue."
 )
+
+
+# Help placeholders, one convention for every command: upper-case words, none for flags.
+_PLACEHOLDERS = {"path": "PATH", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH"}
+
+
+class SfrGroup(typer.core.TyperGroup):
+    """The root command group: gives every option and argument of every subcommand the same
+    kind of help placeholder (`--force` no `<bool>`, `--data PATH`, `MODEL`), once, when
+    Typer builds the command tree."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _tidy_placeholders(self)
+
+
+def _tidy_placeholders(command: Any) -> None:
+    made_help = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:  # --help is a flag too: no placeholder
+        option = made_help(ctx)
+        if option is not None:
+            option.display_type_rich = lambda ctx: None
+        return option
+
+    command.get_help_option = get_help_option
+    for param in getattr(command, "params", []):
+        if isinstance(param, (typer.core.TyperOption, typer.core.TyperArgument)):
+            label = _placeholder(param)
+            param.display_type_rich = lambda ctx, label=label: label
+            if isinstance(param, typer.core.TyperArgument) and param.metavar is None:
+                param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_placeholders(sub)
+
+
+def _placeholder(param: Any) -> str | None:
+    """`None` for a flag, else the upper-case name of the value (`PATH`, `INTEGER`, `a|b`)."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return None
+    if isinstance(param, typer.core.TyperOption) and param.metavar is not None:
+        return param.metavar
+    try:
+        label = param.display_type(None).strip("<>")
+    except Exception:
+        return None
+    multiple = label.startswith("list[")
+    label = label.removeprefix("list[").removesuffix("]").removesuffix(" range")
+    label = _PLACEHOLDERS.get(label, label if "|" in label else label.upper())
+    return f"{label}..." if multiple and isinstance(param, typer.core.TyperArgument) else label
 
 
 def sample_bars() -> Progress:

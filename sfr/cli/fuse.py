@@ -42,6 +42,7 @@ def fuse(
     device: Annotated[
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
     ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Train the attention fusions of Architecture 1 or 2 from the fine-tuned branches.
@@ -58,6 +59,7 @@ def fuse(
             "fusion_optim.lr": lr,
             "fusion_optim.batch_size": batch_size,
             "run.device": device,
+            "run.seed": seed,
         },
         set_,
     )

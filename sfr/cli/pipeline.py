@@ -32,6 +32,15 @@ def pipeline(
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Training epochs of every stage.")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="SGD learning rate of every stage.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size of every stage.")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Pre-train and fine-tune every branch, then train every fusion level.
@@ -41,7 +50,14 @@ def pipeline(
     """
     resolved = load_fusion_config(
         config,
-        {"model.freeze_branches": freeze_branches, "run.device": device, "run.seed": seed},
+        {
+            "model.freeze_branches": freeze_branches,
+            "run.device": device,
+            "run.seed": seed,
+            **{f"{section}.epochs": epochs for section in ("optim", "fusion_optim")},
+            **{f"{section}.lr": lr for section in ("optim", "fusion_optim")},
+            **{f"{section}.batch_size": batch_size for section in ("optim", "fusion_optim")},
+        },
         set_,
     )
     run_and_report(
