@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sfr.errors import DataError, RunError
-from sfr.files import atomic_write
+from sfr.files import atomic_write, missing_reason
 
 METADATA_KEY = "sfr"
 
@@ -64,7 +64,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """Tensors and metadata of a checkpoint written by `save_checkpoint`."""
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"Checkpoint {path} does not exist.")
+        raise RunError(f"Checkpoint {path} {missing_reason(path)}.")
     metadata = read_metadata(path)
     try:
         tensors = load_file(str(path))
@@ -113,7 +113,7 @@ def safe_torch_load(path: Path, *, allowed: Sequence[Any], what: str, hint: str)
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Checkpoint {path} does not exist.")
+        raise DataError(f"Checkpoint {path} {missing_reason(path)}.")
     try:
         with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol chatter; errors still raise

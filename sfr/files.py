@@ -124,6 +124,16 @@ def check_output_file(path: Path, what: str) -> Path:
     return path
 
 
+def missing_reason(path: Path, want: str = "file") -> str:
+    """Why `path` is not the file (or folder, `want="folder"`) expected: for a message."""
+    path = Path(path)
+    if want == "file" and path.is_dir():
+        return "is a folder, not a file"
+    if want == "folder" and path.exists():
+        return "is a file, not a folder"
+    return "does not exist"
+
+
 def refuse_existing(path: Path, what: str, force: bool) -> None:
     """The one overwrite rule of sfr: an existing output is replaced only with `--force`.
 

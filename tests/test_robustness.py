@@ -729,3 +729,18 @@ def test_pipeline_epochs_and_lr_set_every_stage(
     assert config.optim.lr == config.fusion_optim.lr == 0.5
     assert config.optim.batch_size == config.fusion_optim.batch_size == 4
     assert config.run.seed == 7
+
+
+def test_paths_of_the_wrong_kind_are_named_so(
+    cli: Cli, tmp_path: Path, trained_runs: TrainedRuns
+) -> None:
+    """Case 16: a file given as --data, a folder given as a checkpoint."""
+    from sfr.checkpoint import load_checkpoint
+    from sfr.errors import RunError
+
+    data = tmp_path / "data.txt"
+    data.write_text("not a folder")
+    code, output, error = cli(*branch_args(tmp_path, data))
+    assert_user_error(code, output, error, f"Data folder {data} is a file, not a folder")
+    with pytest.raises(RunError, match="is a folder, not a file"):
+        load_checkpoint(tmp_path)

@@ -42,6 +42,7 @@ from sfr.features.sources import (
     walk_folders,
     wanted_frames,
 )
+from sfr.files import missing_reason
 
 FLOW_BOUND = 20.0
 """Flow components are clipped to +-FLOW_BOUND pixels before they become grey levels."""
@@ -152,7 +153,7 @@ class FlowFrameReader:
         if self._components is None:
             if not self.folder.is_dir():
                 raise DataError(
-                    f"The flow folder {self.folder} does not exist.",
+                    f"The flow folder {self.folder} {missing_reason(self.folder, 'folder')}.",
                     "Check the path of the flow frames of this video.",
                 )
             found = flow_layout(self.folder)

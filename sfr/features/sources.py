@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from sfr.errors import DataError, install_extra
+from sfr.files import missing_reason
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"})
 """File name endings (compared in lower case) that `discover_videos` takes for video files."""
@@ -492,7 +493,7 @@ class FrameFolderReader:
         if self._images is None:
             if not self.folder.is_dir():
                 raise DataError(
-                    f"The frame folder {self.folder} does not exist.",
+                    f"The frame folder {self.folder} {missing_reason(self.folder, 'folder')}.",
                     "Check the path of the frames of this video.",
                 )
             images = rgb_frame_files(self.folder)
