@@ -418,13 +418,14 @@ def test_synth_writes_a_dataset_and_refuses_to_overwrite(cli, tmp_path: Path) ->
     before = (out / "training.csv").read_bytes()
 
     code, output, error = cli("synth", out, *small, "--seed", "1")
-    assert_user_error(code, output, error, str(out), "not empty")
+    assert_user_error(code, output, error, str(out), "already holds a synthetic dataset", "--force")
     assert (out / "training.csv").read_bytes() == before
 
     code, output, _ = cli("synth", out, *small, "--seed", "1", "--force")
     assert code == 0, output
     assert (out / "training.csv").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # no temp folders left
+    assert (out / "configs" / "sf_arch2.toml").is_file()  # presets rewritten after --force
 
 
 def test_synth_refuses_a_file_and_a_bad_spec(cli, tmp_path: Path) -> None:

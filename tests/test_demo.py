@@ -267,7 +267,7 @@ def test_demo_with_another_plan_leaves_no_runs_of_the_earlier_one(
     source, _, _, _ = demo_run
     out = Path(shutil.copytree(source, tmp_path / "demo"))
     plan = tiny_plan(tiny_spec, modalities=("rgb", "obj"))
-    result = run_demo(out, plan)
+    result = run_demo(out, plan, force=True)
     kept = {p.name for p in (out / "runs" / "synthetic").iterdir()}
     wanted = {Path(fit.run_dir).parent.name for fit in result.pipeline.results.values()}
     assert kept == wanted
