@@ -482,7 +482,7 @@ def test_folders_where_files_are_expected_are_named_as_folders(
         ("branch.hidden=100000000", "branch.hidden"),
         ("branch.s_enc=100000", "branch.s_enc"),
         ("branch.alpha=inf", "branch.alpha"),
-        ("optim.lr=nan", "optim.lr"),
+        ("optim.weight_decay=inf", "optim.weight_decay"),
         ("data.fps=1e9", "data.fps"),
     ],
 )
