@@ -3,7 +3,7 @@
 1. Backbones alone (inference, random weights, real input sizes): frames (clips) per second at
    batch 8 — TSN BNInception rgb (3x256x454) and flow (10x256x454), SlowFast R50 and R101 (32
    frames at 256x256). On CUDA also under bf16 autocast.
-2. Decoding: frames/s of PyAV decoding an H.264 video at the EPIC frame size (456x256) re-timed to
+2. Decoding: frames/s of PyAV (and torchcodec, where it loads) decoding an H.264 video at the EPIC frame size (456x256) re-timed to
    30 fps, and of pillow reading + resizing EPIC jpg frames as the TSN recipe does.
 3. End to end on the same frame folders, rgb TSN, in the steady state (after the first quarter): the published route (RU-LSTM FEATEXT example:
    one frame at a time, pillow transform, forward, one LMDB transaction per frame) against
@@ -31,10 +31,12 @@ sys.path[:0] = [str(HERE.parent / "tests")]
 
 from featuredata import write_tsn_checkpoint  # noqa: E402
 
+from sfr.errors import DataError  # noqa: E402
 from sfr.features.extract import FramesWritten  # noqa: E402
 from sfr.features.inputs import InputOptions  # noqa: E402
 from sfr.features.request import FeatureRequest, run_request  # noqa: E402
 from sfr.features.sources import VideoInput, open_frames  # noqa: E402
+from sfr.features.video_torchcodec import load_torchcodec  # noqa: E402
 from sfr.models.backbones.bninception import create_bninception  # noqa: E402
 from sfr.models.backbones.slowfast import create_slowfast, pack_pathways  # noqa: E402
 
@@ -151,11 +153,26 @@ def decoding_rates(work: Path, frames: int, min_seconds: float) -> list[tuple]:
             Image.open(path).convert("RGB").resize((454, 256), Image.BILINEAR)
         return frames
 
+    def torchcodec() -> int:
+        reader = open_frames(VideoInput("video", video, "video"), backend="torchcodec")
+        return sum(1 for _ in reader.read(None))
+
     sync = lambda: None  # noqa: E731
-    return [
-        ("PyAV decode 456x256 H.264, 60→30 fps", per_second(pyav, min_seconds, sync)),
-        ("pillow jpg read + TSN resize", per_second(jpeg, min_seconds, sync)),
-    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the extraction's decoding threads
+    try:
+        rows = [("PyAV decode 456x256 H.264, 60→30 fps", per_second(pyav, min_seconds, sync))]
+        try:
+            load_torchcodec()
+        except DataError as error:
+            print(f"torchcodec row skipped: {error.message}")
+        else:
+            rate = per_second(torchcodec, min_seconds, sync)
+            rows.append(("torchcodec decode, same video", rate))
+        rows.append(("pillow jpg read + TSN resize", per_second(jpeg, min_seconds, sync)))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 def published_route(folders: list[Path], weights: Path, out: Path, device: str) -> float:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sfr.data.timegrid import TimeGrid, as_time
+from sfr.data.timegrid import Sampling, TimeGrid, as_time
 from sfr.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -81,6 +81,11 @@ class DataConfig(StrictModel):
         default_factory=dict,
         description="feature size per modality (default rgb/flow 1024, obj 352)",
     )
+    sampling: Sampling = Field(
+        "grid",
+        description="grid: every rate reads its own time grid; published: every rate takes its "
+        "frames from one sequence on the finest grid, as the published Slow-Fast loader does",
+    )
     preload: bool = Field(False, description="read every sequence into memory once before training")
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
 
@@ -131,6 +136,11 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1, le=65_536)
     epochs: int = Field(100, ge=1, le=100_000)
+    class_weights: str | None = Field(
+        None,
+        description="text file of one loss weight per action class (the published "
+        "actions_weights, which its code leaves commented out), relative to the data folder",
+    )
 
 
 class RunConfig(StrictModel):

@@ -3,8 +3,11 @@
 `FileServer` listens on 127.0.0.1 on an ephemeral port in a background thread. Each served path
 can answer some error statuses first (`fail_with`), drop the connection after some body bytes
 (`drop_after`, one entry per request, consumed in order) or ignore Range requests
-(`ranges=False`). Answers carry an ETag of the content and honour If-Range. Every request is
-logged, so tests can count what reached the server.
+(`ranges=False`). Answers carry an ETag of the content and honour If-Range. The other `Served`
+fields make the server lie in the ways real ones do: no Content-Length (the body ends when the
+connection closes), a Content-Length off by some bytes, a 206 starting elsewhere than asked or
+announcing another total or length, a 416 without the size, an ETag that changes with every
+answer, a redirect loop. Every request is logged, so tests can count what reached the server.
 """
 
 from __future__ import annotations
@@ -28,6 +31,18 @@ class Served:
     ranges: bool = True
     fail_with: list[int] = field(default_factory=list)
     drop_after: list[int] = field(default_factory=list)
+    length: bool = True  # send Content-Length (else the body is delimited by closing)
+    length_delta: int = 0  # a 200's Content-Length states this many bytes more than it sends
+    range_start_delta: int = 0  # a 206 starts this many bytes after the asked start (says so)
+    range_total_delta: int = 0  # a 206's Content-Range announces this many bytes more in all
+    range_length_delta: int = 0  # a 206's Content-Length disagrees with its Content-Range
+    range_extra_bytes: int = 0  # a 206 sends this many bytes beyond its Content-Range
+    total_in_416: bool = True  # a 416 says `bytes */SIZE` (else no Content-Range)
+    content_encoding: str | None = None  # a Content-Encoding header (the body is not encoded)
+    etag_per_answer: bool = False  # every answer carries a new ETag (If-Range never matches)
+    validators: bool = True  # send an ETag (else neither ETag nor Last-Modified)
+    chunked: bool = False  # HTTP/1.1 chunked bodies without Content-Length (a drop: no last chunk)
+    redirect_loop: bool = False  # answer 302 to the same address, forever
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,11 @@ class FileServer:
             self.requests.append(request)
 
 
+def payload_junk(count: int) -> bytes:
+    """`count` bytes that belong to no file."""
+    return b"\xff" * count
+
+
 def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to `server`'s files and log."""
 
@@ -118,8 +138,11 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self._answer(body=False)
 
         def do_GET(self) -> None:
-            """Headers and body, faults included."""
-            self._answer(body=True)
+            """Headers and body, faults included (a client that hangs up early is fine)."""
+            try:
+                self._answer(body=True)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _answer(self, body: bool) -> None:
             """Log the request, then answer it: 404, injected status, 200/206/416, or a drop."""
@@ -129,41 +152,75 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 )
             )
             served = server.files.get(self.path)
+            self.protocol_version = "HTTP/1.1" if served and served.chunked else "HTTP/1.0"
             if served is None:
                 self._status_only(404)
                 return
             if served.fail_with:
                 self._status_only(served.fail_with.pop(0))
                 return
+            if served.redirect_loop:
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             data, start = served.data, 0
             etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+            if served.etag_per_answer:
+                etag = f'"{len(server.requests)}-{etag[1:]}'
             match = _RANGE.match(self.headers.get("Range") or "")
             if_range = self.headers.get("If-Range")
             if served.ranges and match is not None and if_range in (None, etag):
                 start = int(match.group(1))
                 if start >= len(data):
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    if served.total_in_416:
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
+                    self.send_header("ETag", etag)
                     self.end_headers()
                     return
+                start = min(start + served.range_start_delta, len(data) - 1)
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                total = len(data) + served.range_total_delta
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
+                extra = served.range_length_delta
+                data = data + payload_junk(served.range_extra_bytes)
             else:
                 self.send_response(200)
+                extra = served.length_delta
             payload = data[start:]
-            self.send_header("Content-Length", str(len(payload)))
+            if served.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            elif served.length:
+                length = len(payload) + extra
+                self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if served.ranges else "none")
-            self.send_header("ETag", etag)
+            if served.validators:
+                self.send_header("ETag", etag)
+            if served.content_encoding:
+                self.send_header("Content-Encoding", served.content_encoding)
+            self.send_header("Connection", "close")
             self.end_headers()
+            self.close_connection = True
             if not body:
                 return
-            if served.drop_after:
-                self.wfile.write(payload[: served.drop_after.pop(0)])
-                self.wfile.flush()
-                self.close_connection = True
+            cut = served.drop_after.pop(0) if served.drop_after else None
+            if served.chunked:
+                self._write_chunks(payload[:cut], last=cut is None)
                 return
-            self.wfile.write(payload)
+            self.wfile.write(payload[:cut])
+            self.wfile.flush()
+
+        def _write_chunks(self, payload: bytes, last: bool) -> None:
+            """`payload` in 64 kB chunks, then the last (empty) chunk unless the body is cut."""
+            for offset in range(0, len(payload), 65_536):
+                piece = payload[offset : offset + 65_536]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            if last:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _status_only(self, status: int) -> None:
             """An empty answer with `status`."""

@@ -89,7 +89,7 @@ def test_typo_in_a_file(tmp_path) -> None:
     )
     with pytest.raises(
         ConfigError,
-        match=r"bad.toml: optim.epoch: unknown field \(allowed: lr, momentum, weight_decay, batch_size, epochs\)",
+        match=r"bad.toml: optim.epoch: unknown field \(allowed: lr, momentum, weight_decay, batch_size, epochs, class_weights\)",
     ):
         load_config(BranchRunConfig, path)
 

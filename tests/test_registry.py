@@ -126,6 +126,10 @@ def test_a_well_formed_registry_file_loads() -> None:
             ('urls = ["https://example.org/thing.bin"]', 'urls = ["http://example.org/thing.bin"]'),
             "https",
         ),
+        (
+            ('urls = ["https://example.org/thing.bin"]', 'urls = ["https://u:pw@example.org/t"]'),
+            "user information",
+        ),
         (('dest = "backbones/thing.bin"', 'dest = "../thing.bin"'), "'..'"),
         (('dest = "backbones/thing.bin"', 'dest = "/abs/thing.bin"'), "relative"),
         (('kind = "backbone"', 'kind = "backbone"\npost = { kind = "untar" }'), "post"),

@@ -19,6 +19,7 @@ from sfr.features.sources import (
     wanted_frames,
 )
 from sfr.features.video import VideoFileReader
+from sfr.features.video_torchcodec import TorchCodecVideoReader
 
 
 def colour(frame: int) -> tuple[int, int, int]:
@@ -239,8 +240,7 @@ def test_open_frames_dispatches(tmp_path: Path) -> None:
     assert isinstance(reader, FrameFolderReader) and reader.name == "P01_01"
     video = VideoInput("clip", touch_video(tmp_path / "clip.mp4"), "video")
     assert isinstance(open_frames(video), VideoFileReader)
-    with pytest.raises(DataError, match="torchcodec"):
-        open_frames(video, backend="torchcodec")
+    assert isinstance(open_frames(video, backend="torchcodec"), TorchCodecVideoReader)
     with pytest.raises(DataError, match="Unknown video backend"):
         open_frames(video, backend="opencv")
     with pytest.raises(ValueError, match="FlowFrameReader"):

@@ -306,8 +306,10 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
             saved["best"] = (root / "best.safetensors").read_bytes()
             saved["last"] = (root / "last.safetensors").read_bytes()
 
-    def loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        value = real_loss(scores, labels)
+    def loss(
+        scores: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        value = real_loss(scores, labels, weight)
         if saved and torch.is_grad_enabled():  # training batches of epoch 1 onwards
             return value * float("nan")
         return value

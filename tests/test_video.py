@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Iterator
 from fractions import Fraction
@@ -205,7 +206,7 @@ def test_repeated_frames_are_separate_arrays(videos: dict[str, Path]) -> None:
 
 
 class SpyContainer:
-    """A PyAV container that counts RGB conversions and can make seeks overshoot."""
+    """A PyAV container that counts seeks and can make them overshoot."""
 
     def __init__(self, container: Any, log: dict[str, int], overshoot: int = 0) -> None:
         self._container = container
@@ -214,8 +215,7 @@ class SpyContainer:
         self.streams = container.streams
 
     def decode(self, stream: Any) -> Iterator[Any]:
-        for frame in self._container.decode(stream):
-            yield SpyFrame(frame, self._log)
+        return self._container.decode(stream)
 
     def seek(self, offset: int, **kwargs: Any) -> None:
         self._log["seeks"] = self._log.get("seeks", 0) + 1
@@ -225,27 +225,21 @@ class SpyContainer:
         self._container.close()
 
 
-class SpyFrame:
-    def __init__(self, frame: Any, log: dict[str, int]) -> None:
-        self._frame = frame
-        self._log = log
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._frame, name)
-
-    def to_ndarray(self, **kwargs: Any) -> np.ndarray:
-        self._log["converted"] = self._log.get("converted", 0) + 1
-        return self._frame.to_ndarray(**kwargs)
-
-
 def spy_on(monkeypatch: pytest.MonkeyPatch, log: dict[str, int], overshoot: int = 0) -> None:
+    """Count seeks and RGB conversions; seeks land `overshoot` ticks after the asked time."""
     real_open = VideoFileReader._open
+    real_convert = video_module.RGBConverter.__call__
 
     def spying_open(self: VideoFileReader) -> tuple[Any, Any]:
         container, stream = real_open(self)
         return SpyContainer(container, log, overshoot), stream
 
+    def counting_convert(self: Any, frame: Any) -> np.ndarray:
+        log["converted"] = log.get("converted", 0) + 1
+        return real_convert(self, frame)
+
     monkeypatch.setattr(VideoFileReader, "_open", spying_open)
+    monkeypatch.setattr(video_module.RGBConverter, "__call__", counting_convert)
 
 
 def test_sparse_read_converts_only_the_frames_it_yields(
@@ -303,6 +297,42 @@ def test_truncated_video_is_refused(videos: dict[str, Path], tmp_path: Path) -> 
         list(VideoFileReader(path, name="cut").read([1]))
 
 
+def write_cut_short(path: Path, keep: float) -> Path:
+    """A 3 s video whose file was cut after `keep` of its bytes by an interrupted copy, with its
+    header intact: an mp4 with its index first (`-movflags +faststart`) or a Matroska file."""
+    options = {"movflags": "faststart"} if path.suffix == ".mp4" else {}
+    rng = np.random.default_rng(2)
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index in range(90):
+            image = code_image(index) // 2 + rng.integers(0, 64, (HEIGHT, WIDTH, 3), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_video_cut_short_with_its_header_is_refused(tmp_path: Path, suffix: str) -> None:
+    """FFmpeg's threaded decoder stops quietly at the cut; the declared 3 s give it away."""
+    path = write_cut_short(tmp_path / f"cut{suffix}", 0.5)
+    reader = VideoFileReader(path, name="cut")
+    assert reader.frame_count() == 90  # what the header says
+    with pytest.raises(
+        DataError, match=r"stops at 1\.\d+ s, but its container says it lasts 3\.00 s"
+    ):
+        list(reader.read())
+    with pytest.raises(DataError, match="truncated"):
+        list(reader.read([80]))  # a sparse read that reaches the cut
+    assert [n for n, _ in reader.read([1, 2])] == [1, 2]  # frames before the cut are readable
+    whole = write_cut_short(tmp_path / f"whole{suffix}", 1.0)
+    assert len(list(VideoFileReader(whole, name="whole").read())) == 90
+
+
 def test_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
     path = tmp_path / "sound.mkv"
     with av.open(str(path), "w") as container:
@@ -330,7 +360,96 @@ def test_without_pyav(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) 
         list(VideoFileReader(videos["25"], name="v25").read())
 
 
-def test_torchcodec_backend_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="torchcodec") as caught:
-        video_module.torchcodec_reader(tmp_path / "x.mp4", name="x")
-    assert "pyav" in (caught.value.hint or "")
+def set_rotation(path: Path, degrees: int) -> Path:
+    """Give an mp4 the display matrix of a phone video turned by `degrees` (counter-clockwise,
+    as FFmpeg reports it): the track header's matrix, which is where phones record it."""
+    one, minus = 0x00010000, 0xFFFF0000
+    a, b, c, d = {90: (0, minus, one, 0), 180: (minus, 0, 0, minus), 270: (0, one, minus, 0)}[
+        degrees
+    ]
+    data = bytearray(path.read_bytes())
+    box = data.index(b"tkhd")
+    version = data[box + 4]
+    matrix = box + 8 + (20 if version == 0 else 32) + 16
+    data[matrix : matrix + 36] = struct.pack(">9I", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotated_phone_video_is_turned_upright(tmp_path: Path, degrees: int) -> None:
+    """As `ffmpeg -i` autorotates: a 90° display matrix turns the image a quarter counter-clockwise."""
+    plain = write_video(tmp_path / "plain.mp4", 10, 30)
+    turned = set_rotation(write_video(tmp_path / "turned.mp4", 10, 30), degrees)
+    upright = dict(VideoFileReader(plain, name="plain").read())
+    for frame, image in VideoFileReader(turned, name="turned").read():
+        expected = np.rot90(upright[frame], degrees // 90)
+        assert image.shape == expected.shape and np.array_equal(image, expected), frame
+        assert image.flags.c_contiguous
+
+
+def test_rgb_conversion_of_8_bit_video_is_unchanged(tmp_path: Path) -> None:
+    """FFmpeg's format filter gives, on 8-bit video, exactly PyAV's own conversion."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for _ in range(8):
+            image = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        direct = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    ours = [image for _, image in VideoFileReader(path, name="noise").read()]
+    assert len(ours) == len(direct) == 8
+    for mine, theirs in zip(ours, direct, strict=True):
+        assert np.array_equal(mine, theirs)
+
+
+def write_trimmed(source: Path, path: Path, seconds: Fraction) -> Path:
+    """`ffmpeg -ss SECONDS -i SOURCE -c copy PATH` without re-encoding: the packets from the key
+    frame before the cut, shifted so the cut is at 0; the mp4 muxer writes an edit list and
+    the frames before the cut are marked to be discarded."""
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        cut = int(seconds / Fraction(stream.time_base))
+        first_key = max(
+            p.pts for p in container.demux(stream) if p.size and p.is_keyframe and p.pts <= cut
+        )
+    with av.open(str(source)) as container, av.open(str(path), "w") as out:
+        stream = container.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in container.demux(stream):
+            if packet.size and packet.pts >= first_key:
+                packet.pts, packet.dts = packet.pts - cut, packet.dts - cut
+                packet.stream = copy
+                out.mux(packet)
+    return path
+
+
+def write_10_bit(path: Path, frames: int) -> Path:
+    """A 10-bit H.264 video of random images (yuv420p10le, as cameras record HDR)."""
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p10le"
+        for _ in range(frames):
+            image = rng.integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p10le")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_trimmed_video_starts_at_its_cut(videos: dict[str, Path], tmp_path: Path) -> None:
+    """A lossless trim at 1.1 s of the 25 fps video: the first frame shown is source 28 (1.12 s),
+    the frames before the cut that the file still holds are not shown."""
+    trimmed = write_trimmed(videos["long"], tmp_path / "trim.mp4", Fraction(11, 10))
+    result = shown(VideoFileReader(trimmed, name="trim"))
+    assert result[:8] == [(1, 28), (2, 28), (3, 29), (4, 30), (5, 31), (6, 32), (7, 33), (8, 33)]
+    assert len(result) == 867  # 722 frames from 0.02 s to 28.9 s

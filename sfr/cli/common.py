@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 import typer.core
@@ -268,3 +268,14 @@ def step_line(event: StepStarted) -> str:
     what = f"{step.stage} {step.label}" if step.level == 0 else f"fusion L{step.level} {step.label}"
     action = {"train": "", "resume": " (resuming)", "skip": " [dim](finished, skipped)[/]"}
     return f"[bold][{event.index}/{event.total}] {what}[/]{action[event.action]}"
+
+
+SamplingOpt = Annotated[
+    Literal["grid", "published"] | None,
+    typer.Option(
+        "--sampling",
+        help="grid: every rate reads its own time grid; published: the slower rates' frames are "
+        "taken from the fast rate's sequence, as the published Slow-Fast loader does "
+        "(default: the model's data.sampling).",
+    ),
+]

@@ -8,12 +8,28 @@ from typing import Annotated, Any
 import typer
 
 from sfr.cli.common import console, user_errors
-from sfr.hub.convert import convert_checkpoint
+from sfr.hub.convert import conversion_run, convert_checkpoint
+from sfr.hub.slowfast import KIND_TEXT
 
 
 def describe(converted: dict[str, Any], stage: str) -> str:
     """One line saying what was inferred from a published checkpoint."""
     inferred = converted["inferred"]
+    layout = converted.get("layout")
+    if layout is not None and layout != "branch":
+        dims = ", ".join(f"{m} {d}" for m, d in inferred["feat_dims"].items())
+        published = ", ".join(
+            f"{key} {converted[key]:g}"
+            for key in ("epoch", "perf", "best_perf")
+            if converted[key] is not None
+        )
+        return (
+            f"{KIND_TEXT[layout]} of {inferred['branches']} branches (features {dims}), hidden "
+            f"{inferred['hidden']}, {inferred['num_classes']} classes; rates "
+            f"{', '.join(inferred['rates'])} (unit {stage})"
+            + (f"; published {published}" if published else "")
+            + "."
+        )
     if inferred["modality"] == "fusion":
         dims = ", ".join(f"{m} {d}" for m, d in inferred["feat_dims"].items())
         what = f"MATT fusion of {inferred['branches']} branches (features {dims})"
@@ -24,6 +40,8 @@ def describe(converted: dict[str, Any], stage: str) -> str:
         for key in ("epoch", "perf", "best_perf")
         if converted[key] is not None
     )
+    if layout == "branch":
+        what = f"{KIND_TEXT[layout]}: {what}"
     return (
         f"{what}, hidden {inferred['hidden']}, {inferred['num_classes']} classes; "
         f"{converted['task'].replace('_', ' ')} at alpha {inferred['alpha']:g}, "
@@ -36,7 +54,10 @@ def describe(converted: dict[str, Any], stage: str) -> str:
 @user_errors
 def convert(
     source: Annotated[Path, typer.Argument(help="A published RU-LSTM checkpoint (.pth.tar).")],
-    out: Annotated[Path, typer.Argument(help="The .safetensors checkpoint to write.")],
+    out: Annotated[
+        Path | None,
+        typer.Argument(help="The .safetensors checkpoint to write (or use --into)."),
+    ] = None,
     dataset: Annotated[
         str, typer.Option(help="ek55 or ek100: the benchmark the checkpoint was trained on.")
     ] = "ek55",
@@ -65,12 +86,38 @@ def convert(
             "_sequence_completion, as the published code names them).",
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    rates: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rates",
+            help="Slow-Fast checkpoints: one ALPHA:S_ENC:S_ANT per rate, fastest first, as the "
+            "published --alphas_fused/--S_enc_fused/--S_ant_fused (default: from the file name).",
+        ),
+    ] = None,
+    into: Annotated[
+        Path | None,
+        typer.Option(
+            "--into",
+            help="Install as the finished stage in this runs folder (for sfr fuse / pipeline / "
+            "validate) instead of writing OUT.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT (or the installed run) if it exists.")
+    ] = False,
 ) -> None:
-    """Convert a published RU-LSTM checkpoint (branch or MATT fusion) for sfr.load_model."""
+    """Convert a published RU-LSTM or Slow-Fast RU-LSTM checkpoint for sfr.load_model.
+
+    Recognised layouts: RU-LSTM branch and MATT fusion; Slow-Fast per-rate branch, per-rate MATT,
+    single-modality slow-fast model, Architecture 1 and 2 whole models. Examples:
+    sfr convert RULSTM-anticipation_0.25_6_8_rgb_best.pth.tar rgb.safetensors --modality rgb
+    sfr convert RULSTM-anticipation_0.125_24_16_0.5_6_4_fusion_best.pth.tar --into runs
+    """
     conversion = convert_checkpoint(
         source,
         out,
+        rates=rates or (),
+        into=into,
         dataset=dataset,
         modality=modality,
         alpha=alpha,
@@ -83,8 +130,24 @@ def convert(
     console.print(
         f"{source.name}: {describe(conversion.converted, conversion.stage)}", highlight=False
     )
+    dropped = conversion.converted.get("dropped") or []
+    if dropped:
+        console.print(
+            f"Dropped {len(dropped)} unused fast_slow_fusion weights (no forward pass of the "
+            f"published code uses them): {', '.join(dropped[:2])}{', …' if len(dropped) > 2 else ''}.",
+            highlight=False,
+        )
+    digest = conversion.converted["sha256"][:12]
+    if into is not None:
+        run = conversion_run(conversion, into)
+        console.print(
+            f"Installed {run.best_path} as a finished {conversion.stage} stage (sha256 of the "
+            f"source recorded: {digest}…); sfr fuse, sfr pipeline and sfr validate use it.",
+            highlight=False,
+        )
+        return
     console.print(
-        f"Wrote {out} (sha256 of the source recorded: {conversion.converted['sha256'][:12]}…); "
+        f"Wrote {out} (sha256 of the source recorded: {digest}…); "
         "load it with sfr.load_model(path) or pass it to sfr validate.",
         highlight=False,
     )

@@ -24,8 +24,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sfr.cli.common import console, handles_user_errors
+from sfr.cli.common import console, fail, handles_user_errors
 from sfr.errors import SfrError
+from sfr.hub.addresses import public_address
 from sfr.hub.download import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT_S,
@@ -40,6 +41,7 @@ from sfr.hub.download import (
 from sfr.hub.install import (
     DEFAULT_RUNS,
     ArtefactInstalled,
+    ArtefactRecovered,
     ArtefactSkipped,
     ConversionFinished,
     ConversionStarted,
@@ -186,6 +188,17 @@ class DownloadView:
                 f"[green]✓[/] {escape(event.name)} → {event.path} ({decimal(event.size)}"
                 f"{files}, sha256 {event.sha256[:12]}…)"
             )
+            if event.replaced_sha256 is not None:
+                self.say(
+                    f"  [yellow]{escape(event.name)}: differs from the earlier download "
+                    f"(sha256 {event.replaced_sha256[:12]}…): the file changed upstream or that "
+                    "download was wrong; the new digest is recorded.[/]"
+                )
+        elif isinstance(event, ArtefactRecovered):
+            self.say(
+                f"[green]✓[/] {escape(event.name)} → {event.path} (put in place by an "
+                f"interrupted run; size and sha256 {event.sha256[:12]}… match, now recorded)"
+            )
         elif isinstance(event, ConversionStarted):
             self.say(f"  {escape(event.name)}: converting {event.checkpoint}")
         elif isinstance(event, ConversionFinished):
@@ -236,7 +249,7 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
             action,
             size_text(step.artefact, announced.get(name)),
             str(step.target),
-            escape(step.urls[0]),
+            escape(public_address(step.urls[0])),
         )
     console.print(table)
     fetching = [s for s in steps if s.action == "fetch"]
@@ -284,6 +297,8 @@ def run_downloads(
         parts.append(f"{len(report.skipped)} already installed")
     if report.converted:
         parts.append(f"converted {len(report.converted)}")
+    if report.recovered:
+        parts.append(f"recovered {len(report.recovered)} from an interrupted run")
     console.print("Done: " + ", ".join(parts) + ".", highlight=False)
 
 
@@ -383,7 +398,9 @@ def features(
 @download_app.command("pretrained")
 @download_errors
 def pretrained(
-    model: Annotated[str, typer.Argument(help="rulstm-ek55 or rulstm-ek100.")],
+    model: Annotated[
+        str, typer.Argument(help="rulstm-ek55, rulstm-ek100 or sf-rulstm-ek55 (with --from).")
+    ],
     runs: RunsOpt = DEFAULT_RUNS,
     task: Annotated[
         str, typer.Option("--task", help="anticipation, early_recognition or all.")
@@ -394,14 +411,27 @@ def pretrained(
     retries: RetriesOpt = DEFAULT_RETRIES,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     force: ForceOpt = False,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="sf-rulstm-ek55: the folder holding the published Slow-Fast checkpoints "
+            "(their hosting links are dead); each is converted into the run layout.",
+        ),
+    ] = None,
 ) -> None:
     """Fetch the published RU-LSTM checkpoints and convert each once into an sfr run.
 
     The .pth.tar files are kept in RUNS/<dataset>/published/; the converted safetensors
     checkpoints land in the run layout that `sfr validate` and `sfr fuse` read.
+    The Slow-Fast RU-LSTM checkpoints (sf-rulstm-ek55) are installed from a folder (--from).
 
     Example: sfr download pretrained rulstm-ek55 --task anticipation --runs runs
+    Example: sfr download pretrained sf-rulstm-ek55 --from ~/sf-rulstm-models --runs runs
     """
+    if model.startswith("sf-rulstm-") or from_dir is not None:
+        _install_slowfast(model, from_dir, runs, force)
+        return
     registry = load_registry()
     models = sorted({f"rulstm-{a.dataset}" for a in registry.artefacts if a.kind == "pretrained"})
     check_choice("model", model, models)
@@ -415,6 +445,51 @@ def pretrained(
         retries=retries,
         timeout=timeout,
         force=force,
+    )
+
+
+def _install_slowfast(model: str, folder: Path | None, runs: Path, force: bool) -> None:
+    """`pretrained sf-rulstm-<dataset> --from DIR`: convert a folder of Slow-Fast checkpoints."""
+    from sfr.hub.slowfast import (  # torch is imported only when converting
+        KIND_TEXT,
+        PUBLISHED_FILES,
+        install_slowfast_folder,
+    )
+
+    if not model.startswith("sf-rulstm-"):
+        raise fail(
+            f"--from installs the Slow-Fast RU-LSTM checkpoints (sf-rulstm-ek55), not {model}.",
+            "Download RU-LSTM checkpoints without --from, or convert a local one with "
+            "sfr convert FILE --into RUNS.",
+        )
+    check_choice("model", model, [f"sf-rulstm-{d}" for d in PUBLISHED_FILES])
+    if folder is None:
+        raise fail(
+            f"{model}: the published Slow-Fast RU-LSTM checkpoints have no working download "
+            "address.",
+            "Pass --from DIR, the folder holding the files its download script fetched "
+            "(RULSTM-anticipation_*_best.pth.tar).",
+        )
+    dataset = model.removeprefix("sf-rulstm-")
+    result = install_slowfast_folder(
+        folder,
+        runs,
+        dataset=dataset,
+        force=force,
+        on_file=lambda path: console.print(f"  converting {path.name}", highlight=False),
+    )
+    for source, conversion, installed in result.installed:
+        layout = KIND_TEXT[conversion.converted["layout"]]
+        console.print(f"[green]✓[/] {escape(source.name)}: {layout} → {escape(str(installed))}")
+    if result.missing:
+        console.print(
+            f"Not in {folder} (not installed): {', '.join(result.missing)}.", highlight=False
+        )
+    console.print(
+        f"Installed {len(result.installed)} checkpoints into {runs}; continue with "
+        f"sfr fuse arch2 --config configs/{dataset}/sf_arch2.toml --runs {runs} --data DATA, or "
+        "validate a unit folder.",
+        highlight=False,
     )
 
 
@@ -452,6 +527,7 @@ PRESENCE = {
     "installed": "[green]yes[/]",
     "not converted": "[yellow]downloaded, not converted[/]",
     "changed": "[yellow]changed since download[/]",
+    "interrupted": "[yellow]installed by an interrupted run (the next download records it)[/]",
     "occupied": "no (another file is there)",
     "absent": "no",
 }
@@ -504,7 +580,9 @@ def verify(
 ) -> None:
     """Recompute the sha256 of every installed file and compare with the manifest (offline).
 
-    Exits with code 2 if any file is missing or differs.
+    Exits with code 2 if any file is missing, not a regular file, differs, or was left by an
+    interrupted install. A digest from the registry proves the published file; one learnt at
+    the first download (no published digest) only detects later changes.
     """
     folders = verify_folders(data or [], runs)
     if not folders:
@@ -530,18 +608,38 @@ def verify(
         task = bars.add_task("hashing", total=sum(total_bytes(f) for f in folders))
         checks = [c for f in folders for c in verify_folder(f, lambda n: bars.advance(task, n))]
     table = Table(title="sfr download verify", title_justify="left")
-    for column in ("artefact", "file", "status"):
+    for column in ("artefact", "file", "status", "digest from"):
         table.add_column(column)
     for check in checks:
         colour = "green" if check.ok else "red"
-        table.add_row(escape(check.artefact), str(check.path), f"[{colour}]{check.status}[/]")
+        table.add_row(
+            escape(check.artefact),
+            str(check.path),
+            f"[{colour}]{check.status}[/]",
+            check.digest_from or "",
+        )
     console.print(table)
+    learnt = sum(check.digest_from == "first download" for check in checks)
+    if learnt:
+        console.print(
+            f"{learnt} of {len(checks)} files are checked against the digest learnt when they "
+            "were first downloaded (no published digest exists): a match shows the file did "
+            "not change since, not that the download was the published file.",
+            highlight=False,
+        )
     bad = [check for check in checks if not check.ok]
     if bad:
-        names = ", ".join(dict.fromkeys(check.artefact for check in bad))
+        names = " ".join(dict.fromkeys(check.artefact for check in bad))
+        interrupted = any(check.status == "interrupted" for check in bad)
         raise SfrError(
-            f"{len(bad)} of {len(checks)} installed files failed verification ({names}).",
-            hint=f"Fetch them again: sfr download get {' '.join(dict.fromkeys(c.artefact for c in bad))} "
-            "--force (with the same --data/--runs).",
+            f"{len(bad)} of {len(checks)} installed files failed verification "
+            f"({names.replace(' ', ', ')}).",
+            hint=f"Fetch them again: sfr download get {names} --force (with the same "
+            "--data/--runs)."
+            + (
+                " An interrupted install is completed by running the same download again."
+                if interrupted
+                else ""
+            ),
         )
     console.print(f"All {len(checks)} installed files match their manifests.", highlight=False)

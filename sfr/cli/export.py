@@ -9,7 +9,7 @@ import typer
 
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import console, sample_bars, user_errors
+from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
 from sfr.eval.submission import SupervisionLevels, make_submission
 from sfr.files import atomic_write_text, check_output_file, json_text, refuse_existing
 from sfr.models.trained import export_bundle, load_model
@@ -48,12 +48,13 @@ def submission(
     sls_td: Annotated[int, typer.Option(help="Supervision level: training data.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    sampling: SamplingOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
     check_output_file(out, "output file")
     refuse_existing(out, "submission file", force)  # before the inference, not after it
-    trained = load_model(model)
+    trained = load_model(model).use_sampling(sampling)
     bars = sample_bars()
     with bars:
         task = bars.add_task("scoring", total=None)

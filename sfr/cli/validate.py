@@ -12,7 +12,7 @@ from rich.table import Table
 
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import console, sample_bars, user_errors
+from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
 from sfr.errors import ConfigError
 from sfr.eval.evaluation import (
     EvaluationEvent,
@@ -190,6 +190,7 @@ def validate(
             help="Give verbs/nouns that no action contains probability 0 (published: that of action 0).",
         ),
     ] = False,
+    sampling: SamplingOpt = None,
 ) -> None:
     """Evaluate models with the benchmark's official measures (EK55, EK100 or EGTEA)."""
     ensemble_weights, paths = parse_weights(weights or [], models)
@@ -199,7 +200,7 @@ def validate(
         check_writable_dir(report, "report")
         refuse_existing(report / "report.json", "report", force)
         require_matplotlib()  # before inference, not after it
-    loaded = load_models(paths, levels)
+    loaded = [model.use_sampling(sampling) for model in load_models(paths, levels)]
     if ensemble and not ensemble_weights:
         ensemble_weights = [1.0] * len(loaded)
     settings = EvaluationSettings(

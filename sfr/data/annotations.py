@@ -231,3 +231,29 @@ def read_class_names(path: Path) -> dict[int, str]:
         raise DataError(f"{path}: expected a header and at least two columns (id, name).")
     column = rows[0][1][0].strip()
     return {_int(cells[0], path, line, column): cells[1].strip() for line, cells in rows[1:]}
+
+
+def read_class_weights(path: Path, num_classes: int) -> list[float]:
+    """One loss weight per action class from a text file of numbers separated by white space
+    (the published `actions_weights`, read there with `np.loadtxt`); DataError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise DataError(
+            f"Class weights file {path} cannot be read: {error.strerror or error}.",
+            "Point optim.class_weights at a text file with one weight per action class.",
+        ) from None
+    try:
+        weights = [float(word) for word in text.split()]
+    except ValueError as error:
+        raise DataError(f"{path}: {str(error).capitalize()}; expected numbers only.") from None
+    if len(weights) != num_classes:
+        raise DataError(
+            f"{path} holds {len(weights)} weights but the data has {num_classes} action classes.",
+            "Give one weight per action class, in the order of actions.csv.",
+        )
+    bad = next((w for w in weights if not np.isfinite(w) or w < 0), None)
+    if bad is not None:
+        raise DataError(f"{path}: weight {bad} is not a finite number >= 0.")
+    return weights

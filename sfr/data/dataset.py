@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from sfr.data.annotations import Segment
 from sfr.data.store import FeatureStore
-from sfr.data.timegrid import TimeGrid
+from sfr.data.timegrid import Sampling, TimeGrid, sampled_frames
 from sfr.errors import DataError
 
 
@@ -47,6 +47,7 @@ class AnticipationDataset(Dataset):
     """Samples `{"id", "verb", "noun", "action", "features": {stream key: (T, D) float32}}`.
 
     Labels are -1 for unlabelled (test) segments. `discarded` lists the segments set aside.
+    `sampling` chooses how the streams' frames are sampled (`sfr.data.timegrid.sampled_frames`).
     With `preload`, every sequence is read once up front and served from memory.
     """
 
@@ -57,6 +58,7 @@ class AnticipationDataset(Dataset):
         stores: Mapping[str, FeatureStore],
         *,
         preload: bool = False,
+        sampling: Sampling = "grid",
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         keys = [s.key for s in streams]
@@ -67,6 +69,7 @@ class AnticipationDataset(Dataset):
             raise DataError(f"No feature store given for modality {', '.join(missing)}.")
         self.streams = tuple(streams)
         self.stores = dict(stores)
+        self.sampling = sampling
         self.plans: list[_Plan] = []
         self.discarded: list[Segment] = []
         for segment in segments:
@@ -86,12 +89,12 @@ class AnticipationDataset(Dataset):
             self._cache = cache
 
     def _plan(self, segment: Segment) -> _Plan | None:
-        per_stream: dict[str, np.ndarray] = {}
-        for stream in self.streams:
-            frames = stream.grid.frames(segment.start_frame)
-            if frames is None:
-                return None
-            per_stream[stream.key] = frames
+        sampled = sampled_frames(
+            [stream.grid for stream in self.streams], segment.start_frame, self.sampling
+        )
+        if sampled is None:
+            return None
+        per_stream = {stream.key: f for stream, f in zip(self.streams, sampled, strict=True)}
         frames: dict[str, np.ndarray] = {}
         picks: dict[str, np.ndarray] = {}
         for modality in dict.fromkeys(s.modality for s in self.streams):

@@ -33,6 +33,7 @@ class VideoProgress(BaseModel):
     frames: int = Field(0, ge=0, description="vectors of this video in the store")
     complete: bool = False
     layout: str = Field("full", description="the plan it is complete for: full, full@Nfps, grids")
+    decoder: str | None = Field(None, description="pyav or torchcodec for a video file")
 
 
 class StoreRecord(BaseModel):

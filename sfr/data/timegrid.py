@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 
@@ -95,3 +96,40 @@ class TimeGrid:
             return None
         frames[~valid] = frames[valid].min()
         return frames
+
+
+Sampling = Literal["grid", "published"]
+
+
+def sampled_frames(
+    grids: Sequence[TimeGrid], start_frame: int, sampling: Sampling = "grid"
+) -> list[np.ndarray] | None:
+    """Frames each of `grids` reads for an action at `start_frame`; None if the row is discarded.
+
+    `grid` (sfr's default): every grid samples, pads and discards on its own (`TimeGrid.frames`);
+    the row is discarded if any grid has no valid frame.
+    `published`: the published Slow-Fast RU-LSTM loader samples one sequence on the finest grid
+    (alpha = the smallest, long enough to cover the longest grid: 40 steps of 0.125 s for the
+    paper's 0.125/28 and 0.5/10 steps), pads and discards it once, and every rate takes its steps
+    from it (the 0.5 s rate: every 4th step, the last one 0.5 s before the action). The frames
+    differ from `grid` only where the sequence is padded, and rows are kept as long as the fine
+    grid has a valid frame. ValueError if the rates do not divide each other.
+    """
+    if sampling == "grid":
+        frames = [grid.frames(start_frame) for grid in grids]
+        return None if any(f is None for f in frames) else frames  # type: ignore[misc]
+    fine = min(grids, key=lambda grid: grid.alpha)
+    ratios = []
+    for grid in grids:
+        ratio = grid.alpha / fine.alpha
+        if abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(f"alpha {grid.alpha:g} is no multiple of alpha {fine.alpha:g}")
+        ratios.append(round(ratio))
+    base_steps = max(grid.steps * ratio for grid, ratio in zip(grids, ratios))
+    base = TimeGrid(fine.alpha, 0, base_steps, fine.fps).frames(start_frame)
+    if base is None:
+        return None
+    return [
+        base[base_steps - ratio * (grid.steps - np.arange(grid.steps))]
+        for grid, ratio in zip(grids, ratios)
+    ]

@@ -191,13 +191,18 @@ def predict_split(
         s.modality: m.model.data.feature_dim(s.modality) for m in members for s in m.model.streams
     }
     stores = open_stores(data_dir, dims)
-    datasets = [AnticipationDataset(segments, m.model.streams, stores) for m in members]
+    datasets = [
+        AnticipationDataset(segments, m.model.streams, stores, sampling=m.model.data.sampling)
+        for m in members
+    ]
     kept_ids = {segment.id for segment in segments}
     for dataset in datasets:
         kept_ids -= {segment.id for segment in dataset.discarded}
     kept = [segment for segment in segments if segment.id in kept_ids]
     datasets = [  # members that discard fewer segments are planned again on the common ones
-        dataset if len(dataset) == len(kept) else AnticipationDataset(kept, m.model.streams, stores)
+        dataset
+        if len(dataset) == len(kept)
+        else AnticipationDataset(kept, m.model.streams, stores, sampling=m.model.data.sampling)
         for dataset, m in zip(datasets, members, strict=True)
     ]
     loaders = [

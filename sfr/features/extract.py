@@ -48,6 +48,7 @@ class VideoJob:
     name: str
     open: Callable[[], FrameReader]
     source: str  # path shown in messages
+    decoder: str | None = None  # "pyav" or "torchcodec" for a video file, recorded with the store
 
 
 # Progress events (the CLI renders them; the core never prints).
@@ -272,6 +273,7 @@ def _run(
     queued: dict[str, _Done] = {}
     written: dict[str, int] = {}
     present = {entry.job.name: len(entry.have) for entry in todo}
+    decoders = {entry.job.name: entry.job.decoder for entry in todo}
     finished_threads = 0
     start = time.perf_counter()
 
@@ -298,7 +300,10 @@ def _run(
             if written.get(video, 0) >= done.queued:
                 del queued[video]
                 record.videos[video] = VideoProgress(
-                    frames=present[video] + written.get(video, 0), complete=True, layout=label
+                    frames=present[video] + written.get(video, 0),
+                    complete=True,
+                    layout=label,
+                    decoder=decoders.get(video),
                 )
                 write_record(out, record)
                 result.completed.append(video)

@@ -50,12 +50,6 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
         )
     if options.backend not in ("pyav", "torchcodec"):
         raise ConfigError(f"--backend {options.backend}: unknown decoder; one of pyav, torchcodec.")
-    if options.backend != "pyav":
-        raise ConfigError(
-            f"--backend {options.backend}: this version of sfr decodes videos with PyAV only "
-            "(torchcodec could not be loaded where it was tried).",
-            "Drop --backend (the default is pyav).",
-        )
     if modality == "obj":
         if options.detections is None:
             raise ConfigError(
@@ -76,19 +70,26 @@ def video_jobs(modality: str, options: InputOptions) -> list[VideoJob]:
             where += " to compute TV-L1 flow, or --flow-frames DIR"
         raise ConfigError(f"No input for {modality} features: pass {where}.")
     inputs = shard_of(discover_videos(options.videos, names=names), options.shard)
+    if options.backend == "torchcodec" and any(v.kind == "video" for v in inputs):
+        from sfr.features.video_torchcodec import load_torchcodec
+
+        load_torchcodec()  # before any store exists: say now if it cannot load
     if modality == "flow":
         return [
             _job(
                 v,
                 lambda v=v: TVL1FlowReader(_frames(v, options), height=options.flow_height),
+                options.backend,
             )
             for v in inputs
         ]
-    return [_job(v, lambda v=v: _frames(v, options)) for v in inputs]
+    return [_job(v, lambda v=v: _frames(v, options), options.backend) for v in inputs]
 
 
-def _job(video: VideoInput, open_reader) -> VideoJob:  # type: ignore[no-untyped-def]
-    return VideoJob(name=video.name, open=open_reader, source=str(video.path))
+def _job(video: VideoInput, open_reader, decoder: str | None = None) -> VideoJob:  # type: ignore[no-untyped-def]
+    """A job; `decoder` (the video backend) is recorded only for video files."""
+    decoder = decoder if video.kind == "video" else None
+    return VideoJob(name=video.name, open=open_reader, source=str(video.path), decoder=decoder)
 
 
 def _frames(video: VideoInput, options: InputOptions) -> FrameReader:

@@ -6,7 +6,8 @@ already numbered that way:
 
 - an EPIC-KITCHENS frame folder (`P01_01/frame_0000000001.jpg`, ..., as published for EK55 and
   EK100, where EPIC-100 nests them as `P01/rgb_frames/P01_01/`), read with pillow;
-- a video file, decoded with PyAV and re-timed to a constant 30 fps (`sfr.features.video`).
+- a video file, decoded with PyAV (`sfr.features.video`) or torchcodec
+  (`sfr.features.video_torchcodec`) and re-timed to a constant 30 fps.
 
 Optical flow (`sfr.features.flow`) and object detections (`sfr.features.detections`) have their
 own readers with the same `read(wanted)` shape.
@@ -422,8 +423,8 @@ def open_frames(
     """A reader of the rgb frames of `video`, numbered at `fps` (30 for every public store).
 
     A frame folder gives a `FrameFolderReader` (its frames taken to be at `folder_fps`, by default
-    already at `fps`); a video file a `VideoFileReader` (PyAV), re-timed to `fps`. `backend`
-    chooses the video decoder: "pyav", or "torchcodec" where that package loads.
+    already at `fps`); a video file a `VideoFileReader` (PyAV) or, with `backend="torchcodec"`, a
+    `TorchCodecVideoReader`, both re-timed to `fps` by the same rule.
     """
     if video.kind == "frames":
         return FrameFolderReader(video.path, name=video.name, fps=fps, source_fps=folder_fps)
@@ -433,9 +434,9 @@ def open_frames(
 
             return VideoFileReader(video.path, name=video.name, fps=fps)
         if backend == "torchcodec":
-            from sfr.features.video import torchcodec_reader
+            from sfr.features.video_torchcodec import TorchCodecVideoReader
 
-            return torchcodec_reader(video.path, name=video.name, fps=fps)
+            return TorchCodecVideoReader(video.path, name=video.name, fps=fps)
         raise DataError(
             f"Unknown video backend '{backend}' for {video.path}.",
             "Choose the backend pyav (the default) or torchcodec.",

@@ -18,7 +18,10 @@ One refinement: containers store timestamps on a tick (1 ms in Matroska), so a f
 counts as on time.
 
 25 fps -> 30 fps shows every 5th source frame twice; 60 fps -> 30 fps shows every second source
-frame; frames are never resized, rotation metadata is ignored.
+frame. Frames are never resized. They are converted to RGB by FFmpeg's own filter
+(`format=rgb24`, the conversion of `ffmpeg -i VIDEO frame_%010d.jpg`, with which the published
+frames were made; PyAV's `to_ndarray` differs from it on 10-bit video) and turned upright by the
+rotation a phone records in the display matrix, as `ffmpeg -i` does by default.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from sfr.errors import DataError, install_extra
+from sfr.errors import DataError
 from sfr.features.sources import as_fraction, require, wanted_frames
 from sfr.files import missing_reason
 
@@ -38,6 +41,9 @@ SEEK_GAP_SECONDS = Fraction(10)
 """A sparse read seeks (instead of decoding through) to a wanted frame more than this far ahead."""
 
 _MAX_TOLERANCE = Fraction(1, 1000)
+
+TRUNCATION_SLACK = Fraction(1, 2)
+"""Seconds a video's frames may stop short of its declared duration (`check_complete`)."""
 
 _DAMAGED_HINT = (
     "The file is damaged, truncated or not a video: re-download it, or re-encode it with "
@@ -79,7 +85,7 @@ class VideoFileReader:
             container = av.open(str(self.path), mode="r")
         except (av.error.FFmpegError, OSError, ValueError) as error:
             raise DataError(
-                f"Cannot open the video {self.path}: {_reason(error)}.", _DAMAGED_HINT
+                f"Cannot open the video {self.path}: {ffmpeg_reason(error)}.", _DAMAGED_HINT
             ) from None
         if not container.streams.video:
             container.close()
@@ -100,13 +106,7 @@ class VideoFileReader:
             return self._exact_count
         container, stream = self._open()
         try:
-            duration: Fraction | None = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = stream.duration * Fraction(stream.time_base)
-            elif container.duration is not None:
-                duration = Fraction(container.duration, 1_000_000)
-            elif stream.frames and stream.average_rate:
-                duration = stream.frames / Fraction(stream.average_rate)
+            duration = declared_duration(container, stream)
         finally:
             container.close()
         if duration is None or duration <= 0:
@@ -137,7 +137,7 @@ class VideoFileReader:
         container, stream = self._open()
         step = 1 / self.fps
         time_base = Fraction(stream.time_base) if stream.time_base else None
-        default_duration = _default_duration(stream, self.fps)
+        default_duration = default_frame_duration(stream, self.fps)
         if frames is not None:
             frames = [frame for frame in frames if frame > after]
         index = 0  # position in `frames` (sparse) or the next frame number - 1 (full read)
@@ -147,6 +147,7 @@ class VideoFileReader:
                 return index + 1
             return frames[index] if index < len(frames) else None
 
+        to_rgb = RGBConverter()
         origin: Fraction | None = None
         current: Any = None  # the av.VideoFrame on screen, its time and its RGB array once made
         current_time = Fraction(0)
@@ -167,7 +168,7 @@ class VideoFileReader:
                     last = target()
                     where = f"before frame {last}" if last is not None else "at its end"
                     raise DataError(
-                        f"Cannot decode the video {self.path} {where}: {_reason(error)}.",
+                        f"Cannot decode the video {self.path} {where}: {ffmpeg_reason(error)}.",
                         _DAMAGED_HINT,
                     ) from None
                 if awaiting_key and not frame.key_frame:
@@ -188,7 +189,7 @@ class VideoFileReader:
                 # keyed frames before this one show the current frame
                 while (wanted := target()) is not None and (wanted - 1) * step + tolerance < shown:
                     if current_rgb is None:
-                        current_rgb = current.to_ndarray(format="rgb24")
+                        current_rgb = to_rgb(current)
                         image = current_rgb
                     else:
                         image = current_rgb.copy()
@@ -224,9 +225,10 @@ class VideoFileReader:
                     raise DataError(f"The video {self.path} has no decodable frame.", _DAMAGED_HINT)
                 return
             end = current_time + current_duration
+            check_complete(self.path, end, declared_duration(container, stream))
             while (wanted := target()) is not None and (wanted - 1) * step < end:
                 if current_rgb is None:
-                    current_rgb = current.to_ndarray(format="rgb24")
+                    current_rgb = to_rgb(current)
                     image = current_rgb
                 else:
                     image = current_rgb.copy()
@@ -238,12 +240,86 @@ class VideoFileReader:
             container.close()
 
 
-def _reason(error: Exception) -> str:
+class RGBConverter:
+    """Decoded frames to `(H, W, 3)` uint8 RGB as the `ffmpeg` command line makes them.
+
+    The pixel format is converted by FFmpeg's `format=rgb24` filter (a graph rebuilt whenever
+    the size or pixel format of the frames changes), then the image is rotated upright by the
+    frame's display-matrix rotation (counter-clockwise degrees, a multiple of 90), as `ffmpeg -i`
+    autorotates.
+    """
+
+    def __init__(self) -> None:
+        self._shape: tuple[int, int, str] | None = None
+        self._graph: Any = None  # owns the filters below: it must live as long as they do
+        self._source: Any = None
+        self._sink: Any = None
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        shape = (frame.width, frame.height, frame.format.name)
+        if shape != self._shape:
+            self._build(frame)
+            self._shape = shape
+        self._source.push(frame)
+        image = self._sink.pull().to_ndarray()
+        turns = round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4
+        return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+    def _build(self, frame: Any) -> None:
+        av = require("av")
+        graph = av.filter.Graph()
+        self._source = graph.add_buffer(
+            width=frame.width,
+            height=frame.height,
+            format=frame.format.name,
+            time_base=frame.time_base or Fraction(1, 1000),
+        )
+        convert = graph.add("format", "rgb24")
+        self._sink = graph.add("buffersink")
+        self._source.link_to(convert)
+        convert.link_to(self._sink)
+        graph.configure()
+        self._graph = graph
+
+
+def declared_duration(container: Any, stream: Any) -> Fraction | None:
+    """How long the container says the video lasts (seconds): the video stream's duration, else
+    the container's, else its frame count over its average rate; None when it says nothing."""
+    if stream.duration is not None and stream.time_base is not None:
+        return stream.duration * Fraction(stream.time_base)
+    if container.duration is not None:
+        return Fraction(container.duration, 1_000_000)
+    if stream.frames and stream.average_rate:
+        return stream.frames / Fraction(stream.average_rate)
+    return None
+
+
+def check_complete(path: Path, end: Fraction, declared: Fraction | None) -> None:
+    """Refuse a video whose frames stop well before the duration its container declares.
+
+    A file cut short by an interrupted copy keeps its header: FFmpeg's threaded decoder then
+    simply stops at the cut, and the video would pass as a shorter one. `end` is when the last
+    decoded frame stops showing, in seconds after the first; up to 0.5 s or 2% short is accepted
+    (containers round durations, and an audio track may outlast the picture by a little).
+    Raises DataError naming the file and both times.
+    """
+    if declared is None or declared <= 0:
+        return
+    if end < declared - max(TRUNCATION_SLACK, declared / 50):
+        raise DataError(
+            f"The video {path} stops at {float(end):.2f} s, but its container says it lasts "
+            f"{float(declared):.2f} s: the file is truncated.",
+            "Re-download or re-copy it; to keep only the frames it has, rewrite it with "
+            "ffmpeg -i VIDEO -c copy FIXED.mp4",
+        )
+
+
+def ffmpeg_reason(error: Exception) -> str:
     """An FFmpeg error's own words ("Invalid data found when processing input")."""
     return str(getattr(error, "strerror", None) or error)
 
 
-def _default_duration(stream: Any, fps: Fraction) -> Fraction:
+def default_frame_duration(stream: Any, fps: Fraction) -> Fraction:
     """How long a frame without a recorded duration shows: 1 / the stream's average rate."""
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate:
@@ -276,25 +352,3 @@ def _tolerance(frame: Any, time_base: Fraction | None) -> Fraction:
     if base is None:
         return Fraction(0)
     return min(base / 2, _MAX_TOLERANCE)
-
-
-def torchcodec_reader(path: Path, *, name: str, fps: float = 30.0) -> NoReturn:
-    """The torchcodec backend: not available in this version of sfr (PyAV decodes every video).
-
-    Raises a DataError saying why: torchcodec is not installed or cannot load (its wheels need
-    FFmpeg and CUDA libraries that a CPU machine may lack), or sfr does not support it yet.
-    """
-    try:
-        import torchcodec  # noqa: F401
-    except (ImportError, OSError) as error:
-        reason = (
-            "it is not installed" if isinstance(error, ModuleNotFoundError) else "it cannot load"
-        )
-        raise DataError(
-            f"The torchcodec video backend cannot read {path}: {reason}.",
-            f"Use the default backend, pyav ({install_extra('video')}).",
-        ) from None
-    raise DataError(
-        f"The torchcodec video backend cannot read {path}: this version of sfr supports only PyAV.",
-        f"Use the default backend, pyav ({install_extra('video')}).",
-    )

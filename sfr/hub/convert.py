@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -545,7 +545,7 @@ def _integer(container: Mapping[str, Any], key: str, source: Path) -> int | None
 
 def convert_checkpoint(
     source: Path,
-    out: Path,
+    out: Path | None,
     config: BranchRunConfig | FusionRunConfig | None = None,
     *,
     dataset: str | None = None,
@@ -556,9 +556,17 @@ def convert_checkpoint(
     task: str = "anticipation",
     sequence_completion: bool | None = None,
     source_sha256: str | None = None,
+    rates: Sequence[str] = (),
+    into: Path | None = None,
     force: bool = False,
 ) -> Conversion:
     """Convert a published RU-LSTM checkpoint into one sfr checkpoint file (`sfr.load_model` reads it).
+
+    With `into` (a runs folder) instead of `out`, the conversion is installed as the finished stage
+    it is (`install_conversion`), where `sfr fuse`, `sfr pipeline` and `sfr validate` find it.
+
+    Checkpoints of the Slow-Fast RU-LSTM code are recognised by their layout and converted by
+    `sfr.hub.slowfast` (`rates`: `ALPHA:S_ENC:S_ANT` each, where the file name does not state them).
 
     Without `config`, the published settings of `dataset` (default ek55) hold, with the sizes
     read from the tensors; `alpha`/`s_enc`/`s_ant` override the published grid of `task`
@@ -567,17 +575,23 @@ def convert_checkpoint(
     0.25). `modality` is needed for a branch unless its 352-d features say obj. A branch is
     converted as fine-tuned (stage `finetune`) unless `sequence_completion` (by default: the
     published `_sequence_completion` file name) makes it a pre-training (stage `pretrain`,
-    unrolled over the true future inputs): the weights cannot tell. `out` is replaced only with
-    `force`.
+    unrolled over the true future inputs): the weights cannot tell. `out` (or a run in `into`)
+    is replaced only with `force`.
     """
-    source, out = Path(source), Path(out)
-    if out.exists() and not force:
+    source = Path(source)
+    if (out is None) == (into is None):
+        raise ConfigError(
+            "Give either an output file or a runs folder to install into, not both or neither.",
+            "sfr convert FILE OUT.safetensors, or sfr convert FILE --into RUNS.",
+        )
+    if out is not None and Path(out).exists() and not force:
         raise RunError(f"{out} already exists.", "Pass --force to replace it.")
     container = load_published_checkpoint(source)
-    conversion = convert_state(
+    conversion = _convert_any(
         container,
         source,
         config,
+        rates=rates,
         dataset=dataset,
         modality=modality,
         alpha=alpha,
@@ -587,8 +601,70 @@ def convert_checkpoint(
         sequence_completion=sequence_completion,
         source_sha256=source_sha256 or sha256_file(source),
     )
-    save_checkpoint(out, conversion.tensors, conversion.metadata)
+    if into is not None:
+        install_conversion(conversion, Path(into), force=force)
+    else:
+        save_checkpoint(Path(out), conversion.tensors, conversion.metadata)  # type: ignore[arg-type]
     return conversion
+
+
+def _convert_any(
+    container: Mapping[str, Any],
+    source: Path,
+    config: BranchRunConfig | FusionRunConfig | None = None,
+    *,
+    rates: Sequence[str] = (),
+    **settings: Any,
+) -> Conversion:
+    """`convert_state`, or the Slow-Fast conversion where the state has a Slow-Fast layout."""
+    from sfr.hub import slowfast  # builds on this module
+
+    state = container.get("state_dict")
+    parsed = [slowfast.parse_rate(text) for text in rates]
+    if isinstance(state, Mapping) and slowfast.is_slowfast_state(state):
+        if config is not None:
+            raise ConfigError(
+                f"{source} is a Slow-Fast RU-LSTM checkpoint: it is converted with the published "
+                "settings, not a given config."
+            )
+        grid = [settings.pop(key) for key in ("alpha", "s_enc", "s_ant")]
+        if any(value is not None for value in grid):
+            raise ConfigError(
+                f"{source} is a Slow-Fast RU-LSTM checkpoint: give its grid as --rates "
+                "ALPHA:S_ENC:S_ANT, not --alpha/--s-enc/--s-ant."
+            )
+        if settings.get("task", "anticipation") != "anticipation" or settings.get(
+            "sequence_completion"
+        ):
+            raise ConfigError(
+                f"{source} is a Slow-Fast RU-LSTM checkpoint: only anticipation models are "
+                "converted from it."
+            )
+        return slowfast.convert_slowfast_state(
+            container,
+            source,
+            dataset=settings.get("dataset"),
+            modality=settings.get("modality"),
+            rates=parsed,
+            source_sha256=settings["source_sha256"],
+        )
+    named_rates, named_modality = slowfast.name_settings(source.name)
+    if settings.get("modality") is None and named_modality in MODALITIES:
+        settings["modality"] = named_modality  # the published names end in _<modality>_best
+    grid_given = any(settings.get(k) is not None for k in ("alpha", "s_enc", "s_ant"))
+    if not parsed and not grid_given and config is None and len(named_rates) == 1:
+        parsed = named_rates  # ..._<alpha>_<S_enc>_<S_ant>_<modality>_best.pth.tar
+    if parsed:
+        if len(parsed) != 1 or any(
+            settings.get(k) is not None for k in ("alpha", "s_enc", "s_ant")
+        ):
+            raise ConfigError(
+                f"{source} is an RU-LSTM checkpoint of one rate: pass at most one --rates "
+                "(or --alpha/--s-enc/--s-ant)."
+            )
+        (rate,) = parsed
+        settings.update(alpha=rate.alpha, s_enc=rate.s_enc, s_ant=rate.s_ant)
+    return convert_state(container, source, config, **settings)
 
 
 def install_published(
@@ -628,11 +704,26 @@ def install_published(
         _make_room(target, target, source_sha256, force)
         save_checkpoint(target, conversion.tensors, conversion.metadata)
         return target
+    return install_conversion(conversion, runs_dir, force=force)
+
+
+def conversion_run(conversion: Conversion, runs_dir: Path) -> RunDir:
+    """The run folder a conversion is installed in (see `install_conversion`)."""
     config = conversion.config
     if isinstance(config, BranchRunConfig):
-        run = RunDir(Path(runs_dir) / config.branch_dir / conversion.stage)
-    else:
-        run = RunDir(Path(runs_dir) / config.fusion_dir / conversion.stage)
+        return RunDir(Path(runs_dir) / config.branch_dir / conversion.stage)
+    return RunDir(Path(runs_dir) / config.fusion_dir / conversion.stage)
+
+
+def install_conversion(conversion: Conversion, runs_dir: Path, *, force: bool = False) -> Path:
+    """Place a conversion as the finished stage sfr's later stages read; its best checkpoint.
+
+    A branch becomes `RUNS/<branch_dir>/<stage>/`, a fusion unit `RUNS/<fusion_dir>/<unit>/`
+    (best.safetensors, config.json, status.json). A run already there is replaced only if it is
+    this same conversion (same source sha256), or with `force`.
+    """
+    source_sha256 = conversion.converted["sha256"]
+    run = conversion_run(conversion, runs_dir)
     _make_room(run.root, run.best_path, source_sha256, force)
     run.root.mkdir(parents=True, exist_ok=True)
     save_checkpoint(run.best_path, conversion.tensors, conversion.metadata)
@@ -645,7 +736,7 @@ def install_published(
         epoch=epoch,
         best=conversion.converted["perf"],
         best_epoch=epoch,
-        converted_from=checkpoint.name,
+        converted_from=conversion.converted["source"],
     )
     return run.best_path
 
@@ -674,7 +765,7 @@ def _make_room(target: Path, best: Path, source_sha256: str, force: bool) -> Non
     if not force:
         raise RunError(
             f"{target} already holds {holds}.",
-            "Move or delete it first, install into another runs folder, or pass force=True.",
+            "Move or delete it first, install into another runs folder, or pass --force (force=True).",
         )
     if target.is_dir():
         shutil.rmtree(target)

@@ -5,12 +5,20 @@ post-process (unzip, convert) and record it in the folder's manifest.
 plan out, reporting progress through a callback. The checkpoint conversion of published RU-LSTM
 files goes through `convert_published` (or the `converter` passed to `install`), the one seam
 between downloading and `sfr.hub.convert`.
+
+`install` holds an exclusive lock per destination (`.sfr-downloads/locks/`) from before it looks
+at the folder again until the artefact is recorded, so two processes sharing a data folder never
+write the same `.part` or install over each other; the second is refused, naming the lock.
+Putting a file in place and recording it is one recoverable step (a pending manifest entry
+first, adopted by the next run when a kill came between the rename and the record).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol
@@ -19,7 +27,8 @@ import requests
 
 from sfr.errors import SfrError
 from sfr.files import sha256_file
-from sfr.hub.archive import extract_zip
+from sfr.hub.addresses import mirror_url, public_address
+from sfr.hub.archive import ExtractedFile, extract_zip
 from sfr.hub.download import (
     DownloadError,
     DownloadEvent,
@@ -28,25 +37,29 @@ from sfr.hub.download import (
     RetryPolicy,
     UnreachableError,
     fetch,
-    mirror_url,
 )
 from sfr.hub.manifest import (
+    STAGING_DIR,
     InstalledFile,
     Manifest,
     ManifestEntry,
+    clean_stale_temps,
     is_intact,
     load_manifest,
+    lock_path,
     manifest_path,
+    matches,
     record,
+    record_pending,
 )
 from sfr.hub.registry import Artefact, Convert, Unzip
+from sfr.hub.safefiles import DestinationLock, check_regular
 
 DEFAULT_DATA_ROOT = Path("data")
 DEFAULT_RUNS = Path("runs")
-STAGING_DIR = ".sfr-downloads"
 
-State = Literal["installed", "not converted", "changed", "occupied", "absent"]
-Action = Literal["fetch", "skip", "convert", "blocked"]
+State = Literal["installed", "not converted", "changed", "interrupted", "occupied", "absent"]
+Action = Literal["fetch", "skip", "convert", "adopt", "blocked"]
 
 
 class Converter(Protocol):
@@ -61,8 +74,10 @@ class Converter(Protocol):
         task: str,
         runs_dir: Path,
         source_sha256: str,
+        force: bool = False,
     ) -> Path:
-        """Convert `checkpoint` into `runs_dir`'s run layout; the installed checkpoint."""
+        """Convert `checkpoint` into `runs_dir`'s run layout; the installed checkpoint (`force`
+        replaces a conversion of another download, as `--force` asks)."""
         ...
 
 
@@ -74,6 +89,7 @@ def convert_published(
     task: str,
     runs_dir: Path,
     source_sha256: str,
+    force: bool = False,
 ) -> Path:
     """The default converter: `sfr.hub.convert.install_published` (imported only when used)."""
     from sfr.hub.convert import install_published
@@ -85,6 +101,7 @@ def convert_published(
         task=task,
         runs_dir=runs_dir,
         source_sha256=source_sha256,
+        force=force,
     )
 
 
@@ -147,13 +164,27 @@ class ExtractionStarted:
 
 @dataclass(frozen=True)
 class ArtefactInstalled:
-    """An artefact was fetched, verified, installed and recorded in the manifest."""
+    """An artefact was fetched, verified, installed and recorded in the manifest.
+
+    `replaced_sha256` is the different digest recorded for an earlier download of it (the file
+    changed upstream, or that download was wrong); the new one replaces it.
+    """
 
     name: str
     path: Path
     size: int
     sha256: str
     files: int
+    replaced_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ArtefactRecovered:
+    """A file installed by a run killed before recording it matched and was recorded."""
+
+    name: str
+    path: Path
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -177,6 +208,7 @@ HubEvent = (
     | ArtefactSkipped
     | ExtractionStarted
     | ArtefactInstalled
+    | ArtefactRecovered
     | ConversionStarted
     | ConversionFinished
 )
@@ -190,6 +222,7 @@ class InstallReport:
     skipped: list[str]
     converted: list[str]
     downloaded_bytes: int
+    recovered: list[str] | None = None
 
 
 def plan(
@@ -225,6 +258,9 @@ def plan(
 
 def _state(artefact: Artefact, folder: Path, target: Path, manifest: Manifest) -> tuple[State, str]:
     """An artefact's state in its folder, and a phrase saying why."""
+    pending = manifest.pending.get(artefact.name)
+    if pending is not None and is_intact(folder, pending):
+        return "interrupted", f"{target} was put in place by a run killed before recording it"
     entry = manifest.artefacts.get(artefact.name)
     if entry is not None and is_intact(folder, entry):
         if isinstance(artefact.post, Convert) and (
@@ -234,7 +270,7 @@ def _state(artefact: Artefact, folder: Path, target: Path, manifest: Manifest) -
         return "installed", f"installed at {target} (size matches {manifest_path(folder)})"
     if entry is not None:
         return "changed", f"{target} is missing or changed since it was installed"
-    if not isinstance(artefact.post, Unzip) and target.exists():
+    if not isinstance(artefact.post, Unzip) and (target.exists() or target.is_symlink()):
         owner = manifest.owner_of(artefact.dest)
         if owner is not None:
             variant = f" ({owner.variant})" if owner.variant else ""
@@ -251,9 +287,39 @@ def _action(state: State, force: bool) -> Action:
         "installed": "skip",
         "not converted": "convert",
         "changed": "fetch",
+        "interrupted": "adopt",
         "occupied": "blocked",
         "absent": "fetch",
     }[state]
+
+
+def _refresh(step: Step) -> Step:
+    """`step` planned again from its folder as it is now (after its lock was taken)."""
+    manifest = load_manifest(step.folder)
+    artefact = step.artefact
+    state, detail = _state(artefact, step.folder, step.target, manifest)
+    displaced = tuple(
+        entry.name
+        for entry in manifest.artefacts.values()
+        if entry.name != artefact.name and entry.path == artefact.dest
+    )
+    return replace(
+        step,
+        state=state,
+        action=_action(state, step.forced),
+        detail=detail,
+        entry=manifest.artefacts.get(artefact.name),
+        displaced=displaced,
+    )
+
+
+def destination_lock(step: Step) -> DestinationLock:
+    """The lock of a step's destination (shared by every artefact installing there)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", step.artefact.dest.strip("/"))
+    name = "folder" if name in ("", ".") else name
+    return DestinationLock(
+        lock_path(step.folder, f"dest-{name}"), f"{step.target} ({step.artefact.name})"
+    )
 
 
 def install(
@@ -267,33 +333,89 @@ def install(
     """Carry a plan out: fetch and verify, extract or convert, record each artefact.
 
     Nothing is fetched when any step is blocked (a file of another variant, or one sfr did not
-    install, sits at a destination). Each artefact is recorded in its folder's manifest as soon
-    as it is installed, so an interrupted run keeps what it finished.
+    install, sits at a destination) or when another process holds the lock of a destination
+    (LockedError). Each artefact is recorded in its folder's manifest as soon as it is
+    installed, so an interrupted run keeps what it finished.
     """
+    _refuse_blocked(steps)
+    try:
+        return _install(steps, policy, on_event, converter or convert_published, session)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise SfrError(
+            f"Installing {', '.join(dict.fromkeys(s.artefact.name for s in steps))} failed: "
+            f"{error.strerror or error}{where}.",
+            hint="Check the folders are writable and the disk has room, then run the command "
+            "again: what was received is kept and resumed.",
+        ) from None
+
+
+def _install(
+    steps: Sequence[Step],
+    policy: RetryPolicy,
+    on_event: Callable[[HubEvent], None],
+    convert: Converter,
+    session: requests.Session | None,
+) -> InstallReport:
+    """`install` without the translation of disk errors."""
+    fetched, skipped, converted, recovered = [], [], [], []
+    downloaded = 0
+    with ExitStack() as locks:
+        held: set[Path] = set()
+        for step in steps:
+            lock = destination_lock(step)
+            if step.action != "skip" and lock.path not in held:
+                locks.enter_context(lock)
+                held.add(lock.path)
+        for folder in dict.fromkeys(step.folder for step in steps):
+            clean_stale_temps(folder)
+        steps = [_refresh(step) if step.action != "skip" else step for step in steps]
+        _refuse_blocked(steps)
+        for step in steps:
+            name = step.artefact.name
+            if step.action == "skip":
+                on_event(ArtefactSkipped(name, step.target, step.detail))
+                skipped.append(name)
+                continue
+            entry = step.entry
+            if step.action == "adopt":
+                entry = _adopt(step, on_event)
+                if entry is not None:
+                    recovered.append(name)
+                else:
+                    step = replace(step, action="fetch")
+            if step.action == "fetch":
+                entry, size = _fetch_and_record(step, policy, on_event, session)
+                fetched.append(name)
+                downloaded += size
+            if isinstance(step.artefact.post, Convert) and entry is not None:
+                _convert(step, entry, convert, on_event)
+                converted.append(name)
+    return InstallReport(fetched, skipped, converted, downloaded, recovered)
+
+
+def _refuse_blocked(steps: Sequence[Step]) -> None:
+    """Refuse the whole plan when a step is blocked."""
     blocked = [step for step in steps if step.action == "blocked"]
     if blocked:
         raise SfrError(
             "Nothing was downloaded: " + "; ".join(step.detail for step in blocked) + ".",
             hint="Pass --force to replace these files, or --data/--runs to use another folder.",
         )
-    convert = converter or convert_published
-    fetched, skipped, converted = [], [], []
-    downloaded = 0
-    for step in steps:
-        name = step.artefact.name
-        if step.action == "skip":
-            on_event(ArtefactSkipped(name, step.target, step.detail))
-            skipped.append(name)
-            continue
-        entry = step.entry
-        if step.action == "fetch":
-            entry, size = _fetch_and_record(step, policy, on_event, session)
-            fetched.append(name)
-            downloaded += size
-        if isinstance(step.artefact.post, Convert) and entry is not None:
-            _convert(step, entry, convert, on_event)
-            converted.append(name)
-    return InstallReport(fetched, skipped, converted, downloaded)
+
+
+def _adopt(step: Step, on_event: Callable[[HubEvent], None]) -> ManifestEntry | None:
+    """Record the pending entry of a killed run when its files match it (size and sha256);
+    the entry, or None when they do not (the artefact is then fetched)."""
+    pending = load_manifest(step.folder).pending.get(step.artefact.name)
+    if pending is None or not matches(step.folder, pending):
+        return None
+    displaced = tuple(name for name in step.displaced if name != pending.name)
+    record(step.folder, pending, replaces=displaced)
+    if isinstance(step.artefact.post, Unzip):
+        step.download_path.unlink(missing_ok=True)
+    on_event(ArtefactRecovered(step.artefact.name, step.target, pending.sha256))
+    return pending
 
 
 def _fetch_and_record(
@@ -302,46 +424,101 @@ def _fetch_and_record(
     on_event: Callable[[HubEvent], None],
     session: requests.Session | None,
 ) -> tuple[ManifestEntry, int]:
-    """Fetch, verify and install one artefact, then record it; (entry, bytes downloaded)."""
+    """Fetch, verify and install one artefact, then record it; (entry, bytes downloaded).
+
+    Disk errors become a DownloadError naming the artefact; nothing unverified is in place.
+    """
+    try:
+        return _fetch_and_record_unchecked(step, policy, on_event, session)
+    except OSError as error:
+        raise DownloadError(
+            f"Installing {step.artefact.name} into {step.folder} failed: "
+            f"{error.strerror or error}{f' ({error.filename})' if error.filename else ''}.",
+            hint="Check the folder is writable and the disk has room, then run the command "
+            "again: what was received is kept and resumed.",
+        ) from None
+
+
+def _fetch_and_record_unchecked(
+    step: Step,
+    policy: RetryPolicy,
+    on_event: Callable[[HubEvent], None],
+    session: requests.Session | None,
+) -> tuple[ManifestEntry, int]:
+    """`_fetch_and_record` without the translation of disk errors."""
     artefact = step.artefact
     source = step.download_path
-    if isinstance(artefact.post, Unzip) and source.is_file():
-        # Renamed into the staging folder only after verification: an earlier run was
-        # interrupted while extracting it.
-        fetched = FetchedFile(source, source.stat().st_size, sha256_file(source), step.urls[0])
-        downloaded = 0
-    else:
-        fetched = _fetch_any(step, source, policy, on_event, session)
-        downloaded = fetched.size
-    files: dict[str, InstalledFile]
+
+    def entry_for(fetched: FetchedFile, files: dict[str, InstalledFile]) -> ManifestEntry:
+        return ManifestEntry(
+            name=artefact.name,
+            url=public_address(fetched.url),
+            path=artefact.dest,
+            size=fetched.size,
+            sha256=fetched.sha256,
+            variant=artefact.variant,
+            downloaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            files=files,
+            digest_from="registry" if artefact.sha256 else "first download",
+        )
+
     if isinstance(artefact.post, Unzip):
+        if step.forced and check_regular(source):
+            source.unlink()  # --force fetches the archive again
+        if check_regular(source):
+            # Renamed into the staging folder only after verification: an earlier run was
+            # interrupted while extracting it.
+            fetched = FetchedFile(
+                source, source.stat().st_size, sha256_file(source), public_address(step.urls[0])
+            )
+            downloaded = 0
+        else:
+            fetched = _fetch_any(step, source, policy, on_event, session)
+            downloaded = fetched.size
         on_event(ExtractionStarted(artefact.name, source, step.target))
         staging = step.folder / STAGING_DIR / f"{artefact.name}.extracting"
         # Files of an earlier extraction of the same artefact are sfr's to replace.
         overwrite = step.forced or step.state == "changed"
-        extracted = extract_zip(source, step.target, staging, overwrite=overwrite)
         prefix = PurePosixPath(artefact.dest)
-        files = {
-            str(prefix / item.relative): InstalledFile(size=item.size, sha256=item.sha256)
-            for item in extracted
-        }
+
+        def files_of(extracted: list[ExtractedFile]) -> dict[str, InstalledFile]:
+            return {
+                str(prefix / item.relative): InstalledFile(size=item.size, sha256=item.sha256)
+                for item in extracted
+            }
+
+        extracted = extract_zip(
+            source,
+            step.target,
+            staging,
+            overwrite=overwrite,
+            before_move=lambda items: record_pending(
+                step.folder, entry_for(fetched, files_of(items))
+            ),
+        )
+        entry = entry_for(fetched, files_of(extracted))
+        source.unlink()  # before the record: a kill in between is adopted from the pending entry
     else:
+
+        def pending(verified: FetchedFile) -> None:
+            files = {artefact.dest: InstalledFile(size=verified.size, sha256=verified.sha256)}
+            record_pending(step.folder, entry_for(verified, files))
+
+        fetched = _fetch_any(step, source, policy, on_event, session, before_install=pending)
+        downloaded = fetched.size
         files = {artefact.dest: InstalledFile(size=fetched.size, sha256=fetched.sha256)}
-    entry = ManifestEntry(
-        name=artefact.name,
-        url=fetched.url,
-        path=artefact.dest,
-        size=fetched.size,
-        sha256=fetched.sha256,
-        variant=artefact.variant,
-        downloaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        files=files,
-    )
+        entry = entry_for(fetched, files)
     record(step.folder, entry, replaces=step.displaced)
-    if isinstance(artefact.post, Unzip):
-        source.unlink()
+    earlier = step.entry.sha256 if step.entry is not None else None
     on_event(
-        ArtefactInstalled(artefact.name, step.target, fetched.size, fetched.sha256, len(files))
+        ArtefactInstalled(
+            artefact.name,
+            step.target,
+            fetched.size,
+            fetched.sha256,
+            len(entry.files),
+            replaced_sha256=earlier if earlier not in (None, fetched.sha256) else None,
+        )
     )
     return entry, downloaded
 
@@ -352,15 +529,16 @@ def _fetch_any(
     policy: RetryPolicy,
     on_event: Callable[[HubEvent], None],
     session: requests.Session | None,
+    before_install: Callable[[FetchedFile], None] = lambda fetched: None,
 ) -> FetchedFile:
-    """Fetch from the first address that answers; later addresses are fallbacks."""
+    """Fetch from the first address that answers; later addresses are fallbacks.
+
+    Only the registry's sha256 is required: a digest recorded at an earlier download is no
+    trust anchor (it may be of a wrong file, or the file changed upstream), so `--force` and
+    re-downloads never fail against it; the new digest replaces it.
+    """
     artefact = step.artefact
-    known = artefact.sha256 or (step.entry.sha256 if step.entry is not None else None)
-    expected = Expected(
-        size=artefact.size,
-        sha256=known,
-        sha256_source="the registry" if artefact.sha256 else manifest_path(step.folder).name,
-    )
+    expected = Expected(size=artefact.size, sha256=artefact.sha256)
     failures: list[DownloadError] = []
     for url in step.urls:
         try:
@@ -372,6 +550,7 @@ def _fetch_any(
                 policy=policy,
                 on_event=on_event,
                 session=session,
+                before_install=before_install,
             )
         except UnreachableError as error:
             failures.append(error)
@@ -400,6 +579,7 @@ def _convert(
         task=post.task,
         runs_dir=step.folder,
         source_sha256=entry.sha256,
+        force=step.forced,
     )
     try:
         relative = str(PurePosixPath(Path(installed).relative_to(step.folder)))

@@ -91,6 +91,8 @@ class Artefact(_Strict):
             parts = urlsplit(url)
             if parts.scheme != "https" or not parts.netloc or not parts.path.strip("/"):
                 raise ValueError(f"{url!r} is not an https address of a file")
+            if "@" in parts.netloc:
+                raise ValueError(f"{url!r} carries user information; registry addresses are public")
         return urls
 
     @field_validator("dest")

@@ -21,6 +21,7 @@ from torch import Tensor
 from sfr.checkpoint import load_checkpoint, load_error_summary, read_metadata, save_checkpoint
 from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig
 from sfr.data.dataset import Stream
+from sfr.data.timegrid import Sampling
 from sfr.errors import DataError, RunError
 from sfr.models.branch import create_branch
 from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
@@ -79,7 +80,15 @@ class TrainedModel:
         last = max(tree.levels)
         what = "whole model" if level == last else f"level {level} of {last}"
         arch = "Architecture 1" if model.architecture == "arch1" else "Architecture 2"
-        return f"{self.stage} ({arch}, {what})"
+        sampling = ", published Slow-Fast sampling" if self.data.sampling == "published" else ""
+        return f"{self.stage} ({arch}, {what}{sampling})"
+
+    def use_sampling(self, sampling: Sampling | None) -> TrainedModel:
+        """Read its data with `sampling` (`sfr.data.timegrid.sampled_frames`) from now on; None
+        keeps the config's `data.sampling`."""
+        if sampling is not None:
+            self.config.data.sampling = sampling
+        return self
 
     def to(self, device: torch.device | str) -> TrainedModel:
         self.module.to(device)

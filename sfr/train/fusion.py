@@ -27,6 +27,7 @@ from sfr.train.stages import (
     best_weights,
     fit_settings,
     load_stage_data,
+    stage_class_weights,
     stage_dir,
 )
 
@@ -91,6 +92,7 @@ def train_fusion_unit(
     config = plan.config
     run = plan.unit_dir(unit)
     data = data or load_fusion_data(plan, unit, data_dir)
+    class_weights = stage_class_weights(config.fusion_optim, data_dir, data.num_classes)
     torch.manual_seed(config.run.seed)
     node = plan.build(unit.label, data.num_classes, config.model.freeze_branches)
     if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written
@@ -107,7 +109,7 @@ def train_fusion_unit(
         data.train,
         data.val,
         run,
-        fit_settings(config, config.fusion_optim),
+        fit_settings(config, config.fusion_optim, class_weights),
         metadata,
         progress,
     )

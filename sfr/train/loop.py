@@ -56,6 +56,7 @@ class FitSettings:
     select_time: float
     num_workers: int = 0
     device: str = "cpu"
+    class_weights: tuple[float, ...] | None = None  # per action class; None: unweighted
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,16 @@ def _top5_hits(scores: Tensor, labels: Tensor) -> int:
     return int((top5 == labels[:, None]).any(dim=1).sum())
 
 
-def anticipation_loss(scores: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy on every anticipation step, the action label repeated (published loss)."""
+def anticipation_loss(scores: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy on every anticipation step, the action label repeated (published loss).
+
+    `weight` (C,) weighs each action class, as `F.cross_entropy` does (the published
+    `actions_weights` option, commented out in its code).
+    """
     batch, steps, classes = scores.shape  # (B, K, C)
-    return F.cross_entropy(scores.reshape(batch * steps, classes), labels.repeat_interleave(steps))
+    return F.cross_entropy(
+        scores.reshape(batch * steps, classes), labels.repeat_interleave(steps), weight=weight
+    )
 
 
 def time_key(measure: str, seconds: float) -> str:
@@ -159,6 +166,11 @@ class Trainer:
         self.metadata = metadata
         self.progress = progress or (lambda event: None)
         self.device = resolve_device(settings.device)
+        self.class_weights = (
+            None
+            if settings.class_weights is None
+            else torch.tensor(settings.class_weights, dtype=torch.float32, device=self.device)
+        )
         self.optimizer = torch.optim.SGD(
             task.module.parameters(),
             lr=settings.lr,
@@ -253,7 +265,7 @@ class Trainer:
         for index, batch in enumerate(iterate_batches(loader)):
             labels = batch["action"].to(self.device)
             scores = self.task.scores(to_device(batch["features"], self.device))  # (B, K, C)
-            loss = anticipation_loss(scores, labels)
+            loss = anticipation_loss(scores, labels, self.class_weights)
             if not torch.isfinite(loss):
                 kept = (
                     f" The checkpoints of epoch {epoch - 1} are kept in {self.run_dir.root} "
@@ -291,7 +303,7 @@ class Trainer:
         for index, batch in enumerate(iterate_batches(loader)):
             labels = batch["action"].to(self.device)
             scores = self.task.scores(to_device(batch["features"], self.device))
-            total += anticipation_loss(scores, labels).item() * len(labels)
+            total += anticipation_loss(scores, labels, self.class_weights).item() * len(labels)
             all_scores.append(scores.float().cpu().numpy())
             all_labels.append(labels.cpu().numpy())
             hits += _top5_hits(scores[:, k_sel], labels)

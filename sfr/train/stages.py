@@ -24,6 +24,7 @@ from sfr.data.annotations import (
     Segment,
     check_action_ids,
     read_actions,
+    read_class_weights,
     read_segments,
 )
 from sfr.data.dataset import AnticipationDataset, Stream, open_stores
@@ -121,6 +122,7 @@ def load_stage_data(
             streams,
             stores,
             preload=data_config.preload,
+            sampling=data_config.sampling,
             progress=progress,
         )
         if len(dataset) == 0:
@@ -191,7 +193,11 @@ def _spec_difference(saved: Any, expected: Any, path: str = "model") -> str:
     return f"{path}: saved {json.dumps(saved)}, needed {json.dumps(expected)}"
 
 
-def fit_settings(config: BranchRunConfig | FusionRunConfig, optim: OptimConfig) -> FitSettings:
+def fit_settings(
+    config: BranchRunConfig | FusionRunConfig,
+    optim: OptimConfig,
+    class_weights: Sequence[float] | None = None,
+) -> FitSettings:
     """Trainer settings from a config's run/data sections and the stage's optimiser section."""
     return FitSettings(
         epochs=optim.epochs,
@@ -204,7 +210,16 @@ def fit_settings(config: BranchRunConfig | FusionRunConfig, optim: OptimConfig) 
         select_time=config.run.select_time,
         num_workers=config.data.num_workers,
         device=config.run.device,
+        class_weights=None if class_weights is None else tuple(class_weights),
     )
+
+
+def stage_class_weights(optim: OptimConfig, data_dir: Path, num_classes: int) -> list[float] | None:
+    """The loss weights `optim.class_weights` names (relative to the data folder), or None."""
+    if optim.class_weights is None:
+        return None
+    path = Path(optim.class_weights)
+    return read_class_weights(path if path.is_absolute() else Path(data_dir) / path, num_classes)
 
 
 def train_branch_stage(
@@ -229,6 +244,7 @@ def train_branch_stage(
     )
     run = stage_dir(config, runs_dir, stage)
     data = data or load_branch_data(config, data_dir)
+    class_weights = stage_class_weights(config.optim, data_dir, data.num_classes)
     init = None
     if stage == "finetune" and not (resume and run.last_path.is_file()):
         command = f"sfr train-branch --config {source or 'CONFIG.toml'} --data {data_dir} --runs {runs_dir}"
@@ -249,7 +265,7 @@ def train_branch_stage(
     )
     if init is not None and not resuming:
         branch.load_state_dict(init)
-    settings = fit_settings(config, config.optim)
+    settings = fit_settings(config, config.optim, class_weights)
     task = BranchTask(branch, branch_stream(config))
     trainer = Trainer(
         task,
