@@ -744,3 +744,13 @@ def test_paths_of_the_wrong_kind_are_named_so(
     assert_user_error(code, output, error, f"Data folder {data} is a file, not a folder")
     with pytest.raises(RunError, match="is a folder, not a file"):
         load_checkpoint(tmp_path)
+
+
+def test_a_binary_class_weights_file_is_a_message(tmp_path: Path) -> None:
+    """Case 11, a sibling: the class weights file is read like the CSVs."""
+    from sfr.data.annotations import read_class_weights
+
+    path = tmp_path / "weights.txt"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match="is not a UTF-8 text file"):
+        read_class_weights(path, 3)

@@ -239,6 +239,11 @@ def read_class_weights(path: Path, num_classes: int) -> list[float]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(
+            f"Class weights file {path} is not a UTF-8 text file.",
+            "Point optim.class_weights at a text file with one weight per action class.",
+        ) from None
     except OSError as error:
         raise DataError(
             f"Class weights file {path} cannot be read: {error.strerror or error}.",
