@@ -754,3 +754,21 @@ def test_a_binary_class_weights_file_is_a_message(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(DataError, match="is not a UTF-8 text file"):
         read_class_weights(path, 3)
+
+
+def test_pipeline_takes_the_config_as_fuse_does(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sfr.cli.pipeline as pipeline_module
+
+    seen = []
+    monkeypatch.setattr(pipeline_module, "run_and_report", lambda r, *a, **k: seen.append(r))
+    preset = PUBLISHED / "sf_arch2.toml"
+    for args in (["--config", preset], ["-c", preset], [preset]):
+        code, output, _ = cli("pipeline", *args, "--data", tmp_path)
+        assert code == 0, output
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    code, output, error = cli("pipeline", preset, "--config", preset, "--data", tmp_path)
+    assert_user_error(code, output, error, "Give the fusion config once")
+    code, output, error = cli("pipeline", "--data", tmp_path)
+    assert_user_error(code, output, error, "Give the fusion config once")
