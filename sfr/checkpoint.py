@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sfr.errors import DataError, RunError
-from sfr.files import atomic_write
+from sfr.files import atomic_write, missing_reason
 
 METADATA_KEY = "sfr"
 
@@ -29,7 +29,14 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     """Write tensors and a JSON-able metadata document as one safetensors file, atomically."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=header))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(contiguous, str(tmp), metadata=header)
+        except SafetensorError as error:  # safetensors reports a full disk as its own error
+            raise OSError(str(error)) from None
+
+    atomic_write(path, write)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -41,20 +48,38 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise RunError(f"Checkpoint {path} cannot be read: {error}.") from None
     if raw is None:
         raise RunError(f"{path} is a safetensors file without sfr metadata.")
-    return json.loads(raw)
+    try:
+        metadata = json.loads(raw)
+    except ValueError as error:
+        metadata = error
+    if not isinstance(metadata, dict):
+        raise RunError(
+            f"The sfr metadata of checkpoint {path} is not a JSON object ({metadata}).",
+            "The file is damaged or was not written by sfr: train or export it again.",
+        )
+    return metadata
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a checkpoint written by `save_checkpoint`."""
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"Checkpoint {path} does not exist.")
+        raise RunError(f"Checkpoint {path} {missing_reason(path)}.")
     metadata = read_metadata(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise RunError(f"Checkpoint {path} cannot be read: {error}.") from None
     return tensors, metadata
+
+
+def load_error_summary(error: Exception) -> str:
+    """The telling line of a `load_state_dict` error (the first size mismatch or missing key)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line:
+            return line.rstrip(".")
+    return lines[0] if lines else type(error).__name__
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -88,7 +113,7 @@ def safe_torch_load(path: Path, *, allowed: Sequence[Any], what: str, hint: str)
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Checkpoint {path} does not exist.")
+        raise DataError(f"Checkpoint {path} {missing_reason(path)}.")
     try:
         with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol chatter; errors still raise

@@ -10,9 +10,9 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sfr.data.observation import ObservationGrid, ratio_label
 from sfr.data.timegrid import Sampling, TimeGrid, as_time
@@ -34,9 +34,28 @@ PUBLIC_FEATURE_DIMS: dict[str, int] = {"rgb": 1024, "flow": 1024, "obj": 352}
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown fields are errors, values are re-validated on edit."""
+    """Base of every config section: unknown fields are errors, values are re-validated on edit;
+    NaN and infinite numbers are refused everywhere."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds that keep a typo from allocating tens of GB or running for hours: generous
+# multiples of the largest published values (hidden 1024, 40 steps, 1024-d features).
+MAX_HIDDEN = 16_384
+MAX_STEPS = 1_000
+MAX_FEATURE_DIM = 65_536
+MAX_CLASSES = 1_000_000
+
+
+def _folder_name(value: str) -> str:
+    """A run or data name becomes one folder under --runs: one path component, never `..`."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"must be one folder name (no '/', '\\', '.' or '..'), got {value!r}")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(_folder_name)]
 
 
 StrictModelT = TypeVar("StrictModelT", bound=StrictModel)
@@ -51,14 +70,21 @@ class DataConfig(StrictModel):
         description="anticipation (frames before the action, scored by anticipation time) or "
         "early_recognition (s_ant frames spread over the action, scored by observed ratio)",
     )
-    name: str | None = Field(None, description="first folder of run directories (default: dataset)")
-    fps: float = Field(30.0, gt=0, description="frame rate of the frame numbers in the CSVs")
+    name: FolderName | None = Field(
+        None,
+        description="first folder of run directories (default: dataset); one folder name",
+    )
+    fps: float = Field(
+        30.0, gt=0, le=1000, description="frame rate of the frame numbers in the CSVs"
+    )
     split: int = Field(1, ge=1, le=3, description="EGTEA split (training{split}.csv)")
     train_csv: str | None = Field(None, description="training CSV (default per dataset)")
     val_csv: str | None = Field(None, description="validation CSV (default per dataset)")
     actions_csv: str = "actions.csv"
-    num_classes: int | None = Field(None, ge=2, description="action classes (default: actions.csv)")
-    feature_dims: dict[Modality, int] = Field(
+    num_classes: int | None = Field(
+        None, ge=2, le=MAX_CLASSES, description="action classes (default: actions.csv)"
+    )
+    feature_dims: dict[Modality, Annotated[int, Field(ge=1, le=MAX_FEATURE_DIM)]] = Field(
         default_factory=dict,
         description="feature size per modality (default rgb/flow 1024, obj 352)",
     )
@@ -68,7 +94,7 @@ class DataConfig(StrictModel):
         "frames from one sequence on the finest grid, as the published Slow-Fast loader does",
     )
     preload: bool = Field(False, description="read every sequence into memory once before training")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
 
     @property
     def run_prefix(self) -> str:
@@ -89,10 +115,10 @@ class BranchConfig(StrictModel):
     """One RU-LSTM branch: a modality read at rate `alpha` over S_enc + S_ant steps."""
 
     modality: Modality
-    alpha: float = Field(gt=0, description="seconds between steps")
-    s_enc: int = Field(ge=0, description="encoding steps")
-    s_ant: int = Field(ge=1, description="anticipation steps")
-    hidden: int = Field(1024, ge=1)
+    alpha: float = Field(gt=0, le=60, description="seconds between steps")
+    s_enc: int = Field(ge=0, le=MAX_STEPS, description="encoding steps")
+    s_ant: int = Field(ge=1, le=MAX_STEPS, description="anticipation steps")
+    hidden: int = Field(1024, ge=1, le=MAX_HIDDEN)
     dropout: float = Field(0.8, ge=0, lt=1)
     shared_dropout_mask: bool = Field(
         False,
@@ -118,8 +144,8 @@ class OptimConfig(StrictModel):
     lr: float = Field(0.01, gt=0, lt=3.4e38, description="learning rate (a float32 value)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, ge=1)
-    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    epochs: int = Field(100, ge=1, le=100_000)
     class_weights: str | None = Field(
         None,
         description="text file of one loss weight per action class (the published "
@@ -146,7 +172,7 @@ class RunConfig(StrictModel):
         description="anticipation time (s) of the selection; early recognition: observed ratio "
         "(1.0 = the whole action)",
     )
-    name: str | None = Field(None, description="run folder name (default from the branch)")
+    name: FolderName | None = Field(None, description="run folder name (default from the branch)")
 
 
 def _check_select_time(
@@ -211,11 +237,14 @@ class BranchRunConfig(StrictModel):
 class RateConfig(StrictModel):
     """One rate of a slow-fast model: its branches' grid, and the encoding steps fusion reads."""
 
-    alpha: float = Field(gt=0, description="seconds between steps")
-    s_enc: int = Field(ge=0, description="encoding steps of the branch stages")
-    s_ant: int = Field(ge=1, description="anticipation steps")
+    alpha: float = Field(gt=0, le=60, description="seconds between steps")
+    s_enc: int = Field(ge=0, le=MAX_STEPS, description="encoding steps of the branch stages")
+    s_ant: int = Field(ge=1, le=MAX_STEPS, description="anticipation steps")
     fusion_s_enc: int | None = Field(
-        None, ge=0, description="encoding steps fed by the fusion stages (default: s_enc)"
+        None,
+        ge=0,
+        le=MAX_STEPS,
+        description="encoding steps fed by the fusion stages (default: s_enc)",
     )
 
     def grid(
@@ -242,7 +271,7 @@ class FusionModelConfig(StrictModel):
     )
     modalities: list[Modality] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
     rates: list[RateConfig] = Field(min_length=1)
-    hidden: int = Field(1024, ge=1)
+    hidden: int = Field(1024, ge=1, le=MAX_HIDDEN)
     branch_dropout: float = Field(0.8, ge=0, lt=1)
     modality_dropout: float = Field(0.8, ge=0, lt=1, description="dropout of modality attention")
     rate_dropout: float = Field(0.9, ge=0, lt=1, description="dropout of slow-fast attention")
@@ -386,8 +415,16 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _describe(error: ValidationError, model: type[BaseModel], source: str) -> str:
-    """One line per problem: `source: dotted.field: message (allowed: ...)`."""
+def _describe(
+    error: ValidationError,
+    model: type[BaseModel],
+    source: str,
+    overridden: Sequence[str] = (),
+) -> str:
+    """One line per problem: `source: dotted.field: message (allowed: ...)`.
+
+    A field set on the command line (`overridden`) is blamed on the override, not the file.
+    """
     lines = []
     for problem in error.errors():
         loc = ".".join(str(p) for p in problem["loc"])
@@ -405,7 +442,12 @@ def _describe(error: ValidationError, model: type[BaseModel], source: str) -> st
             message = f"unknown field (allowed: {allowed})"
         elif problem["type"] == "value_error":
             message = message.removeprefix("Value error, ")
-        lines.append(f"{source}: {loc}: {message}" if loc else f"{source}: {message}")
+        origin = (
+            "command-line override"
+            if any(loc == key or loc.startswith(key + ".") for key in overridden)
+            else source
+        )
+        lines.append(f"{origin}: {loc}: {message}" if loc else f"{source}: {message}")
     return "\n".join(lines)
 
 
@@ -424,7 +466,8 @@ def build_config(
         return model.model_validate(merged)
     except ValidationError as error:
         raise ConfigError(
-            "Invalid configuration:\n" + _describe(error, model, source),
+            "Invalid configuration:\n"
+            + _describe(error, model, source, [k for k, v in overrides.items() if v is not None]),
             "Fix the file or the command-line override; `sfr <command> --help` lists the options.",
         ) from None
 
@@ -434,12 +477,23 @@ def load_config(
 ) -> StrictModelT:
     """Read a TOML config file and validate it with overrides (see `build_config`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"Config file {path} is a folder.", "Pass a TOML file to --config (configs/...)."
+        )
     if not path.is_file():
         raise ConfigError(
             f"Config file {path} does not exist.", "Pass an existing TOML file to --config."
         )
     try:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is not a TOML text file (it is not UTF-8 text).",
+            "Pass a TOML config file to --config (configs/...).",
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"Config file {path} cannot be read: {error.strerror}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}.") from None
     return build_config(model, tree, overrides, source=str(path))

@@ -43,3 +43,12 @@ class TrainingError(SfrError):
 
 class DistributedError(SfrError):
     """A multi-process run lost one of its processes or could not start (torchrun, DDP)."""
+
+
+def install_extra(extra: str) -> str:
+    """The command that installs an optional dependency group, in the README's form.
+
+    sfr is installed from its source folder (`pip install -e .`), so the bare `sfr[extra]`
+    form only works where sfr is on a package index; this one works from the project folder.
+    """
+    return f'pip install -e ".[{extra}]" (run in the sfr project folder, in its venv)'

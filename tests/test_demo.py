@@ -17,7 +17,7 @@ from sfr.checkpoint import read_metadata
 from sfr.cli.demo import demo_table, headline
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec
-from sfr.errors import DataError
+from sfr.errors import DataError, RunError
 from sfr.train.demo import DemoDataReady, DemoPlan, DemoResult, demo_config, run_demo
 from sfr.train.fusion import FusionPlan
 from sfr.train.loop import FitResult
@@ -244,7 +244,9 @@ def test_demo_again_into_the_same_folder_replaces_it(demo_run, tmp_path: Path) -
     step_dir = step_roots(out / "runs")[("rgb+flow@0.5", "fusion")]
     (step_dir / "stray.txt").write_text("old")
     events: list[object] = []
-    again = run_demo(out, plan, progress=events.append)
+    with pytest.raises(RunError, match="already holds a demo"):  # one overwrite rule: --force
+        run_demo(out, plan)
+    again = run_demo(out, plan, force=True, progress=events.append)
     assert [e.action for e in events if isinstance(e, StepStarted)] == ["train"] * 11
     assert not (out / "data" / "stray.txt").exists()
     assert not (step_dir / "stray.txt").exists()
@@ -265,7 +267,7 @@ def test_demo_with_another_plan_leaves_no_runs_of_the_earlier_one(
     source, _, _, _ = demo_run
     out = Path(shutil.copytree(source, tmp_path / "demo"))
     plan = tiny_plan(tiny_spec, modalities=("rgb", "obj"))
-    result = run_demo(out, plan)
+    result = run_demo(out, plan, force=True)
     kept = {p.name for p in (out / "runs" / "synthetic").iterdir()}
     wanted = {Path(fit.run_dir).parent.name for fit in result.pipeline.results.values()}
     assert kept == wanted

@@ -579,7 +579,11 @@ def test_egtea_model_is_scored_on_the_named_split(
     (synthetic_copy / "validation2.csv").write_text((synthetic_copy / "validation.csv").read_text())
     best = trained_runs.branch("rgb@0.25") / "best.safetensors"
     model = load_model(relabel_checkpoint(best, tmp_path / "egtea.safetensors", "egtea"))
-    doc = evaluate([model], synthetic_copy, split="validation2", settings=CPU)
+    # every validation2 segment is a training segment of split 1: scored only when forced
+    with pytest.raises(ConfigError, match=r"(?s)trained on EGTEA split 1.*--other-split"):
+        evaluate([model], synthetic_copy, split="validation2", settings=CPU)
+    forced = EvaluationSettings(device="cpu", other_split=True)
+    doc = evaluate([model], synthetic_copy, split="validation2", settings=forced)
     assert (doc["dataset"], doc["split"]) == ("egtea", "validation2")
     assert list(doc["measure_names"]) == ["top1", "top5", "mca"]
     entry = doc["models"][0]
@@ -592,7 +596,7 @@ def test_egtea_model_is_scored_on_the_named_split(
         expected = [100 * class_mean_by_hand(top1[:, i], labels) for i in range(len(FAST_TIMES))]
         assert entry["results"]["overall"][task]["mca"] == pytest.approx(expected, abs=TOLERANCE)
     with pytest.raises(DataError, match=r"validation3\.csv does not exist"):
-        evaluate([model], synthetic_copy, split="validation3", settings=CPU)
+        evaluate([model], synthetic_copy, split="validation3", settings=forced)
 
 
 def test_ek55_many_shot_recall_and_time_to_action_by_hand() -> None:

@@ -498,7 +498,7 @@ def test_bad_output_and_preprocessing_are_refused_before_a_store_exists(
     a_file.write_text("x")
     with pytest.raises(SfrError, match=r"store \(--out\) folder .*afile is a file"):
         run_request(rgb_request(tsn, videos, a_file))
-    with pytest.raises(SfrError, match="cannot be written"):
+    with pytest.raises(SfrError, match="lies under the file"):
         run_request(rgb_request(tsn, videos, a_file / "rgb"))
     out = tmp_path / "o"
     with pytest.raises(ConfigError, match="--crop does not apply to tsn-bninception") as info:

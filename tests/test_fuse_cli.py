@@ -437,9 +437,9 @@ def test_an_interrupted_fusion_resumes_only_with_its_saved_config(
     code, output, error = cli(*args)
     assert code == 0, f"{output}\n{error!r}"
     assert f"[1/2] fusion L1 {LEVEL_1[0]} (resuming)" in output
-    assert f"resuming {root} at epoch 1" in output
+    assert f"resuming {root} at epoch 2" in output  # the second epoch is next
     lines = (root / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
 def test_an_interrupted_pipeline_gives_advice_that_works(

@@ -149,6 +149,19 @@ def test_marginalised_probabilities_sum_to_one_with_zero() -> None:
     assert published.sum(axis=-1) == pytest.approx(1 + num_absent * probs[..., 0])
 
 
+def test_classes_past_the_table_get_zero_not_action_0() -> None:
+    """Issue 11 case 3: 6 verbs asked for with a table whose largest verb id is 3."""
+    published = marginalise(ACTION_PROBS, ACTIONS.verbs, 6)
+    assert published == pytest.approx([0.1, 0.1, 0.5, 0.4, 0.0, 0.0])  # verb 1 inside: action 0
+    assert marginalise(ACTION_PROBS, ACTIONS.verbs, 6, absent="zero") == pytest.approx(
+        [0.1, 0.0, 0.5, 0.4, 0.0, 0.0]
+    )
+    rng = np.random.default_rng(2)
+    probs = softmax(rng.normal(size=(4, 32)))
+    table = np.tile([0, 1, 2, 3], 8)  # a custom 32-action table naming 4 of 97 verbs
+    assert marginalise(probs, table, 97).sum(axis=-1) == pytest.approx(np.ones(4))
+
+
 def test_marginalise_rejects_bad_tables() -> None:
     with pytest.raises(ValueError, match="shape"):
         marginalise(ACTION_PROBS, ACTIONS.verbs[:3], 4)

@@ -182,8 +182,8 @@ def check_pipeline(arch: str, runs: Path, result: PipelineResult, events: list[o
         fit = result.results[(step.label, step.stage)]
         assert Path(fit.run_dir) == root
         status = json.loads((root / "status.json").read_text())
-        assert status["state"] == "finished" and status["epoch"] == 1
-        assert [r["epoch"] for r in metrics_lines(root)] == [0, 1]
+        assert status["state"] == "finished" and status["epoch"] == 2
+        assert [r["epoch"] for r in metrics_lines(root)] == [1, 2]
         meta = read_metadata(root / "best.safetensors")
         assert meta["kind"] == ("branch" if step.level == 0 else "fusion")
         assert meta["metrics"] == fit.metrics and meta["epoch"] == fit.best_epoch
@@ -321,7 +321,7 @@ def test_rerun_skips_every_step_and_force_retrains(
     )
     assert [e.action for e in starts(events)] == ["train"] * 15
     assert [e.start_epoch for e in events if isinstance(e, StageStarted)] == [0] * 15
-    assert not stray.exists()
+    assert stray.read_text() == "left by hand"  # --force deletes only what sfr wrote
     for key, fit in trained.result.results.items():  # same seed: the same runs again
         assert same_fit(forced.results[key], fit), key
     assert_same_tensors(
@@ -731,4 +731,32 @@ def test_an_interrupted_fusion_unit_resumes_with_more_epochs(
     )
     # the finished unit is extended to the new epoch count too: its results are this config's
     assert [e.action for e in starts(events)] == ["resume", "resume"]
-    assert [r["epoch"] for r in metrics_lines(unit_root(branches_only, label))] == [0, 1, 2]
+    assert [r["epoch"] for r in metrics_lines(unit_root(branches_only, label))] == [1, 2, 3]
+
+
+def test_every_existing_stage_is_checked_before_any_training(
+    runs_copy: Path, synthetic_data: Path
+) -> None:
+    """Issue 11 case 8: a final unit of another config is refused before the first step runs."""
+    events: list[object] = []
+    # the level-1 units (modality fusions) do not depend on it: the final unit is named
+    with pytest.raises(RunError, match=r"(?s)rgb\+flow\+obj@0\.25\+0\.5 was.*model\.rate_dropout"):
+        run_pipeline(
+            FusionPlan(fusion_config(rate_dropout=0.1), runs_copy),
+            synthetic_data,
+            progress=events.append,
+        )
+    assert events == []
+
+
+def test_a_branch_is_compared_only_on_what_its_model_depends_on(
+    runs_copy: Path, synthetic_data: Path
+) -> None:
+    """Issue 11 case 8: the rgb branches do not depend on the flow feature size."""
+    config = fusion_config({"data.feature_dims.flow": 9}, modalities=["rgb"])
+    events: list[object] = []
+    run_pipeline(FusionPlan(config, runs_copy), synthetic_data, levels=[], progress=events.append)
+    assert [e.action for e in starts(events)] == ["skip"] * 4
+    changed = fusion_config({"data.feature_dims.rgb": 9}, modalities=["rgb"])
+    with pytest.raises(RunError, match=r"data\.feature_dims\.rgb"):
+        run_pipeline(FusionPlan(changed, runs_copy), synthetic_data, levels=[])

@@ -15,7 +15,13 @@ from clitools import assert_user_error
 
 from sfr.errors import DataError, SfrError
 from sfr.eval import plots
-from sfr.eval.report import check_report, render_html, render_markdown, write_report
+from sfr.eval.report import (
+    check_report,
+    render_html,
+    render_markdown,
+    render_plots,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EIGHT_TIMES = (2.0, 1.75, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25)
@@ -332,7 +338,7 @@ def test_missing_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SfrError) as caught:
         write_report(egtea_doc(), tmp_path / "out")
-    assert caught.value.hint == 'pip install "sfr[report]"'
+    assert caught.value.hint.startswith('pip install -e ".[report]"')  # the README's form
     assert not (tmp_path / "out").exists()
 
 
@@ -370,3 +376,43 @@ def test_cli_user_errors(cli, tmp_path: Path) -> None:
         *cli("report", short),
         f"{short}: models[0].results.overall.verb.top1: expected 7 values (one per time), found 8",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11 case 21: a headline table that fits the page, attention titles that name the model
+
+SIXTEEN_TIMES = tuple(round(2.0 - 0.125 * i, 3) for i in range(16))
+
+
+def test_many_times_turn_the_headline_table_to_a_row_per_time() -> None:
+    doc = header("ek55", "validation", EK_MEASURES, {"overall": "All samples"})
+    doc["models"] = [
+        model("arch2 rgb+flow+obj@0.125+0.5", "fusion", SIXTEEN_TIMES, ["overall"],
+              list(EK_MEASURES), 40.0),
+        model("rgb@0.125 finetune", "branch", EIGHT_TIMES, ["overall"], list(EK_MEASURES), 30.0),
+    ]  # fmt: skip
+    page = render_html(doc, {})
+    headline = page[page.index("Headline") : page.index("</table>")]
+    assert '<th scope="col">τ</th><th scope="col">[1]</th><th scope="col">[2]</th></tr>' in headline
+    assert headline.count("<tr>") == 1 + 16  # a row per time: never wider than 3 columns
+    assert "[1] arch2 rgb+flow+obj@0.125+0.5; [2] rgb@0.125 finetune" in page
+    # at 1.875 s only model [1] was evaluated: its value is the row's best, model [2] is blank
+    row = headline[headline.index('<th scope="row">1.875 s</th>') :].split("</tr>")[0]
+    assert row.count("<strong>") == 1 and row.endswith('<td class="num"></td>')
+
+
+def test_attention_plots_of_two_models_carry_different_titles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doc = ek55_doc()
+    other = copy.deepcopy(doc["models"][1])
+    other["name"] = "arch2 second"  # another fusion holding units of the same labels
+    doc["models"].append(other)
+    titles: list[str] = []
+    monkeypatch.setattr(plots, "curves_png", lambda *args, **kwargs: PNG_SIGNATURE)
+    monkeypatch.setattr(
+        plots, "attention_png", lambda *args, **kwargs: titles.append(args[-1]) or b""
+    )
+    render_plots(doc)
+    assert len(titles) == 4 and len(set(titles)) == 4
+    assert titles[2].startswith("arch2 second: attention in rgb+flow+obj@0.125")

@@ -63,8 +63,8 @@ def test_require_names_the_package_and_the_extra(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(DataError) as caught:
         require("av")
     assert "PyAV (the `av` package)" in caught.value.message
-    assert "pip install 'sfr[video]'" in caught.value.message
-    assert "sfr[video]" in (caught.value.hint or "")
+    assert "it is not installed" in caught.value.message
+    assert 'pip install -e ".[video]"' in (caught.value.hint or "")  # the README's form
     assert require("numpy") is np
 
 

@@ -80,3 +80,26 @@ def test_two_stores_on_one_folder_share_the_environment() -> None:
     first, second = FeatureStore(GOLDEN_DATA / "rgb", 16), FeatureStore(GOLDEN_DATA / "rgb", 16)
     np.testing.assert_array_equal(first.read("S01_01", [4]), second.read("S01_01", [4]))
     assert first.env is second.env
+
+
+def test_non_finite_vector_names_store_key_and_annotation(tmp_path) -> None:
+    with FeatureStoreWriter(tmp_path / "rgb") as writer:
+        writer.put("P01_01", 1, np.zeros(4, np.float32))
+        writer.put("P01_01", 2, np.array([0, np.nan, 0, 0], np.float32))
+        writer.put("P01_01", 3, np.array([0, 0, -np.inf, 0], np.float32))
+    store = FeatureStore(tmp_path / "rgb", 4, name="rgb")
+    with pytest.raises(DataError, match=r"'rgb'.*P01_01_frame_0000000002\.jpg.*id 17.*NaN"):
+        store.read("P01_01", [1, 2, 3], sample_id="17")
+    with pytest.raises(DataError, match=r"P01_01_frame_0000000003\.jpg"):
+        store.read("P01_01", [1, 3], sample_id="18")
+
+
+def test_truncated_store_is_refused_at_open_instead_of_a_bus_error(tmp_path) -> None:
+    with FeatureStoreWriter(tmp_path / "rgb") as writer:
+        writer.put_many("P01_01", 1, np.ones((2000, 64), np.float32))
+    data = tmp_path / "rgb" / "data.mdb"
+    size = data.stat().st_size
+    with data.open("r+b") as handle:
+        handle.truncate(size // 3)
+    with pytest.raises(DataError, match=r"truncated: data\.mdb holds \d+ bytes"):
+        FeatureStore(tmp_path / "rgb", 64).read("P01_01", [1500])

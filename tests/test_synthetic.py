@@ -152,9 +152,19 @@ def test_refuses_a_non_empty_folder_unless_forced(tmp_path: Path) -> None:
     assert (out / "mine.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
+    # force replaces only what sfr wrote: a foreign folder is kept even then (issue 11)
+    with pytest.raises(DataError, match="is not a synthetic dataset sfr wrote"):
+        write_synthetic(out, SMALL, force=True)
+    assert (out / "mine.txt").read_text() == "keep me"
+
+    (out / "mine.txt").unlink()
+    write_synthetic(out, SMALL)
+    with pytest.raises(DataError, match="already holds a synthetic dataset"):
+        write_synthetic(out, SMALL)
+    (out / "stale.txt").write_text("left in an earlier dataset")
     summary = write_synthetic(out, SMALL, force=True)
     assert summary.path == out
-    assert not (out / "mine.txt").exists() and (out / "training.csv").is_file()
+    assert not (out / "stale.txt").exists() and (out / "training.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sfr.data.annotations import read_segments
 from sfr.data.dataset import AnticipationDataset, Stream, open_stores
-from sfr.data.timegrid import TimeGrid
+from sfr.data.timegrid import TimeGrid, as_time
 
 
 @pytest.mark.parametrize("split", ["training", "validation"])
@@ -88,3 +88,33 @@ def test_frames_never_reach_the_action_and_padding_uses_the_first_valid_frame(
     assert (frames >= 1).all() and (frames < start).all()
     assert (np.diff(frames) >= 0).all()
     assert (frames[raw < 1] == raw[raw >= 1].min()).all()
+
+
+@given(
+    alpha=st.floats(0.01, 2.0, allow_nan=False, allow_infinity=False) | st.sampled_from([0.2, 0.1]),
+    s_enc=st.integers(0, 60),
+    s_ant=st.integers(1, 60),
+)
+def test_every_alpha_gives_exactly_t_steps_with_the_published_offsets(
+    alpha: float, s_enc: int, s_ant: int
+) -> None:
+    grid = TimeGrid(alpha, s_enc, s_ant)
+    assert grid.offsets.shape == (grid.steps,)
+    assert len(grid.times) == grid.steps and len(grid.anticipation_times) == s_ant
+    assert len(grid.frames(100_000)) == grid.steps
+    # Where the published call yields T values, its offsets are reproduced bit for bit.
+    published = np.arange(alpha, alpha * (grid.steps + 1), alpha)
+    np.testing.assert_array_equal(grid.offsets[::-1], published[: grid.steps])
+
+
+@pytest.mark.parametrize(
+    ("alpha", "s_enc", "s_ant"),
+    [(0.2, 24, 16), (0.1, 24, 16), (0.4, 24, 16), (0.3, 8, 6), (0.15, 8, 6), (0.6, 8, 6)],
+)
+def test_non_binary_alphas_reported_in_issue_11_get_exactly_t_steps(
+    alpha: float, s_enc: int, s_ant: int
+) -> None:
+    grid = TimeGrid(alpha, s_enc, s_ant)
+    assert grid.offsets.shape == (s_enc + s_ant,)
+    assert grid.anticipation_times[-1] == as_time(alpha)
+    assert grid.times[0] == as_time(alpha * (s_enc + s_ant))

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import sfr.checkpoint as checkpoint_module
@@ -113,11 +114,11 @@ def test_pretrain_then_finetune_write_complete_run_dirs(
         assert json.loads((root / "config.json").read_text()) == resolved
         status = json.loads((root / "status.json").read_text())
         assert status["state"] == "finished"
-        assert status["epoch"] == 1
-        assert status["best_epoch"] == result.best_epoch
+        assert status["epoch"] == 2  # epochs are numbered from 1 in the files
+        assert status["best_epoch"] == result.best_epoch + 1
 
         records = metrics_lines(root)
-        assert [r["epoch"] for r in records] == [0, 1]
+        assert [r["epoch"] for r in records] == [1, 2]
         best_so_far = -math.inf
         for record in records:
             for key in ("epoch", "train_loss", "val_loss", "selection", "best", "is_best"):
@@ -220,7 +221,7 @@ def test_resume_continues_bit_for_bit(golden_data: Path, tmp_path: Path, stage: 
     straight = train_branch_stage(four, stage, golden_data, straight_runs)
     torch.manual_seed(5)
     train_branch_stage(two, stage, golden_data, resumed_runs)
-    assert [r["epoch"] for r in metrics_lines(run_root(resumed_runs, two, stage))] == [0, 1]
+    assert [r["epoch"] for r in metrics_lines(run_root(resumed_runs, two, stage))] == [1, 2]
     torch.manual_seed(123)  # the resumed run must restore its own RNG state, not use this one
     resumed = train_branch_stage(four, stage, golden_data, resumed_runs, resume=True)
 
@@ -228,7 +229,7 @@ def test_resume_continues_bit_for_bit(golden_data: Path, tmp_path: Path, stage: 
     for name in ("best.safetensors", "last.safetensors"):
         assert_same_tensors(load_file(str(a / name)), load_file(str(b / name)))
     assert metrics_lines(a) == metrics_lines(b)
-    assert [r["epoch"] for r in metrics_lines(b)] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in metrics_lines(b)] == [1, 2, 3, 4]
     assert (resumed.best_epoch, resumed.best) == (straight.best_epoch, straight.best)
     assert json.loads((b / "status.json").read_text())["state"] == "finished"
     assert read_metadata(b / "last.safetensors")["epoch"] == 3
@@ -250,11 +251,13 @@ def test_finished_run_is_refused_without_force_or_resume(golden_data: Path, tmp_
     assert "--force" in text and "--resume" in text
     assert (root / "best.safetensors").read_bytes() == before
 
-    # --force deletes the run and trains from scratch
+    # --force deletes what sfr wrote (never a file it did not write) and trains from scratch
     (root / "stray.txt").write_text("left by hand")
+    (root / ".last.safetensors.x1y2.tmp").write_bytes(b"torn")
     result = train_branch_stage(config, "pretrain", golden_data, runs, force=True)
-    assert not (root / "stray.txt").exists()
-    assert [r["epoch"] for r in metrics_lines(root)] == [0]
+    assert (root / "stray.txt").read_text() == "left by hand"
+    assert not (root / ".last.safetensors.x1y2.tmp").exists()
+    assert [r["epoch"] for r in metrics_lines(root)] == [1]
     assert result.best_epoch == 0
     assert json.loads((root / "status.json").read_text())["state"] == "finished"
 
@@ -316,11 +319,12 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
         train_branch_stage(config, "pretrain", golden_data, runs, progress=poison_after_first_epoch)
     assert "nan" in caught.value.message and "epoch 2" in caught.value.message  # 1-based
     assert "--lr" in (caught.value.hint or "") and str(root) in (caught.value.hint or "")
+    assert (caught.value.hint or "").index("input features") < caught.value.hint.index("--lr")
 
     assert (root / "best.safetensors").read_bytes() == saved["best"]
     assert (root / "last.safetensors").read_bytes() == saved["last"]
     assert read_metadata(root / "last.safetensors")["epoch"] == 0
-    assert [r["epoch"] for r in metrics_lines(root)] == [0]
+    assert [r["epoch"] for r in metrics_lines(root)] == [1]
     assert json.loads((root / "status.json").read_text())["state"] == "running"
     assert leftovers(root) == []
 
@@ -329,7 +333,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     with pytest.raises(RunError, match="interrupted run"):
         train_branch_stage(config, "pretrain", golden_data, runs)
     result = train_branch_stage(config, "pretrain", golden_data, runs, resume=True)
-    assert [r["epoch"] for r in metrics_lines(root)] == [0, 1, 2]
+    assert [r["epoch"] for r in metrics_lines(root)] == [1, 2, 3]
     assert all(math.isfinite(r["train_loss"]) for r in result.history)
 
 
@@ -348,7 +352,10 @@ def test_huge_learning_rate_raises_training_error(golden_data: Path, tmp_path: P
     assert json.loads((root / "status.json").read_text())["state"] == "running"
 
 
-@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), SafetensorError("No space left"), KeyboardInterrupt()],
+)
 def test_checkpoint_write_is_atomic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
@@ -365,8 +372,11 @@ def test_checkpoint_write_is_atomic(
         raise failure
 
     monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
-    with pytest.raises(type(failure)):
+    expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else RunError
+    with pytest.raises(expected) as caught:  # a full disk is a message naming the file
         save_checkpoint(path, {"w": torch.zeros(2, 3)}, {"epoch": 2})
+    if expected is RunError:
+        assert str(path) in caught.value.message and "No space left" in caught.value.message
     assert len(calls) == 1 and Path(calls[0]).parent == path.parent
     assert calls[0] != str(path)  # it wrote to a temp file, not to the checkpoint itself
     assert path.read_bytes() == before

@@ -323,7 +323,7 @@ def test_validate_unwritable_report_folder_fails_before_inference(
     code, output, error = cli(
         "validate", trained_runs.fusion("arch2"), "--data", trained_runs.data, "--report", folder
     )
-    assert_user_error(code, output, error, f"The report folder {folder} cannot be written")
+    assert_user_error(code, output, error, f"The report folder {folder} lies under the file")
     assert evaluations == []
 
 
@@ -340,7 +340,7 @@ def test_validate_report_without_matplotlib_fails_before_inference(
         "validate", trained_runs.fusion("arch2"), "--data", trained_runs.data,
         "--report", tmp_path / "report",
     )  # fmt: skip
-    assert_user_error(code, output, error, 'pip install "sfr[report]"')
+    assert_user_error(code, output, error, 'pip install -e ".[report]"')
     assert evaluations == []
 
 

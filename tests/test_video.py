@@ -356,7 +356,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_without_pyav(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "av", None)
-    with pytest.raises(DataError, match=r"needs PyAV .*pip install 'sfr\[video\]'"):
+    with pytest.raises(DataError, match=r"(?s)needs PyAV .*pip install -e \"\.\[video\]\""):
         list(VideoFileReader(videos["25"], name="v25").read())
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from sfr import __version__
+from sfr.cli.common import SfrGroup, console
 from sfr.cli.convert import convert
 from sfr.cli.demo import demo
 from sfr.cli.download import download_app
@@ -24,7 +28,28 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    cls=SfrGroup,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"sfr {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Slow-Fast Rolling-Unrolling LSTMs for egocentric action anticipation."""
+
+
 app.command("demo")(demo)
 app.command("synth")(synth)
 app.command("train-branch")(train_branch)

@@ -145,12 +145,13 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             if task == "early_recognition"
             else f"T = {grid.steps} steps of {grid.alpha:g} s"
         )
+        measure = f"{resolved.run.select}@{position_label(resolved.run.select_time, task)}"
         with distributed_run(resolved.run.device, resolved.run.precision):
             console.print(
                 f"[bold]{title}[/]  {what}  →  {runs / resolved.branch_dir / stage}",
                 highlight=False,
             )
-            with TrainingView(title) as view:
+            with TrainingView(title, measure) as view:
                 result = train_branch_stage(
                     resolved,
                     stage,
@@ -166,8 +167,7 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
                     result,
                     grid.anticipation_times,
                     f"Validation, best epoch {result.best_epoch + 1} "
-                    f"({resolved.run.select}@"
-                    f"{position_label(resolved.run.select_time, task)} = {result.best:.2f})",
+                    f"({measure} = {result.best:.2f})",
                     task,
                 )
             )

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+import typer.core
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -89,6 +90,56 @@ def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
             console.quiet = quiet
 
 
+# Help placeholders, one convention for every command: upper-case words, none for flags.
+_PLACEHOLDERS = {"path": "PATH", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH"}
+
+
+class SfrGroup(typer.core.TyperGroup):
+    """The root command group: gives every option and argument of every subcommand the same
+    kind of help placeholder (`--force` no `<bool>`, `--data PATH`, `MODEL`), once, when
+    Typer builds the command tree."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _tidy_placeholders(self)
+
+
+def _tidy_placeholders(command: Any) -> None:
+    made_help = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:  # --help is a flag too: no placeholder
+        option = made_help(ctx)
+        if option is not None:
+            option.display_type_rich = lambda ctx: None
+        return option
+
+    command.get_help_option = get_help_option
+    for param in getattr(command, "params", []):
+        if isinstance(param, (typer.core.TyperOption, typer.core.TyperArgument)):
+            label = _placeholder(param)
+            param.display_type_rich = lambda ctx, label=label: label
+            if isinstance(param, typer.core.TyperArgument) and param.metavar is None:
+                param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_placeholders(sub)
+
+
+def _placeholder(param: Any) -> str | None:
+    """`None` for a flag, else the upper-case name of the value (`PATH`, `INTEGER`, `a|b`)."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return None
+    if isinstance(param, typer.core.TyperOption) and param.metavar is not None:
+        return param.metavar
+    try:
+        label = param.display_type(None).strip("<>")
+    except Exception:
+        return None
+    multiple = label.startswith("list[")
+    label = label.removeprefix("list[").removesuffix("]").removesuffix(" range")
+    label = _PLACEHOLDERS.get(label, label if "|" in label else label.upper())
+    return f"{label}..." if multiple and isinstance(param, typer.core.TyperArgument) else label
+
+
 def sample_bars() -> Progress:
     """A transient progress display for inference over the segments of a split."""
     return Progress(
@@ -118,8 +169,10 @@ def info_bars() -> Progress:
 class TrainingView:
     """Rich rendering of training progress events: epoch and batch bars, one line per epoch."""
 
-    def __init__(self, title: str = "") -> None:
+    def __init__(self, title: str = "", measure: str = "selection") -> None:
+        """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s)."""
         self.title = title
+        self.measure = measure
         self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
@@ -141,7 +194,9 @@ class TrainingView:
                 "  batches", total=event.batches_per_epoch, info=""
             )
             if event.start_epoch:
-                self.bars.console.print(f"  resuming {event.run_dir} at epoch {event.start_epoch}")
+                self.bars.console.print(
+                    f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
+                )
         elif isinstance(event, BatchDone) and self.batch_task is not None:
             self.bars.update(
                 self.batch_task,
@@ -153,12 +208,14 @@ class TrainingView:
             )
         elif isinstance(event, EpochDone) and self.epoch_task is not None:
             self.bars.update(
-                self.epoch_task, completed=event.epoch + 1, info=f"best {event.best:.2f}"
+                self.epoch_task,
+                completed=event.epoch + 1,
+                info=f"best {self.measure} {event.best:.2f} (epoch {event.best_epoch + 1})",
             )
             marker = " [green]★ best[/]" if event.is_best else ""
             self.bars.console.print(
                 f"  epoch {event.epoch + 1:>3}/{event.epochs}  loss {event.train_loss:.4f} "
-                f"(val {event.val_loss:.4f})  selection {event.selection:6.2f}{marker}  "
+                f"(val {event.val_loss:.4f})  {self.measure} {event.selection:6.2f}{marker}  "
                 f"{event.seconds:.1f} s",
                 highlight=False,
             )

@@ -18,7 +18,14 @@ from sfr.cli.common import (
     step_line,
     user_errors,
 )
-from sfr.train.demo import DemoDataReady, DemoEvent, DemoPlan, DemoResult, run_demo
+from sfr.train.demo import (
+    DemoDataReady,
+    DemoEvent,
+    DemoPlan,
+    DemoResult,
+    demo_config,
+    run_demo,
+)
 from sfr.train.pipeline import StepStarted
 
 
@@ -53,12 +60,16 @@ def demo(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the synthetic data and runs.")
     ] = Path("sfr-demo"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier demo in --out (data and runs).")
+    ] = False,
 ) -> None:
     """Generate synthetic data, train every branch and both fusion levels, print the results."""
     plan = DemoPlan()
     torch.set_num_threads(plan.threads)
     began = time.perf_counter()
-    with TrainingView() as view:
+    run = demo_config(plan).run
+    with TrainingView(measure=f"{run.select}@{run.select_time:g}s") as view:
 
         def show(event: DemoEvent) -> None:
             if isinstance(event, DemoDataReady):
@@ -74,7 +85,7 @@ def demo(
             else:
                 view(event)
 
-        result = run_demo(out, plan, progress=show)
+        result = run_demo(out, plan, force=force, progress=show)
     console.print(demo_table(result))
     console.print(headline(result), highlight=False)
     console.print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,7 @@ from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
 from sfr.eval.submission import SupervisionLevels, make_submission
-from sfr.files import atomic_write_text, check_writable_dir
+from sfr.files import atomic_write_text, check_output_file, json_text, refuse_existing
 from sfr.models.trained import export_bundle, load_model
 
 export = typer.Typer(
@@ -22,6 +21,9 @@ export = typer.Typer(
     help="Write challenge submissions and self-contained model bundles.",
     no_args_is_help=True,
 )
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace OUT if it exists (only that file is replaced).")
+]
 ModelArg = Annotated[
     Path,
     typer.Argument(
@@ -69,11 +71,13 @@ def submission(
             "published early-recognition fusion).",
         ),
     ] = "probabilities",
+    force: ForceOpt = False,
 ) -> None:
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
     if ensemble_of not in ("probabilities", "scores"):
         raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
-    check_writable_dir(out.parent, "output")
+    check_output_file(out, "output file")
+    refuse_existing(out, "submission file", force)  # before the inference, not after it
     trained = load_model(model).use_sampling(sampling)
     others = [load_model(path).use_sampling(sampling) for path in with_ or []]
     bars = sample_bars()
@@ -91,7 +95,7 @@ def submission(
             ensemble=others,
             mean_of=ensemble_of,  # type: ignore[arg-type]
         )
-    atomic_write_text(out, json.dumps(document, indent=1))
+    atomic_write_text(out, json_text(document, f"The submission for {out}", indent=1))
     console.print(
         f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
         f"scores at {_position(time, trained.data.task)} from {trained.name}"
@@ -112,9 +116,11 @@ def _position(value: float, task: str) -> str:
 def model_bundle(
     model: ModelArg,
     out: Annotated[Path, typer.Argument(help="The .safetensors bundle to write.")],
+    force: ForceOpt = False,
 ) -> None:
     """Write one file with every weight of every level and the config (`sfr.load_model` reads it)."""
-    check_writable_dir(out.parent, "output")
+    check_output_file(out, "output file")
+    refuse_existing(out, "bundle", force)
     trained = load_model(model)
     export_bundle(trained, out, __version__)
     size = out.stat().st_size / 2**20

@@ -44,6 +44,7 @@ def fuse(
     ] = None,
     precision: Annotated[str | None, PrecisionOpt] = None,
     workers: Annotated[int | None, WorkersOpt] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Train the attention fusions of Architecture 1 or 2 from the fine-tuned branches.
@@ -62,6 +63,7 @@ def fuse(
             "run.device": device,
             "run.precision": precision,
             "data.num_workers": workers,
+            "run.seed": seed,
         },
         set_,
     )

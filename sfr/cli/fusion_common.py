@@ -59,7 +59,8 @@ def run_and_report(
             f"{', '.join(f'{a:g}' for a in model.alphas)}: {what}  →  {runs / resolved.fusion_dir}",
             highlight=False,
         )
-        with TrainingView() as view:
+        measure = f"{resolved.run.select}@{position_label(resolved.run.select_time, task)}"
+        with TrainingView(measure=measure) as view:
 
             def show(event: object) -> None:
                 if isinstance(event, StepStarted):
@@ -79,8 +80,7 @@ def run_and_report(
                 + (
                     "observed ratios" if task == "early_recognition" else "fused anticipation times"
                 ),
-                f"best epochs chosen by {resolved.run.select}@"
-                f"{position_label(resolved.run.select_time, task)}; "
+                f"best epochs chosen by {measure}; "
                 "every time and measure per epoch: metrics.jsonl in each run folder",
                 task,
             )

@@ -16,13 +16,13 @@ def report(
     source: Annotated[
         Path,
         typer.Argument(
-            metavar="REPORT.json",
+            metavar="REPORT",
             help="A report.json written by `sfr validate --report`, or its folder.",
         ),
     ],
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder to write to (default: the folder of REPORT.json)."),
+        typer.Option(help="Folder to write to (default: the folder of REPORT)."),
     ] = None,
 ) -> None:
     """Render report.md, report.html and plots/*.png again from a report.json."""

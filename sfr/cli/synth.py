@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from sfr.cli.common import console, user_errors
+from sfr.data.presets import write_synthetic_presets
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
 
 
@@ -34,3 +35,10 @@ def synth(
         f"{summary.frames} frames per modality ({dims}).",
         highlight=False,
     )
+    presets = write_synthetic_presets(summary.path, summary.num_actions, summary.dims)
+    if presets:
+        console.print(
+            f"The published EK55 presets, set to this data, are in {presets[0].parent}: e.g. "
+            f"sfr pipeline {presets[0].parent / 'sf_arch2.toml'} --data {summary.path}",
+            highlight=False,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,7 @@ from sfr.eval.evaluation import (
 )
 from sfr.eval.plots import require_matplotlib
 from sfr.eval.report import write_report
-from sfr.files import check_writable_dir
+from sfr.files import check_writable_dir, refuse_existing
 
 TASK_NAMES = {"verb": "Verb", "noun": "Noun", "action": "Action"}
 
@@ -44,11 +45,15 @@ def parse_weights(weights: list[str], models: list[Path]) -> tuple[list[float], 
         else:
             paths.append(path)
     try:
-        return [float(v) for v in values], paths
+        numbers = [float(v) for v in values]
     except ValueError:
+        numbers = []
+    if len(numbers) != len(values) or not all(math.isfinite(w) and w >= 0 for w in numbers):
         raise ConfigError(
-            f"--weights must be numbers, got {' '.join(values)}.", "Example: --weights 0.55 0.45"
-        ) from None
+            f"--weights must be finite non-negative numbers, got {' '.join(values)}.",
+            "Example: --weights 0.55 0.45",
+        )
+    return numbers, paths
 
 
 def _is_number(text: str) -> bool:
@@ -150,8 +155,19 @@ def validate(
     data: DataOpt,
     split: Annotated[
         str,
-        typer.Option(help="validation; EGTEA: validation1-3 (default: the model's split)."),
+        typer.Option(
+            help="The split to score: validation (for EGTEA the model's own validationN), "
+            "or EGTEA validation1-3."
+        ),
     ] = "validation",
+    other_split: Annotated[
+        bool,
+        typer.Option(
+            "--other-split",
+            help="EGTEA: score on another split's validation segments, which are training "
+            "segments of the model's split.",
+        ),
+    ] = False,
     report: Annotated[
         Path | None,
         typer.Option("--report", help="Write report.json, report.md, report.html and plots here."),
@@ -185,6 +201,9 @@ def validate(
     ] = "probabilities",
     precision: Annotated[Literal["fp32", "bf16", "fp16"], PrecisionOpt] = "fp32",
     workers: Annotated[int | None, WorkersOpt] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the report in --report DIR if there is one.")
+    ] = False,
     absent_zero: Annotated[
         bool,
         typer.Option(
@@ -200,6 +219,7 @@ def validate(
         raise ConfigError("--weights is only used with --ensemble.", "Add --ensemble.")
     if report is not None:
         check_writable_dir(report, "report")
+        refuse_existing(report / "report.json", "report", force)
         require_matplotlib()  # before inference, not after it
     resolve_precision(precision, distributed.process_device(device))  # before loading anything
     if ensemble_of not in ("probabilities", "scores"):
@@ -216,6 +236,7 @@ def validate(
         ensemble_of=ensemble_of,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
         workers=workers,
+        other_split=other_split,
     )
     with distributed_run(device, precision):
         _validate(loaded, data, split, ensemble, ensemble_weights, settings, report)

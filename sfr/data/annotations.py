@@ -61,17 +61,61 @@ def normalise_id(raw: str) -> str:
     return str(int(raw)) if raw.isdigit() else raw
 
 
+# The largest verb or noun class id accepted: EK100 has 97 verbs and 300 nouns; a bigger id is
+# a damaged table (the class-by-action matrices are sized by the largest id).
+MAX_CLASS_ID = 99_999
+
+
 def _rows(path: Path) -> Iterable[tuple[int, list[str]]]:
+    """Non-empty rows of a CSV with stripped cells; DataError for an unreadable file."""
+    if path.is_dir():
+        raise DataError(
+            f"Annotation file {path} is a folder.",
+            "Check --data and the data.*_csv settings: they name annotation CSV files.",
+        )
     if not path.is_file():
         raise DataError(
             f"Annotation file {path} does not exist.",
             "Check --data: it should hold the dataset's annotation CSVs.",
         )
-    with path.open(newline="", encoding="utf-8") as handle:
-        for line_number, row in enumerate(csv.reader(handle), start=1):
-            cells = [cell.strip() for cell in row]
-            if any(cells):
-                yield line_number, cells
+    line_number = 0
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            for line_number, row in enumerate(csv.reader(handle), start=1):
+                cells = [cell.strip() for cell in row]
+                if any(cells):
+                    yield line_number, cells
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not a UTF-8 text CSV (byte {error.start} cannot be decoded).",
+            "Check that the file is the annotation CSV and not a binary or re-encoded file.",
+        ) from None
+    except csv.Error as error:
+        raise DataError(
+            f"{path}, line {line_number + 1}: not a readable CSV row ({error}).",
+            "Check that the file is the annotation CSV.",
+        ) from None
+    except OSError as error:
+        raise DataError(f"{path} cannot be read: {error.strerror or error}.") from None
+
+
+def _cell(cells: list[str], index: int, path: Path, line: int, column: str) -> str:
+    if index >= len(cells):
+        raise DataError(
+            f"{path}, line {line}: the row has {len(cells)} columns, so no '{column}' "
+            f"(column {index + 1} of the header)."
+        )
+    return cells[index]
+
+
+def _class_id(cell: str, path: Path, line: int, column: str) -> int:
+    value = _int(cell, path, line, column)
+    if not 0 <= value <= MAX_CLASS_ID:
+        raise DataError(
+            f"{path}, line {line}: {column} class {value} is outside 0..{MAX_CLASS_ID}.",
+            "Class ids are small non-negative integers: check the table.",
+        )
+    return value
 
 
 def _int(cell: str, path: Path, line: int, column: str) -> int:
@@ -134,10 +178,10 @@ def read_actions(path: Path) -> ActionsTable:
             raise DataError(f"{path}: header lacks column(s) {', '.join(missing)}.")
         col = {name: header.index(name) for name in header}
         for line, cells in rows[1:]:
-            name = cells[col["action"]] if "action" in col else ""
-            entries[_int(cells[col["id"]], path, line, "id")] = (
-                _int(cells[col["verb"]], path, line, "verb"),
-                _int(cells[col["noun"]], path, line, "noun"),
+            name = _cell(cells, col["action"], path, line, "action") if "action" in col else ""
+            entries[_int(_cell(cells, col["id"], path, line, "id"), path, line, "id")] = (
+                _class_id(_cell(cells, col["verb"], path, line, "verb"), path, line, "verb"),
+                _class_id(_cell(cells, col["noun"], path, line, "noun"), path, line, "noun"),
                 name,
             )
     else:
@@ -147,8 +191,8 @@ def read_actions(path: Path) -> ActionsTable:
             verb, noun = cells[1].split("_", 1)
             name = cells[2] if len(cells) > 2 else cells[1]
             entries[_int(cells[0], path, line, "id")] = (
-                _int(verb, path, line, "verb"),
-                _int(noun, path, line, "noun"),
+                _class_id(verb, path, line, "verb"),
+                _class_id(noun, path, line, "noun"),
                 name,
             )
     if sorted(entries) != list(range(len(entries))):
@@ -168,7 +212,10 @@ def read_class_list(path: Path, column: str) -> list[int]:
     if not rows or column not in rows[0][1]:
         raise DataError(f"{path}: expected a header with a '{column}' column.")
     index = rows[0][1].index(column)
-    return [_int(cells[index], path, line, column) for line, cells in rows[1:]]
+    return [
+        _class_id(_cell(cells, index, path, line, column), path, line, column)
+        for line, cells in rows[1:]
+    ]
 
 
 def read_id_list(path: Path) -> set[str]:
@@ -192,6 +239,11 @@ def read_class_weights(path: Path, num_classes: int) -> list[float]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(
+            f"Class weights file {path} is not a UTF-8 text file.",
+            "Point optim.class_weights at a text file with one weight per action class.",
+        ) from None
     except OSError as error:
         raise DataError(
             f"Class weights file {path} cannot be read: {error.strerror or error}.",

@@ -85,7 +85,33 @@ class FeatureStore:
                         "Set data.feature_dims for this modality to the store's dimension.",
                     )
                 out[row] = np.frombuffer(value, dtype=np.float32)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            key = frame_key(video, int(frames[int(np.argmin(finite))]))
+            raise DataError(
+                f"Feature store '{self.name}' ({self.path}): key '{key}', needed by annotation id "
+                f"{sample_id}, holds a vector with NaN or infinite values.",
+                "Re-extract or re-download this store; its vectors must be finite.",
+            )
         return out
+
+    def frame_range(self, video: str) -> tuple[int, int] | None:
+        """First and last frame numbers the store holds for `video`; None if it holds none.
+
+        Keys sort by frame (zero-padded), so two cursor moves find both ends.
+        """
+        prefix = f"{video}_frame_".encode()
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(prefix) or not cursor.key().startswith(prefix):
+                return None
+            first = cursor.key()
+            if cursor.set_range(prefix + b"~"):  # "~" sorts after every digit
+                cursor.prev()
+            else:
+                cursor.last()
+            last = cursor.key()
+        return _frame_of(first, prefix), _frame_of(last, prefix)
 
     def _missing_key_hint(self) -> str:
         """What to do about a missing key: extract more frames (own store) or fetch a full one."""
@@ -113,6 +139,10 @@ class FeatureStore:
         self._env = None
 
 
+def _frame_of(key: bytes, prefix: bytes) -> int:
+    return int(key[len(prefix) :].split(b".")[0])
+
+
 def _open_readonly(path: Path) -> lmdb.Environment:
     """One read-only environment per folder and process: LMDB refuses to open a folder twice.
 
@@ -124,11 +154,23 @@ def _open_readonly(path: Path) -> lmdb.Environment:
         _READERS.pop(inherited).close()
     if key not in _READERS:
         try:
-            _READERS[key] = lmdb.open(
-                str(path), readonly=True, lock=False, readahead=False, max_readers=512
-            )
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=512)
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         except lmdb.Error as error:
-            raise DataError(f"Cannot open feature store {path}: {error}") from None
+            raise DataError(
+                f"Cannot open feature store {path}: {error}",
+                "The data.mdb file is damaged: download or extract the store again.",
+            ) from None
+        size = (path / "data.mdb").stat().st_size
+        if size < needed:
+            env.close()
+            # Reading a page past the end of a memory-mapped file kills the process (SIGBUS).
+            raise DataError(
+                f"Feature store {path} is truncated: data.mdb holds {size} bytes, its index "
+                f"needs {needed}.",
+                "The file was cut short (an interrupted copy or download): fetch it again.",
+            )
+        _READERS[key] = env
     return _READERS[key]
 
 

@@ -181,12 +181,22 @@ def write_synthetic(
 
 
 def _check_target(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty `out` (a file counts as non-empty) unless `force`."""
+    """Refuse an existing non-empty `out` (a file counts as non-empty) unless `force` and it is
+    an earlier synthetic dataset (`force` only ever replaces what sfr wrote)."""
     occupied = out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))
-    if occupied and not force:
+    if not occupied:
+        return
+    earlier = out.is_dir() and not out.is_symlink() and (out / "synthetic_meta.json").is_file()
+    if not earlier:
         raise DataError(
-            f"Output folder {out} already exists and is not empty.",
-            "Choose a new or empty folder, or force replacing it.",
+            f"Output folder {out} already exists, is not empty and is not a synthetic dataset "
+            "sfr wrote.",
+            "Choose a new or empty folder.",
+        )
+    if not force:
+        raise DataError(
+            f"Output folder {out} already holds a synthetic dataset.",
+            "Pass --force to replace it, or choose a new or empty folder.",
         )
 
 

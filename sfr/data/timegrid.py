@@ -42,8 +42,14 @@ class TimeGrid:
 
     @cached_property
     def offsets(self) -> np.ndarray:
-        """Seconds before the action start of every step, oldest first (float64, published arithmetic)."""
-        return np.arange(self.alpha, self.alpha * (self.steps + 1), self.alpha)[::-1]
+        """Seconds before the action start of every step, oldest first: (T,) float64.
+
+        The published sampler calls `np.arange(alpha, alpha * (T + 1), alpha)`, whose float stop
+        yields T + 1 values for some alphas (0.2 at T = 40). numpy fills an arange as
+        `start + i * step`, so the same expression over exactly T indices gives the published
+        values bit for bit whenever the published call yields T of them (every binary alpha).
+        """
+        return (self.alpha + self.alpha * np.arange(self.steps, dtype=np.float64))[::-1]
 
     @cached_property
     def times(self) -> tuple[float, ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfr.data.annotations import ActionsTable, Segment, read_actions, read_class_names
+from sfr.data.dataset import open_stores
 from sfr.errors import ConfigError, DataError
 from sfr.eval.runner import Member, predict_split
 from sfr.models.trained import TrainedModel
@@ -69,6 +70,30 @@ def earliest_time(model: TrainedModel) -> float:
     return math.ceil(first_start(model) / model.data.fps * 1000) / 1000
 
 
+def check_video_covers(
+    model: TrainedModel, data_dir: Path, video: str, at: float, start: int
+) -> None:
+    """Refuse a video the stores do not hold, or a moment past its last feature frame."""
+    dims = {s.modality: model.data.feature_dim(s.modality) for s in model.streams}
+    stores = open_stores(Path(data_dir), dims)
+    for stream in model.streams:
+        store = stores[stream.modality]
+        frames = stream.grid.frames(start)
+        held = store.frame_range(video)
+        if held is None:
+            raise DataError(
+                f"Video '{video}' is not in the {store.name} feature store ({store.path}).",
+                "Check --video: ids are written as in the feature keys and the CSVs (P01_01).",
+            )
+        if frames is not None and int(frames.max()) > held[1]:
+            last = held[1] / model.data.fps
+            raise DataError(
+                f"{video} at {at:g} s is past its last feature frame: the {store.name} store "
+                f"holds frames {held[0]}..{held[1]} of it (up to {last:g} s).",
+                f"Ask for a moment at or before {last:g} s.",
+            )
+
+
 def anticipate(
     model: TrainedModel, data_dir: Path, video: str, at: float, k: int = 5, device: str = "auto"
 ) -> Anticipation:
@@ -84,6 +109,11 @@ def anticipate(
             "from the split's CSV.",
         )
     data_dir = Path(data_dir)
+    if not math.isfinite(at) or at < 0:
+        raise ConfigError(
+            f"--at must be a moment in seconds from the start of the video, got {at:g}.",
+            "Example: --at 12.5",
+        )
     earliest = earliest_time(model)
     start = round(at * model.data.fps)
     if start < first_start(model):
@@ -101,6 +131,7 @@ def anticipate(
             f"{data_dir / model.data.actions_csv} lists {actions.num_actions}.",
             "Use the data folder the model was trained on (--data).",
         )
+    check_video_covers(model, data_dir, video, at, start)
     segment = Segment(f"{video}@{at:g}", video, start, start)
     predictions = predict_split(
         [Member(model)], [segment], data_dir, actions, batch_size=1, device=device, k=k

@@ -56,6 +56,7 @@ class EvaluationSettings:
     ensemble_of: Literal["probabilities", "scores"] = "probabilities"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     workers: int | None = None
+    other_split: bool = False  # EGTEA: score on a validation split of another training split
 
 
 def load_models(sources: Sequence[Path], every_level: bool = False) -> list[TrainedModel]:
@@ -81,6 +82,26 @@ def check_same_dataset(models: Sequence[TrainedModel]) -> None:
                 f"{first.name} was trained on {first.data.dataset} ({first.num_classes} actions) "
                 f"but {model.name} on {model.data.dataset} ({model.num_classes} actions).",
                 "Validate models of one dataset together.",
+            )
+
+
+def check_egtea_split(models: Sequence[TrainedModel], split: str, allowed: bool) -> None:
+    """Refuse scoring an EGTEA model on the validation split of another of the 3 splits.
+
+    EGTEA's splits share their videos: every segment of validation2 is in training1, so a
+    split-1 model scored on validation2 is scored on its own training data.
+    """
+    if allowed or not split.startswith("validation") or split == "validation":
+        return
+    for model in models:
+        trained = model.data.split
+        if model.data.dataset == "egtea" and split != f"validation{trained}":
+            raise ConfigError(
+                f"{model.name} was trained on EGTEA split {trained} (training{trained}.csv), "
+                f"whose training segments include those of {split}: its scores there would be "
+                "measured on training data.",
+                f"Use --split validation{trained} (the default), or pass --other-split to score "
+                "it anyway.",
             )
 
 
@@ -158,7 +179,13 @@ def evaluate(
         check_members(members)
         jobs.append(("ensemble", members))
     first = models[0]
+    check_egtea_split(models, split, settings.other_split)
     bench = load_benchmark(first.data, Path(data_dir), split, first.num_classes)
+    if not bench.labelled:  # before the inference, not after it
+        raise ConfigError(
+            f"{bench.csv} has no labels: the {bench.split} split cannot be scored.",
+            "Use `sfr export submission` to write a challenge file for it.",
+        )
     task = first.data.task
     report = progress or (lambda event: None)
     taken: set[str] = set()

@@ -40,10 +40,12 @@ def marginalise(
 ) -> np.ndarray:
     """(..., num_classes) probabilities of verb (noun) c: sum over the actions whose class is c.
 
-    A class that no action contains gets the probability of action 0 with `absent="action0"`
-    (the published code does this; its numbers include it) or 0 with `absent="zero"`.
-    `num_classes` counts classes as the published code does: max class id in the table + 1
-    (`ActionsTable.num_verbs` / `num_nouns`).
+    A class inside the table's range (id <= the largest id of the table) that no action contains
+    gets the probability of action 0 with `absent="action0"` (the published code does this; its
+    numbers include it) or 0 with `absent="zero"`. The published code counts classes as the
+    largest id + 1, so classes past the table's range (`num_classes` larger, e.g. the 97 EK100
+    verbs with a smaller custom table) never occur there: they get 0, as the official checker
+    expects (each task's probabilities then sum to at most 1).
     """
     class_of_action = np.asarray(class_of_action)
     num_actions = action_probs.shape[-1]
@@ -58,7 +60,8 @@ def marginalise(
     membership = np.zeros((num_actions, num_classes))  # (A, C): 1 where action a has class c
     membership[np.arange(num_actions), class_of_action] = 1.0
     if absent == "action0":
-        membership[0, membership.sum(axis=0) == 0] = 1.0
+        in_table = np.arange(num_classes) <= class_of_action.max()
+        membership[0, (membership.sum(axis=0) == 0) & in_table] = 1.0
     return np.asarray(action_probs, dtype=np.float64) @ membership
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sfr.errors import SfrError
+from sfr.errors import SfrError, install_extra
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -146,7 +146,7 @@ def require_matplotlib() -> Any:
     except ImportError:
         raise SfrError(
             "Plotting the report needs matplotlib, which is not installed.",
-            'pip install "sfr[report]"',
+            install_extra("report"),
         ) from None
     return matplotlib
 

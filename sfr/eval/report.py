@@ -424,8 +424,10 @@ def render_plots(doc: dict[str, Any]) -> dict[str, bytes]:
         if isinstance(spec, _MeasurePlot):
             pngs[spec.name] = _measure_png(report, spec)
         else:
-            unit = report.models[spec.model].attention[spec.unit]
-            title = f"Attention in {unit.unit} (fuses {unit.fuses})"
+            model = report.models[spec.model]
+            unit = model.attention[spec.unit]
+            # the model's name first: two models may hold units of the same label
+            title = f"{model.name}: attention in {unit.unit} (fuses {unit.fuses})"
             pngs[spec.name] = plots.attention_png(
                 unit.times, unit.inputs, unit.weights, title, task=report.task
             )
@@ -561,12 +563,7 @@ def _blocks(report: Report) -> list[_Block]:
             code=frozenset({"Data"}),
         ),
         _Heading(2, f"Headline: {headline_name}"),
-        _headline_table(report, headline_name),
-        _Note(
-            f"Values in percent at each {_position_words(report)}; "
-            f"{NULL} marks an undefined value, a blank cell a time at which the model was not "
-            f"evaluated; the best value of each column is in bold."
-        ),
+        *_headline_blocks(report, headline_name),
     ]
     for group in _used_groups(report):
         blocks.append(
@@ -581,6 +578,60 @@ def _blocks(report: Report) -> list[_Block]:
     for i in range(len(report.models)):
         blocks += _model_blocks(report, i, attention_plots)
     return blocks
+
+
+# More anticipation times than this (16 for a SlowFast model at alpha 0.125) make a row per
+# model wider than a 1280 px page: the headline table is then turned to a row per time.
+MAX_TIME_COLUMNS = 8
+
+
+def _headline_blocks(report: Report, headline_name: str) -> list[_Block]:
+    """The headline table and its note: a row per model, or a row per time when times are many."""
+    times = {t for model in report.models for t in model.times}
+    if len(times) <= MAX_TIME_COLUMNS:
+        return [
+            _headline_table(report, headline_name),
+            _Note(
+                f"Values in percent at each {_position_words(report)}; "
+                f"{NULL} marks an undefined value, a blank cell a time at which the model was "
+                f"not evaluated; the best value of each column is in bold."
+            ),
+        ]
+    legend = "; ".join(f"[{i}] {m.name}" for i, m in enumerate(report.models, start=1))
+    return [
+        _headline_by_time(report, headline_name),
+        _Note(
+            f"Values in percent, a row per {_position_words(report)}, a "
+            f"column per model: {legend}. {NULL} marks an undefined value, a blank cell a time "
+            f"at which the model was not evaluated; the best value of each row is in bold."
+        ),
+    ]
+
+
+def _headline_by_time(report: Report, headline_name: str) -> _Table:
+    """The headline table turned: a row per time, a column per model labelled [1], [2], ..."""
+    headline = report.headline
+    early = report.task == "early_recognition"
+    times = sorted({t for model in report.models for t in model.times}, reverse=not early)
+    by_model = [
+        dict(zip(m.times, _values(m, headline.group, headline.task, headline.measure) or []))
+        for m in report.models
+    ]
+    rows, bold = [], set()
+    for r, t in enumerate(times):
+        values = [column.get(t) for column in by_model]
+        best = max((v for v in values if v is not None), default=None)
+        bold |= {(r, c + 1) for c, v in enumerate(values) if best is not None and v == best}
+        rows.append([_position(report, t), *(_number(c[t]) if t in c else "" for c in by_model)])
+    return _Table(
+        caption=f"{headline_name} (%)",
+        header=[
+            "observed" if early else "τ",
+            *(f"[{i}]" for i in range(1, len(report.models) + 1)),
+        ],
+        rows=rows,
+        bold=frozenset(bold),
+    )
 
 
 def _headline_table(report: Report, headline_name: str) -> _Table:

@@ -14,6 +14,7 @@ are gathered (`sfr.distributed`), so the predictions equal those of a single pro
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,13 @@ def check_members(members: Sequence[Member]) -> None:
                 f"The ensemble's models have different numbers of classes: {first.name} "
                 f"{first.num_classes}, {model.name} {model.num_classes}."
             )
-    if any(member.weight < 0 for member in members) or sum(m.weight for m in members) <= 0:
-        raise ConfigError("Ensemble weights must be non-negative and not all zero.")
+    weights = [member.weight for member in members]
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(
+            f"Ensemble weights must be finite, non-negative and not all zero, got "
+            f"{', '.join(f'{w:g}' for w in weights)}.",
+            "Example: --weights 0.55 0.45",
+        )
 
 
 def _seconds(times: Sequence[float]) -> str:

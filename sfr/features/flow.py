@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sfr.errors import DataError
+from sfr.errors import DataError, install_extra
 from sfr.features.sources import (
     FLOW_COMPONENT_PAIRS,
     FrameReader,
@@ -42,6 +42,7 @@ from sfr.features.sources import (
     walk_folders,
     wanted_frames,
 )
+from sfr.files import missing_reason
 
 FLOW_BOUND = 20.0
 """Flow components are clipped to +-FLOW_BOUND pixels before they become grey levels."""
@@ -152,7 +153,7 @@ class FlowFrameReader:
         if self._components is None:
             if not self.folder.is_dir():
                 raise DataError(
-                    f"The flow folder {self.folder} does not exist.",
+                    f"The flow folder {self.folder} {missing_reason(self.folder, 'folder')}.",
                     "Check the path of the flow frames of this video.",
                 )
             found = flow_layout(self.folder)
@@ -222,7 +223,7 @@ def _opencv_tvl1() -> Any:
             "Computing TV-L1 flow needs OpenCV's contrib modules (cv2.optflow), which this OpenCV "
             "lacks.",
             "pip uninstall opencv-python opencv-python-headless; "
-            "pip install opencv-contrib-python-headless (or: pip install 'sfr[video]')",
+            f"pip install opencv-contrib-python-headless (or: {install_extra('video')})",
         )
     return optflow.DualTVL1OpticalFlow_create()
 

@@ -116,7 +116,7 @@ def grids_of_config(path: Path) -> tuple[list[TimeGrid], float]:
 
     try:
         tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         tree = {}  # load_config below gives the precise message
     if "model" in tree:
         fusion = load_config(FusionRunConfig, path)

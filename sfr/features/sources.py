@@ -30,7 +30,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from sfr.errors import DataError
+from sfr.errors import DataError, install_extra
+from sfr.files import missing_reason
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"})
 """File name endings (compared in lower case) that `discover_videos` takes for video files."""
@@ -99,13 +100,13 @@ def require(module: str, extra: str = "video") -> ModuleType:
     except ImportError as error:
         reason = "it is not installed" if isinstance(error, ModuleNotFoundError) else str(error)
         raise DataError(
-            f"This step needs {label}: pip install 'sfr[{extra}]' ({reason}).",
-            f"Install the optional dependencies with: pip install 'sfr[{extra}]'",
+            f"This step needs {label} ({reason}).",
+            f"Install the optional dependencies with: {install_extra(extra)}",
         ) from None
     except OSError as error:  # an installed package whose compiled library cannot load
         raise DataError(
             f"This step needs {label}, which is installed but cannot load: {error}.",
-            f"Reinstall it with: pip install --force-reinstall 'sfr[{extra}]'",
+            f"Reinstall it with: {install_extra(extra).replace('install', 'install --force-reinstall', 1)}",
         ) from None
 
 
@@ -493,7 +494,7 @@ class FrameFolderReader:
         if self._images is None:
             if not self.folder.is_dir():
                 raise DataError(
-                    f"The frame folder {self.folder} does not exist.",
+                    f"The frame folder {self.folder} {missing_reason(self.folder, 'folder')}.",
                     "Check the path of the frames of this video.",
                 )
             images = rgb_frame_files(self.folder)

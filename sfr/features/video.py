@@ -35,6 +35,7 @@ import numpy as np
 
 from sfr.errors import DataError
 from sfr.features.sources import as_fraction, require, wanted_frames
+from sfr.files import missing_reason
 
 SEEK_GAP_SECONDS = Fraction(10)
 """A sparse read seeks (instead of decoding through) to a wanted frame more than this far ahead."""
@@ -77,7 +78,7 @@ class VideoFileReader:
         av = require("av")
         if not self.path.is_file():
             raise DataError(
-                f"The video file {self.path} does not exist.",
+                f"The video file {self.path} {missing_reason(self.path)}.",
                 "Check the path of this video.",
             )
         try:

@@ -41,6 +41,7 @@ from sfr.features.video import (
     default_frame_duration,
     ffmpeg_reason,
 )
+from sfr.files import missing_reason
 
 BATCH_FRAMES = 32
 """Source frames decoded per torchcodec call (bounds memory on long videos)."""
@@ -161,7 +162,8 @@ class TorchCodecVideoReader:
     def timeline(self) -> Timeline:
         if not self.path.is_file():
             raise DataError(
-                f"The video file {self.path} does not exist.", "Check the path of this video."
+                f"The video file {self.path} {missing_reason(self.path)}.",
+                "Check the path of this video.",
             )
         if self._timeline is None:
             self._timeline = read_timeline(self.path)

@@ -18,11 +18,11 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from sfr.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from sfr.checkpoint import load_checkpoint, load_error_summary, read_metadata, save_checkpoint
 from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig
 from sfr.data.dataset import Stream
 from sfr.data.timegrid import Sampling
-from sfr.errors import RunError
+from sfr.errors import DataError, RunError
 from sfr.models.branch import create_branch
 from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
 from sfr.models.tree import ModelTree, branch_spec
@@ -100,10 +100,37 @@ class TrainedModel:
         self.module.to(device)
         return self
 
+    def input_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per input key (`rgb@0.25`): the (T steps, F features) each (B, T, F) tensor must have."""
+        return {s.key: (s.grid.steps, self.data.feature_dim(s.modality)) for s in self.streams}
+
     @torch.no_grad()
     def __call__(self, features: dict[str, Tensor]) -> NodeOutput:
-        """Scores (B, K, classes), context and attention weights at every time of `times`."""
+        """Scores (B, K, classes), context and attention weights at every time of `times`.
+
+        `features` maps every key of `input_shapes()` to a (B, T, F) tensor; DataError naming
+        the key and the expected shape otherwise.
+        """
+        batch = None
+        for key, (steps, dim) in self.input_shapes().items():
+            if key not in features:
+                raise DataError(
+                    f"{self.name} needs the input '{key}' (a (B, {steps}, {dim}) tensor); "
+                    f"given: {', '.join(sorted(features)) or 'none'}."
+                )
+            shape = tuple(features[key].shape)
+            batch = shape[0] if batch is None and len(shape) == 3 else batch
+            if len(shape) != 3 or shape[1:] != (steps, dim) or shape[0] != batch:
+                raise DataError(
+                    f"{self.name}: input '{key}' has shape {shape}, expected "
+                    f"({batch if batch is not None else 'B'}, {steps}, {dim}) = (batch, "
+                    f"{steps} steps of {self.streams_by_key[key].grid.alpha:g} s, {dim} features)."
+                )
         return self.module(features, self.times)
+
+    @property
+    def streams_by_key(self) -> dict[str, Stream]:
+        return {stream.key: stream for stream in self.streams}
 
 
 def _config(metadata: dict[str, Any], source: Path) -> BranchRunConfig | FusionRunConfig:
@@ -157,7 +184,13 @@ def model_from_checkpoint(
         module = tree.build(stage, num_classes)
         target = module
         streams = tuple(tree.streams[leaf] for leaf in tree.leaves(stage))
-    missing, unexpected = target.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = target.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than the config describes
+        raise RunError(
+            f"{source}: its weights do not fit the model it describes ({load_error_summary(error)}).",
+            "The file is damaged or was edited: train or export it again.",
+        ) from None
     if missing or unexpected:
         raise RunError(
             f"{source}: its weights do not fit the model it describes "

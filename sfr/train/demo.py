@@ -17,7 +17,7 @@ from pathlib import Path
 from sfr.config import MODALITIES, FusionRunConfig, build_config
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
-from sfr.errors import DataError
+from sfr.errors import DataError, RunError
 from sfr.train.fusion import FusionPlan
 from sfr.train.loop import ProgressEvent
 from sfr.train.pipeline import PipelineResult, StepStarted, run_pipeline
@@ -101,11 +101,13 @@ def run_demo(
     out: Path,
     plan: DemoPlan = DemoPlan(),
     *,
+    force: bool = False,
     progress: Callable[[DemoEvent], None] | None = None,
 ) -> DemoResult:
     """Generate the synthetic data under `out/data` and run the pipeline under `out/runs`.
 
-    `out` must be empty, absent, or an earlier demo folder (which is replaced).
+    `out` must be empty, absent, or an earlier demo folder, which is replaced only with `force`
+    (the one overwrite rule of sfr); RunError otherwise.
     """
     report = progress or (lambda event: None)
     out = Path(out)
@@ -115,6 +117,11 @@ def run_demo(
         raise DataError(
             f"{out} is not empty and is not an earlier sfr demo folder.",
             "Choose another folder with --out.",
+        )
+    if (out / "data" / "synthetic_meta.json").is_file() and not force:
+        raise RunError(
+            f"{out} already holds a demo (its data and trained runs).",
+            "Pass --force to generate and train it again from scratch, or choose another --out.",
         )
     data_dir, runs_dir = out / "data", out / "runs"
     summary = write_synthetic(data_dir, plan.spec, force=True)

@@ -29,7 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sfr import distributed
-from sfr.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
+from sfr.checkpoint import (
+    add_prefix,
+    load_checkpoint,
+    load_error_summary,
+    save_checkpoint,
+    split_prefix,
+)
 from sfr.data.loader import (
     ShardedBatchSampler,
     create_loader,
@@ -37,7 +43,7 @@ from sfr.data.loader import (
     resolve_precision,
     to_device,
 )
-from sfr.errors import TrainingError
+from sfr.errors import RunError, TrainingError
 from sfr.eval.metrics import class_mean, label_ranks
 from sfr.train.rundir import RunDir
 
@@ -405,7 +411,9 @@ class Trainer:
         raise TrainingError(
             f"The training loss became {value.item()} at epoch {epoch + 1}, batch "
             f"{index + 1}: training stopped.",
-            f"Lower the learning rate (--lr).{kept}",
+            "Possible causes, most likely first: non-finite or very large input features "
+            "(check the feature stores and data.feature_dims), then a learning rate too "
+            f"high for these inputs (lower --lr).{kept}",
         )
 
     @torch.no_grad()
@@ -502,7 +510,19 @@ class Trainer:
 
         Every process restores its own RNG state when the run had as many processes; with
         another number of processes, ranks above 0 reseed from (run.seed, rank, epoch).
+        Raises RunError when the file lacks a part of the state or holds other shapes.
         """
+        try:
+            return self._restore_state()
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise RunError(
+                f"Cannot resume from {self.run_dir.last_path}: it does not hold this run's "
+                f"training state ({type(error).__name__}: {load_error_summary(error)}).",
+                "Pass --force instead of --resume to delete what sfr wrote in "
+                f"{self.run_dir.root} and train from scratch.",
+            ) from None
+
+    def _restore_state(self) -> tuple[int, float, int]:
         tensors, meta = load_checkpoint(self.run_dir.last_path)
         self.task.module.load_state_dict(split_prefix(tensors, "model"))
         momentum = split_prefix(tensors, "optim.momentum")
@@ -514,7 +534,9 @@ class Trainer:
         own = "rng.torch" if self.rank == 0 else f"rng.torch.rank{self.rank}"
         if own in tensors:
             torch.set_rng_state(tensors[own])
-        else:
+        elif self.rank == 0 or meta.get("world_size", 1) == self.world:
+            raise KeyError(f"{own} (the random state of this process)")
+        else:  # saved by another number of processes: this rank had no state
             self._seed_dropout(meta["epoch"] + 1)
         if "rng.cuda" in tensors and self.device.type == "cuda" and self.rank == 0:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -523,4 +545,5 @@ class Trainer:
             amp["scale"] = float(tensors["amp.scale"][0])
             amp["_growth_tracker"] = int(tensors["amp.growth_tracker"][0])
             self.scaler.load_state_dict(amp)
-        return meta["epoch"] + 1, meta["best"], meta["best_epoch"]
+        best = -math.inf if meta["best"] is None else float(meta["best"])
+        return int(meta["epoch"]) + 1, best, int(meta["best_epoch"])

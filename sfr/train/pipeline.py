@@ -93,6 +93,27 @@ def step_config(step: PipelineStep, plan: FusionPlan) -> dict[str, Any]:
     return plan.config.model_dump(mode="json")
 
 
+_ATTENTION_DROPOUTS = ("model.modality_dropout", "model.rate_dropout")
+
+
+def step_differences(
+    step: PipelineStep, plan: FusionPlan, saved: dict[str, Any], current: dict[str, Any]
+) -> list[str]:
+    """The config fields that differ and concern the step's model: a fusion unit does not depend
+    on the attention dropout of units above it (a level-1 modality fusion ignores
+    `model.rate_dropout`)."""
+    changed = config_differences(saved, current)
+    if step.level == 0:
+        return changed
+    used, stack = set(), [step.label]
+    while stack:
+        unit = plan.by_label.get(stack.pop())
+        if unit is not None:
+            used.add(f"model.{unit.dropout_field}")
+            stack += list(unit.inputs)
+    return [f for f in changed if f not in _ATTENTION_DROPOUTS or f in used]
+
+
 def _same_run(step: PipelineStep, plan: FusionPlan) -> bool:
     """Whether a finished step was trained with this config (True) or only fewer epochs (False).
 
@@ -100,7 +121,7 @@ def _same_run(step: PipelineStep, plan: FusionPlan) -> bool:
     """
     saved = step.run.saved_config() or {}
     current = step_config(step, plan)
-    changed = config_differences(saved, current)
+    changed = step_differences(step, plan, saved, current)
     if changed:
         raise RunError(
             f"The finished stage in {step.run.root} was trained with another config: it "
@@ -109,6 +130,33 @@ def _same_run(step: PipelineStep, plan: FusionPlan) -> bool:
         )
     epochs = "optim" if step.level == 0 else "fusion_optim"
     return saved.get(epochs, {}).get("epochs") == current[epochs]["epochs"]
+
+
+def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
+    """Refuse before any training when a finished or interrupted step holds another config.
+
+    Only the fields its model depends on are compared (`config_differences`); a step that
+    stopped before its first checkpoint holds nothing to keep and is started again.
+    """
+    for step in steps:
+        state = step.run.status()["state"]
+        if state == "empty" or (state == "running" and not step.run.last_path.is_file()):
+            continue
+        changed = step_differences(
+            step, plan, step.run.saved_config() or {}, step_config(step, plan)
+        )
+        if changed and state == "running":
+            raise RunError(
+                f"Cannot resume {step.run.root}: its saved config differs in {', '.join(changed)}.",
+                "Resume with the same settings, or pass --force to start over.",
+            )
+        if changed:
+            raise RunError(
+                f"The finished stage in {step.run.root} was trained with another config: it "
+                f"differs in {', '.join(changed)}.",
+                "Pass --force to retrain, or use another --runs folder (or run.name) for this "
+                "config.",
+            )
 
 
 def _finetuned(pretrain: PipelineStep, steps: list[PipelineStep], plan: FusionPlan) -> bool:
@@ -134,6 +182,8 @@ def run_pipeline(
     stores = {m: data_config.feature_dim(m) for m in plan.config.model.modalities}
     open_stores(require_data_dir(data_dir), stores)  # every store exists before any training
     steps = pipeline_steps(plan, levels, branches)
+    if not force:
+        check_existing_steps(steps, plan)  # up front, not after hours of other training
     result = PipelineResult(plan.config.fused_times, steps=steps)
     branch_data: dict[str, StageData] = {}
     for index, step in enumerate(steps, start=1):

@@ -4,6 +4,10 @@
         config.json        resolved config of the run
         status.json        {"state": "running" | "finished", "epoch": ..., "best": ...}
         metrics.jsonl      one line per finished epoch
+
+Epochs in status.json and metrics.jsonl are numbered from 1, as on screen (`"epoch": 3` is the
+third epoch; 0 before the first has ended, `best_epoch` null until there is a best); the code
+counts from 0 and `RunDir` translates at the file boundary.
         best.safetensors   weights of the best epoch (+ config and metrics in its metadata)
         last.safetensors   weights, optimiser and RNG state after the last epoch (for --resume)
 
@@ -13,12 +17,16 @@ Later stages find earlier ones by this convention.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sfr.errors import RunError
-from sfr.files import atomic_write_text
+from sfr.files import (
+    atomic_write_text,
+    check_folder_path,
+    finite_or_none,
+    remove_stale_temp_files,
+)
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = (
@@ -42,12 +50,80 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _used_modalities(tree: dict[str, Any]) -> set[str] | None:
+    """The modalities a config's model reads (a branch's one, a fusion's list); None if unknown."""
+    branch, model = tree.get("branch"), tree.get("model")
+    if isinstance(branch, dict) and isinstance(branch.get("modality"), str):
+        return {branch["modality"]}
+    if isinstance(model, dict) and isinstance(model.get("modalities"), list):
+        return set(model["modalities"])
+    return None
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted fields whose values differ between two config trees (resumable ones excluded)."""
+    """Dotted fields whose values differ between two config trees.
+
+    Resumable fields are excluded, and so are the feature sizes of modalities the model does
+    not read (an rgb branch does not depend on `data.feature_dims.flow`).
+    """
     a, b = _flatten(saved), _flatten(current)
+    used = _used_modalities(current)
+
+    def concerns_model(key: str) -> bool:
+        if key in RESUMABLE_CHANGES:
+            return False
+        if used is not None and key.startswith("data.feature_dims."):
+            return key.removeprefix("data.feature_dims.") in used
+        return True
+
     return sorted(
-        key for key in set(a) | set(b) if a.get(key) != b.get(key) and key not in RESUMABLE_CHANGES
+        key for key in set(a) | set(b) if a.get(key) != b.get(key) and concerns_model(key)
     )
+
+
+# Every file sfr writes in a run folder: `--force` deletes these and nothing else.
+RUN_FILES = (
+    "config.json",
+    "status.json",
+    "metrics.jsonl",
+    "best.safetensors",
+    "last.safetensors",
+)
+
+
+_EPOCH_FIELDS = ("epoch", "best_epoch")
+
+
+def _numbered(record: dict[str, Any]) -> dict[str, Any]:
+    """0-based epoch indexes -> the 1-based numbers of the files (no best epoch yet: null)."""
+    out = dict(record)
+    for key in _EPOCH_FIELDS:
+        if isinstance(out.get(key), int):
+            out[key] = out[key] + 1 if out[key] >= 0 or key == "epoch" else None
+    return out
+
+
+def _indexed(record: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_numbered`: the files' epoch numbers -> 0-based indexes."""
+    out = dict(record)
+    for key in _EPOCH_FIELDS:
+        if isinstance(out.get(key), int):
+            out[key] -= 1
+        elif key in out and out[key] is None:
+            out[key] = -1
+    return out
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of a run folder, or a RunError saying it is damaged and what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunError(
+            f"The {what} {path} cannot be read: {error}.",
+            f"The run folder {path.parent} is damaged: pass --force to delete what sfr wrote "
+            "there and train from scratch.",
+        ) from None
 
 
 class RunDir:
@@ -66,7 +142,13 @@ class RunDir:
         """`{"state": "empty" | "running" | "finished", ...}` as recorded in status.json."""
         if not self.status_path.is_file():
             return {"state": "empty"}
-        return json.loads(self.status_path.read_text(encoding="utf-8"))
+        status = _read_json(self.status_path, "run status")
+        if not isinstance(status, dict) or status.get("state") not in ("running", "finished"):
+            raise RunError(
+                f"The run status {self.status_path} is not one sfr writes: {status!r}.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            )
+        return status
 
     @property
     def finished(self) -> bool:
@@ -75,17 +157,39 @@ class RunDir:
     def saved_config(self) -> dict[str, Any] | None:
         if not self.config_path.is_file():
             return None
-        return json.loads(self.config_path.read_text(encoding="utf-8"))
+        saved = _read_json(self.config_path, "saved config")
+        if not isinstance(saved, dict):
+            raise RunError(
+                f"The saved config {self.config_path} is not a JSON object.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            )
+        return saved
+
+    def clear(self) -> None:
+        """Delete the files sfr wrote here (`RUN_FILES` and temp files), and the folder if empty.
+
+        Anything else in the folder is left alone.
+        """
+        for name in RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        remove_stale_temp_files(self.root)
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
 
     def prepare(self, config: dict[str, Any], *, force: bool, resume: bool) -> bool:
         """Make the folder ready for training; True if a saved state should be resumed.
 
         A finished or interrupted run is refused unless `force` (start over) or `resume`
-        (continue it; its saved config must match apart from `RESUMABLE_CHANGES`).
+        (continue it; its saved config must match apart from `RESUMABLE_CHANGES`). A run that
+        stopped before its first checkpoint holds nothing to keep: it is simply started again.
+        Temp files of checkpoint writes killed midway are deleted.
         """
+        check_folder_path(self.root, "run")  # --runs naming a file is refused, not a traceback
+        if force:
+            self.clear()
         state = self.status()["state"]
-        if force and self.root.exists():
-            shutil.rmtree(self.root)
+        if state == "running" and not self.last_path.is_file():
+            self.clear()  # failed before its first epoch ended: nothing to resume or protect
             state = "empty"
         if state != "empty" and not resume:
             what = "a finished run" if state == "finished" else "an interrupted run"
@@ -102,19 +206,40 @@ class RunDir:
                     f"Cannot resume {self.root}: its saved config differs in {', '.join(changed)}.",
                     "Resume with the same settings, or pass --force to start over.",
                 )
-        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.root)
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True))
         return resume and self.last_path.is_file()
 
     def set_status(self, state: str, **fields: Any) -> None:
-        atomic_write_text(self.status_path, json.dumps({"state": state, **fields}, sort_keys=True))
+        """Write status.json; `epoch` and `best_epoch` are 0-based here, 1-based in the file."""
+        record = finite_or_none({"state": state, **_numbered(fields)})  # null, not -Infinity
+        atomic_write_text(self.status_path, json.dumps(record, sort_keys=True))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+            for line in lines:
+                if line.strip():
+                    records.append(json.loads(line))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise RunError(
+                f"The metrics log {self.metrics_path} cannot be read: {error}.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            ) from None
+        if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
+            raise RunError(
+                f"The metrics log {self.metrics_path} holds lines sfr did not write.",
+                f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
+            )
+        return [_indexed(record) for record in records]
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs)."""
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        """Rewrite metrics.jsonl atomically with exactly `records` (used to drop redone epochs).
+
+        Records count epochs from 0 like the code; the file numbers them from 1.
+        """
+        lines = (json.dumps(finite_or_none(_numbered(r))) + "\n" for r in records)
+        atomic_write_text(self.metrics_path, "".join(lines))

@@ -31,6 +31,7 @@ from sfr.data.annotations import (
 from sfr.data.dataset import AnticipationDataset, Stream, open_stores
 from sfr.data.provenance import fill_recorded_dims
 from sfr.errors import ConfigError, DataError, RunError
+from sfr.files import missing_reason
 from sfr.models.branch import RULSTMBranch, create_branch
 from sfr.models.tree import branch_spec
 from sfr.train.loop import FitResult, FitSettings, Progress, Trainer
@@ -88,7 +89,10 @@ def require_data_dir(data_dir: Path) -> Path:
     """The data folder, or a DataError if it does not exist."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"Data folder {data_dir} does not exist.", "Pass the folder with --data.")
+        raise DataError(
+            f"Data folder {data_dir} {missing_reason(data_dir, 'folder')}.",
+            "Pass the folder with --data.",
+        )
     return data_dir
 
 
@@ -129,6 +133,7 @@ def load_stage_data(
                 f"their video for the {longest.key} grid ({longest.grid.steps} steps).",
                 "Check the CSV and the alpha / s_enc / s_ant settings.",
             )
+        _ = dataset[0]  # a first read checks the stores' dimensions before any run folder
         sets.append(dataset)
     return StageData(sets[0], sets[1], actions, num_classes)
 
