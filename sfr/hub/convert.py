@@ -182,24 +182,32 @@ def _inspect_branch(state: Mapping[str, Tensor], prefix: str, source: str) -> Pu
     return sizes
 
 
-def _inspect_fusion(state: Mapping[str, Tensor], source: str) -> PublishedLayout:
-    """Sizes of a MATT fusion's branches, after checking that they agree and the MLP fits them."""
+def fusion_branch_indices(keys: list[str], prefix: str, source: str) -> list[int]:
+    """The branch indices 0, 1, ... of a published MATT fusion whose keys (under `prefix`,
+    removed) are `branches.<i>.*` and the MATT MLP; DataError naming an unexpected key or a gap."""
     indices: set[int] = set()
-    for key in state:
+    matt = {f"MATT.{layer}.{p}" for layer in _MATT_LAYERS for p in ("weight", "bias")}
+    for key in keys:
         match = re.match(r"branches\.(\d+)\.", key)
         if match:
             indices.add(int(match.group(1)))
-        elif key not in {f"MATT.{layer}.{p}" for layer in _MATT_LAYERS for p in ("weight", "bias")}:
+        elif key not in matt:
             raise DataError(
-                f"{source}: unexpected key {key} in a published MATT fusion "
+                f"{source}: unexpected key {prefix + key} in a published MATT fusion "
                 "(expected branches.<i>.* and MATT.0/3/6.weight/bias)."
             )
     if sorted(indices) != list(range(len(indices))) or len(indices) < 2:
         raise DataError(
-            f"{source}: a MATT fusion needs branches.0, branches.1, ... without gaps; "
+            f"{source}: a MATT fusion needs {prefix}branches.0, branches.1, ... without gaps; "
             f"found branches {sorted(indices)}."
         )
-    branches = tuple(_inspect_branch(state, f"branches.{i}.", source) for i in sorted(indices))
+    return sorted(indices)
+
+
+def _inspect_fusion(state: Mapping[str, Tensor], source: str) -> PublishedLayout:
+    """Sizes of a MATT fusion's branches, after checking that they agree and the MLP fits them."""
+    indices = fusion_branch_indices(list(state), "", source)
+    branches = tuple(_inspect_branch(state, f"branches.{i}.", source) for i in indices)
     first = branches[0]
     for index, branch in enumerate(branches[1:], start=1):
         if (branch.hidden, branch.num_classes) != (first.hidden, first.num_classes):

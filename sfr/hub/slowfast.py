@@ -34,7 +34,6 @@ from sfr.errors import ConfigError, DataError
 from sfr.files import sha256_file
 from sfr.hub.convert import (
     _DROPOUT,
-    _MATT_LAYERS,
     _OPTIM,
     _RATE_DROPOUT,
     PUBLISHED_FUSION_MODALITIES,
@@ -45,6 +44,7 @@ from sfr.hub.convert import (
     _integer,
     _number,
     convert_state,
+    fusion_branch_indices,
     install_conversion,
 )
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
@@ -154,23 +154,8 @@ def inspect_node(state: Mapping[str, Tensor], prefix: str, source: str) -> Publi
     own = [key[len(prefix) :] for key in state if key.startswith(prefix)]
     if not any(key.startswith(("branches.", "MATT.")) for key in own):
         return PublishedNode(_inspect_branch(state, prefix, source))
-    indices: set[int] = set()
-    matt = {f"MATT.{layer}.{p}" for layer in _MATT_LAYERS for p in ("weight", "bias")}
-    for key in own:
-        match = re.match(r"branches\.(\d+)\.", key)
-        if match:
-            indices.add(int(match.group(1)))
-        elif key not in matt:
-            raise DataError(
-                f"{source}: unexpected key {prefix + key} in a published fusion "
-                "(expected branches.<i>.* and MATT.0/3/6.weight/bias)."
-            )
-    if sorted(indices) != list(range(len(indices))) or len(indices) < 2:
-        raise DataError(
-            f"{source}: a fusion needs {prefix}branches.0, branches.1, ... without gaps; "
-            f"found {sorted(indices)}."
-        )
-    children = tuple(inspect_node(state, f"{prefix}branches.{i}.", source) for i in sorted(indices))
+    indices = fusion_branch_indices(own, prefix, source)
+    children = tuple(inspect_node(state, f"{prefix}branches.{i}.", source) for i in indices)
     hidden = {leaf.hidden for leaf in PublishedNode(None, children).leaves()}
     classes = {leaf.num_classes for leaf in PublishedNode(None, children).leaves()}
     if len(hidden) != 1 or len(classes) != 1:
