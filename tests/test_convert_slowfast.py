@@ -175,6 +175,11 @@ def test_rates_that_cannot_be_told_are_asked_for(cli, tmp_path: Path) -> None:
     code, output, error = cli("convert", _checkpoint("sf_single_rgb"), out, "--rates",
                               "0.125:24:16", "--rates", "0.5:6:4")  # fmt: skip
     assert_user_error(code, output, error, "--modality rgb, flow or obj")
+    code, output, error = cli("convert", _checkpoint("sf_arch2"), out, "--rates", "0.5:6:4",
+                              "--rates", "0.125:24:16")  # fmt: skip
+    assert_user_error(
+        code, output, error, "fastest first", "Pass --rates 0.125:24:16 --rates 0.5:6:4"
+    )
     code, output, error = cli("convert", _checkpoint("sf_arch2"), "--rates", "0.125:24:16")
     assert_user_error(code, output, error, "either an output file or a runs folder")
     code, output, error = cli("convert", _checkpoint("sf_arch2"), out, "--into", tmp_path)
@@ -313,6 +318,27 @@ def test_converted_per_rate_fusions_are_level_1_of_sfr_fuse(
     metadata = read_metadata(final)
     assert metadata["stage"] == "rgb+flow+obj@0.125+0.5"
     assert metadata["config"]["data"]["sampling"] == sampling
+
+
+def test_folder_dry_run_writes_nothing_and_bad_files_do_not_stop_the_others(
+    cli, tmp_path: Path
+) -> None:
+    folder, runs = tmp_path / "published", tmp_path / "runs"
+    _named("sf_branch_rgb_a0.125_24_16", folder)
+    whole = _named("sf_arch2", folder).name
+    # the 0.5 per-rate fusion saved under the whole model's name: contents and name disagree
+    (folder / whole).write_bytes(_checkpoint("sf_fusion_a0.5_6_4").read_bytes())
+    (folder / "rulstm-anticipation_0.5_6_4_rgb_best.pth.tar.1").write_bytes(b"x")
+    code, output, error = cli("download", "pretrained", "sf-rulstm-ek55", "--from", folder,
+                              "--runs", runs, "--dry-run")  # fmt: skip
+    assert_user_error(code, output, error, "would go to", "1 of 2 files could not be installed")
+    assert not runs.exists()
+    assert f"{whole}: its contents do not fit the rates its name states" in output
+    assert "--rates ... (fastest first)" in output and "Ignored (not published" in output
+    code, output, error = cli("download", "pretrained", "sf-rulstm-ek55", "--from", folder,
+                              "--runs", runs)  # fmt: skip
+    assert_user_error(code, output, error, "Installed 1 checkpoint into", "installed ones are kept")
+    assert len(list(runs.rglob("best.safetensors"))) == 1
 
 
 def test_download_pretrained_sf_rulstm_from_a_folder(

@@ -764,6 +764,23 @@ def test_a_file_changed_between_the_download_and_the_proof_is_fetched_again(
     assert (tmp_path / "f.bin").read_bytes() == new
 
 
+def test_without_validators_or_digest_a_cut_file_is_fetched_whole_again(
+    server, policy, tmp_path
+) -> None:
+    """No ETag, no Last-Modified, no published digest: a resume could join two versions of a
+    file of the same size, so the file is asked for whole again."""
+    old, new = payload(41), payload(42)
+    url = server.serve("/f.bin", old, validators=False, drop_after=[10_000])
+
+    def publish_new_version(event: object) -> None:
+        if isinstance(event, BytesReceived):
+            server.files["/f.bin"].data = new  # changes while the first copy is cut
+
+    fetch(url, tmp_path / "f.bin", label="f", policy=policy, on_event=publish_new_version)
+    assert (tmp_path / "f.bin").read_bytes() == new
+    assert [r.range for r in server.hits("/f.bin")][:2] == [None, None]
+
+
 def test_a_part_longer_than_the_file_is_thrown_away(server, policy, tmp_path) -> None:
     data = payload(27)
     url = server.serve("/f.bin", data)
@@ -1027,8 +1044,24 @@ def zip_with_duplicates() -> bytes:
         (lambda: zip_bytes({"x": b"1", "x/y.csv": b"2"}), "needs a folder"),
         (lambda: zip_bytes({"top/": b"", "top": b"2", "z": b"3"}), "both a file and a folder"),
         (lambda: zip_bytes({"caf\u00e9.csv": b"1", "cafe\u0301.csv": b"2"}), "case-insensitive"),
+        (
+            lambda: zip_bytes({"top/x.mdb": b"1", "top/.sfr-manifest.json": b"garbage"}),
+            "sfr's own bookkeeping",
+        ),
+        (
+            lambda: zip_bytes({"x.mdb": b"1", ".SFR-downloads/locks/dest-x.lock": b""}),
+            "sfr's own bookkeeping",
+        ),
     ],
-    ids=["duplicate", "case", "file-vs-folder", "folder-entry-vs-file", "unicode-forms"],
+    ids=[
+        "duplicate",
+        "case",
+        "file-vs-folder",
+        "folder-entry-vs-file",
+        "unicode-forms",
+        "manifest-member",
+        "staging-member",
+    ],
 )
 def test_zips_with_clashing_members_extract_nothing(tmp_path, archive, why) -> None:
     path = tmp_path / "a.zip"
@@ -1171,6 +1204,11 @@ def test_credentials_in_the_mirror_address_are_never_recorded_or_printed(
     args = ("download", "get", name, "--data", tmp_path, "--base-url", secret_mirror)
     code, output, _ = cli(*args, "--dry-run")
     assert code == 0 and "s3cret" not in output and server.mirror in output
+    for malformed in ("http://user:s3cret@[::1", "http://user:s3cret@host:99999/x"):
+        bad = ("download", "get", name, "--data", tmp_path, "--base-url", malformed)
+        code, output, error = cli(*bad)
+        assert_user_error(code, output, error, "is not an http(s) URL")
+        assert "s3cret" not in output
     code, output, _ = cli(*args)
     assert code == 0 and "s3cret" not in output
     manifest = (tmp_path / MANIFEST_NAME).read_text()

@@ -297,6 +297,11 @@ def test_train_finetune_fuse_validate_export_on_synthetic_data(
     assert "scores at 100.0% observed" in output
     ids = {s.id for s in read_segments(synthetic_data / "validation.csv")}
     assert set(json.loads(submission.read_text())["results"]) == ids
+    code, output, error = cli(
+        "export", "submission", folder, tmp_path / "other.json", "--data", synthetic_data,
+        "--split", "validation", "--time", "2", *CPU,
+    )  # fmt: skip
+    assert_user_error(code, output, error, "with 200.0% of the action observed", "12.5%")
 
     code, output, error = cli("predict", folder, "--data", synthetic_data, "--video", "P01_03",
                               "--at", "10")  # fmt: skip

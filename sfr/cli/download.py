@@ -430,7 +430,7 @@ def pretrained(
     Example: sfr download pretrained sf-rulstm-ek55 --from ~/sf-rulstm-models --runs runs
     """
     if model.startswith("sf-rulstm-") or from_dir is not None:
-        _install_slowfast(model, from_dir, runs, force)
+        _install_slowfast(model, from_dir, runs, force, dry_run)
         return
     registry = load_registry()
     models = sorted({f"rulstm-{a.dataset}" for a in registry.artefacts if a.kind == "pretrained"})
@@ -448,7 +448,9 @@ def pretrained(
     )
 
 
-def _install_slowfast(model: str, folder: Path | None, runs: Path, force: bool) -> None:
+def _install_slowfast(
+    model: str, folder: Path | None, runs: Path, force: bool, dry_run: bool
+) -> None:
     """`pretrained sf-rulstm-<dataset> --from DIR`: convert a folder of Slow-Fast checkpoints."""
     from sfr.hub.slowfast import (  # torch is imported only when converting
         KIND_TEXT,
@@ -476,21 +478,44 @@ def _install_slowfast(model: str, folder: Path | None, runs: Path, force: bool) 
         runs,
         dataset=dataset,
         force=force,
-        on_file=lambda path: console.print(f"  converting {path.name}", highlight=False),
+        dry_run=dry_run,
+        on_file=lambda path: console.print(
+            f"  {'reading' if dry_run else 'converting'} {path.name}", highlight=False
+        ),
     )
+    arrow = "would go to" if dry_run else "→"
     for source, conversion, installed in result.installed:
         layout = KIND_TEXT[conversion.converted["layout"]]
-        console.print(f"[green]✓[/] {escape(source.name)}: {layout} → {escape(str(installed))}")
+        console.print(
+            f"[green]✓[/] {escape(source.name)}: {layout} {arrow} {escape(str(installed))}"
+        )
+    for source, reason in result.failed:
+        console.print(f"[red]✗[/] {escape(source.name)}: {escape(reason)}")
+    if result.ignored:
+        console.print(
+            f"Ignored (not published file names): {', '.join(result.ignored)}.", highlight=False
+        )
     if result.missing:
         console.print(
             f"Not in {folder} (not installed): {', '.join(result.missing)}.", highlight=False
         )
-    console.print(
-        f"Installed {len(result.installed)} checkpoints into {runs}; continue with "
-        f"sfr fuse arch2 --config configs/{dataset}/sf_arch2.toml --runs {runs} --data DATA, or "
-        "validate a unit folder.",
-        highlight=False,
-    )
+    count = len(result.installed)
+    files = f"{count} checkpoint{'s' if count != 1 else ''}"
+    if dry_run:
+        console.print(f"Dry run: {files} would be installed into {runs}.", highlight=False)
+    else:
+        console.print(
+            f"Installed {files} into {runs}; continue with sfr fuse arch2 --config "
+            f"configs/{dataset}/sf_arch2.toml --runs {runs} --data DATA, or validate a unit "
+            "folder.",
+            highlight=False,
+        )
+    if result.failed:
+        raise fail(
+            f"{len(result.failed)} of {len(result.failed) + count} files could not be installed "
+            "(listed above).",
+            "Fix or rename them and run the same command again; installed ones are kept.",
+        )
 
 
 @download_app.command("get")

@@ -28,6 +28,7 @@ from sfr import distributed
 from sfr.data.annotations import ActionsTable, Segment
 from sfr.data.dataset import AnticipationDataset, open_stores
 from sfr.data.loader import create_loader, iterate_batches, resolve_precision, to_device
+from sfr.data.observation import ratio_label
 from sfr.errors import ConfigError
 from sfr.eval.metrics import marginalise, top_k
 from sfr.models.fusion import FusionNode
@@ -211,6 +212,13 @@ def predict_split(
     first = members[0].model
     times = first.times
     if full_at is not None and full_at not in times:
+        task = first.data.task
+        if task == "early_recognition":
+            raise ConfigError(
+                f"The model does not predict with {ratio_label(full_at)} of the action observed; "
+                f"it predicts at the observed ratios {', '.join(map(ratio_label, times))}.",
+                "Pass one of them as --time (1 = the whole action, as published).",
+            )
         raise ConfigError(
             f"The model does not predict at {full_at:g} s; it predicts at {_seconds(times)}."
         )

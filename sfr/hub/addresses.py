@@ -41,8 +41,18 @@ def mirror_url(url: str, base_url: str) -> str:
     from several hosts without clashes. User information in `base_url` is kept for the requests
     (basic authentication) and stripped from every message and record.
     """
-    base = urlsplit(base_url)
-    if base.scheme not in ("http", "https") or not base.netloc or base.query or base.fragment:
+    try:
+        base = urlsplit(base_url)
+        base.port  # noqa: B018 - a malformed host or port raises here
+    except ValueError:
+        base = None
+    if (
+        base is None
+        or base.scheme not in ("http", "https")
+        or not base.netloc
+        or base.query
+        or base.fragment
+    ):
         raise SfrError(
             f"Mirror address {scrub(base_url)!r} is not an http(s) URL.",
             hint="Pass --base-url (or SFR_MIRROR) like https://mirror.example.org/sfr",

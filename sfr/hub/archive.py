@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sfr.errors import DataError
+from sfr.hub.manifest import MANIFEST_NAME, STAGING_DIR
 from sfr.hub.safefiles import check_regular, open_regular
 
 _CHUNK_BYTES = 1 << 20
@@ -113,6 +114,14 @@ def _plan(
     tops = {parts[0] for _, parts in files}
     if len(tops) == 1 and all(len(parts) > 1 for _, parts in files):
         files = [(info, parts[1:]) for info, parts in files]
+    for info, parts in files:
+        first = unicodedata.normalize("NFC", parts[0]).casefold()
+        if first == STAGING_DIR.casefold() or MANIFEST_NAME.casefold() in first:
+            raise _refuse(
+                archive,
+                f"member {info.filename!r} would land on sfr's own bookkeeping "
+                f"({MANIFEST_NAME} or {STAGING_DIR}/), which no published archive holds",
+            )
     return files
 
 

@@ -390,6 +390,14 @@ def _attempt(
     # request past a finished body is then its answer, not a new copy to start over with.
     unproven = expected.size is None and expected.sha256 is None
     probing = unproven and (known.ended or (have > 0 and have == known.total))
+    if have and not probing and not known.if_range and expected.sha256 is None:
+        # Nothing would tell bytes of a file changed in between from the rest of this one (no
+        # ETag or Last-Modified to send as If-Range, no published digest to check the whole
+        # against): the file is fetched whole again instead of resumed.
+        part.unlink(missing_ok=True)
+        digest.restart()
+        known.forget()
+        have = 0
     headers = {"Accept-Encoding": "identity"}
     if have or known.ended:
         headers["Range"] = f"bytes={have}-"

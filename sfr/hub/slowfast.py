@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sfr.config import MODALITIES, PUBLIC_FEATURE_DIMS, FusionRunConfig, build_config
 from sfr.data.timegrid import as_time
-from sfr.errors import ConfigError, DataError
+from sfr.errors import ConfigError, DataError, SfrError
 from sfr.files import sha256_file
 from sfr.hub.convert import (
     _DROPOUT,
@@ -43,6 +43,7 @@ from sfr.hub.convert import (
     _inspect_branch,
     _integer,
     _number,
+    conversion_run,
     convert_state,
     fusion_branch_indices,
     install_conversion,
@@ -300,6 +301,10 @@ def _modality_of(leaf: PublishedBranch, given: str | None, named: str | None, so
     return modality  # type: ignore[return-value]
 
 
+def _alpha(rate: PublishedRate) -> float:
+    return rate.alpha
+
+
 def convert_slowfast_state(
     container: Mapping[str, Any],
     source: Path,
@@ -356,6 +361,15 @@ def convert_slowfast_state(
             {"alpha": rate.alpha, "s_enc": rate.s_enc, "s_ant": rate.s_ant}
         ]
     else:
+        alphas = [rate.alpha for rate in published]
+        if alphas != sorted(alphas) or len(set(alphas)) != len(alphas):
+            given = " ".join(f"--rates {rate}" for rate in published)
+            ordered = " ".join(f"--rates {rate}" for rate in sorted(published, key=_alpha))
+            raise ConfigError(
+                f"{source}: rates are listed fastest first (the smallest alpha first, as the "
+                f"published --alphas_fused 0.125 0.5), each once; got {given}.",
+                f"Pass {ordered}.",
+            )
         config_rates = _fusion_rates(published, str(source))
         if kind == "single":
             modalities = (_modality_of(first, modality, named_modality, str(source)),)
@@ -474,6 +488,8 @@ class FolderInstall:
 
     installed: list[tuple[Path, Conversion, Path]]  # source, conversion, installed checkpoint
     missing: list[str]
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # source, what went wrong
+    ignored: list[str] = field(default_factory=list)  # names like a checkpoint's, not published
 
 
 def install_slowfast_folder(
@@ -482,6 +498,7 @@ def install_slowfast_folder(
     *,
     dataset: str = "ek55",
     force: bool = False,
+    dry_run: bool = False,
     on_file: Callable[[Path], None] | None = None,
 ) -> FolderInstall:
     """Convert every published Slow-Fast checkpoint in `folder` into `runs_dir`'s run layout.
@@ -489,46 +506,81 @@ def install_slowfast_folder(
     The files are recognised by the names the published code gives them (`PUBLISHED_FILES`, and
     any other `RULSTM-anticipation_<rates>_<modality>_best.pth.tar`); each becomes the finished
     stage it is (`sfr.hub.convert.install_conversion`), so `sfr fuse` / `sfr pipeline` on the
-    paper's config continue from them. DataError if the folder holds none of them.
+    paper's config continue from them. A file that cannot be converted (damaged, or its contents
+    do not fit its name) is listed in `failed` and the others go on; names that look like a
+    checkpoint's but are not published names are listed in `ignored`. With `dry_run` every file
+    is read and converted in memory, nothing is written (`installed` then says where each would
+    go). DataError if the folder holds none of them.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder.", "Pass the folder holding the .pth.tar files.")
     expected = PUBLISHED_FILES.get(dataset, ())
-    found = sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file() and name_settings(path.name)[0] and path.name.endswith(".pth.tar")
-    )
+    found, ignored = [], []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and name_settings(path.name)[0] and path.name.endswith(".pth.tar"):
+            found.append(path)
+        elif ".pth" in path.name.lower() or "rulstm" in path.name.lower():
+            ignored.append(path.name)
     if not found:
         raise DataError(
-            f"{folder} holds no published Slow-Fast RU-LSTM checkpoint.",
+            f"{folder} holds no published Slow-Fast RU-LSTM checkpoint"
+            + (f" ({', '.join(ignored)} do not carry published names)" if ignored else "")
+            + ".",
             "It should hold files such as " + ", ".join(expected[-2:]) + ".",
         )
-    installed = []
+    installed: list[tuple[Path, Conversion, Path]] = []
+    failed: list[tuple[Path, str]] = []
     for path in found:
         if on_file is not None:
             on_file(path)
-        container = load_published_checkpoint(path)
-        digest = sha256_file(path)
-        state = container["state_dict"]
-        if isinstance(state, Mapping) and is_slowfast_state(state):
-            conversion = convert_slowfast_state(
-                container, path, dataset=dataset, source_sha256=digest
+        try:
+            conversion = _convert_published_file(path, dataset)
+            target = (
+                conversion_run(conversion, runs_dir).best_path
+                if dry_run
+                else install_conversion(conversion, runs_dir, force=force)
             )
-        else:  # a per-rate branch saved without the unused linear: an RU-LSTM branch
-            named_rates, modality = name_settings(path.name)
-            rate = named_rates[0]
-            conversion = convert_state(
-                container,
-                path,
-                dataset=dataset,
-                modality=modality if modality in MODALITIES else None,
-                alpha=rate.alpha,
-                s_enc=rate.s_enc,
-                s_ant=rate.s_ant,
-                source_sha256=digest,
-            )
-        installed.append((path, conversion, install_conversion(conversion, runs_dir, force=force)))
+        except SfrError as error:
+            failed.append((path, _folder_reason(path, error)))
+            continue
+        installed.append((path, conversion, target))
     names = {path.name for path in found}
-    return FolderInstall(installed, [name for name in expected if name not in names])
+    return FolderInstall(
+        installed, [name for name in expected if name not in names], failed, ignored
+    )
+
+
+def _convert_published_file(path: Path, dataset: str) -> Conversion:
+    """One file of a `--from` folder, converted with the settings its published name states."""
+    container = load_published_checkpoint(path)
+    digest = sha256_file(path)
+    state = container["state_dict"]
+    if isinstance(state, Mapping) and is_slowfast_state(state):
+        return convert_slowfast_state(container, path, dataset=dataset, source_sha256=digest)
+    # a per-rate branch saved without the unused linear: an RU-LSTM branch
+    named_rates, modality = name_settings(path.name)
+    rate = named_rates[0]
+    return convert_state(
+        container,
+        path,
+        dataset=dataset,
+        modality=modality if modality in MODALITIES else None,
+        alpha=rate.alpha,
+        s_enc=rate.s_enc,
+        s_ant=rate.s_ant,
+        source_sha256=digest,
+    )
+
+
+def _folder_reason(path: Path, error: SfrError) -> str:
+    """Why a file of a `--from` folder was not installed, for a user who did not pick its rates:
+    a rate problem means its contents do not fit the rates of its name."""
+    if isinstance(error, ConfigError) and "rate" in error.message:
+        named = ", ".join(str(rate) for rate in name_settings(path.name)[0])
+        return (
+            f"its contents do not fit the rates its name states ({named}): {error.message} "
+            f"Check that the file carries its own published name, or convert it with "
+            f"sfr convert {path.name} --into RUNS --rates ... (fastest first)."
+        )
+    return error.message + (f" {error.hint}" if error.hint else "")
