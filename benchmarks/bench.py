@@ -71,28 +71,56 @@ LONG_CALL = 5.0  # seconds: a first call this long is timed, not a warm-up
 
 def interleaved(
     runs: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None]
-) -> dict[str, float]:
-    """Median seconds of each run; one warm-up each, then the repetitions interleaved.
+) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each run: {name: {"wall": s, "cpu": s}}.
 
-    A first call longer than `LONG_CALL` seconds counts as a repetition: set-up costs (kernel
-    selection, allocator growth) are milliseconds, and the plain runs last minutes on 2 threads.
+    One warm-up each, then the repetitions interleaved. A first call longer than `LONG_CALL`
+    seconds counts as a repetition: set-up costs (kernel selection, allocator growth) are
+    milliseconds, and the plain runs last minutes on 2 threads. CPU seconds (all threads of this
+    process) are what a shared machine's load leaves nearly unchanged; wall seconds are not.
     """
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for name, run in runs.items():
-        began = time.perf_counter()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+
+    def timed(run: Callable[[], None]) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         run()
         sync()
-        if time.perf_counter() - began > LONG_CALL:
-            times[name].append(time.perf_counter() - began)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    for name, run in runs.items():
+        first = timed(run)
+        if first[0] > LONG_CALL:
+            times[name].append(first)
     for _ in range(repeats):
         for name, run in runs.items():
-            if len(times[name]) >= repeats:
-                continue
-            began = time.perf_counter()
-            run()
-            sync()
-            times[name].append(time.perf_counter() - began)
-    return {name: float(np.median(values)) for name, values in times.items()}
+            if len(times[name]) < repeats:
+                times[name].append(timed(run))
+    return {
+        name: {
+            "wall": float(np.median([w for w, _ in values])),
+            "cpu": float(np.median([c for _, c in values])),
+        }
+        for name, values in times.items()
+    }
+
+
+def _pair_row(
+    group: str, row: str, baseline: str, candidate: str, seconds: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    base, cand = seconds[baseline], seconds[candidate]
+    return {
+        "group": group,
+        "row": row,
+        "baseline": baseline,
+        "candidate": candidate,
+        "baseline_value": base["cpu"],
+        "candidate_value": cand["cpu"],
+        "unit": "cpu s",
+        "ratio": base["cpu"] / cand["cpu"],
+        "wall": {baseline: base["wall"], candidate: cand["wall"]},
+        "wall_ratio": base["wall"] / cand["wall"],
+        "target": None,
+    }
 
 
 class Workload:
@@ -163,20 +191,10 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
             seconds = interleaved(
                 {f: work.step(f, training) for f in ("plain", "efficient")}, args.repeats, sync
             )
-            rows.append(
-                {
-                    "group": "efficient vs plain",
-                    "row": f"{name} {mode}",
-                    "baseline": "plain",
-                    "candidate": "efficient",
-                    "baseline_value": seconds["plain"],
-                    "candidate_value": seconds["efficient"],
-                    "unit": "s/batch",
-                    "ratio": seconds["plain"] / seconds["efficient"],
-                    "target": TARGETS.get((name, mode)),
-                    "samples_per_s": args.batch / seconds["efficient"],
-                }
-            )
+            row = _pair_row("efficient vs plain", f"{name} {mode}", "plain", "efficient", seconds)
+            row["target"] = TARGETS.get((name, mode))
+            row["samples_per_s"] = args.batch / seconds["efficient"]["wall"]
+            rows.append(row)
             print(_line(rows[-1]), file=sys.stderr, flush=True)
         if name != "branch T=14":  # the fused kernel against the step loop
             for mode in ("training", "evaluation"):
@@ -189,20 +207,11 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
                     sync,
                 )
                 set_kernel(work.model, "auto")
-                rows.append(
-                    {
-                        "group": "fused kernel vs step loop",
-                        "row": f"{name} {mode}",
-                        "baseline": "loop",
-                        "candidate": "fused",
-                        "baseline_value": seconds["loop"],
-                        "candidate_value": seconds["fused"],
-                        "unit": "s/batch",
-                        "ratio": seconds["loop"] / seconds["fused"],
-                        "target": None,
-                        "auto": "fused" if _auto_is_fused(work.model, device, training) else "loop",
-                    }
+                row = _pair_row(
+                    "fused kernel vs step loop", f"{name} {mode}", "loop", "fused", seconds
                 )
+                row["auto"] = "fused" if _auto_is_fused(work.model, device, training) else "loop"
+                rows.append(row)
                 print(_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -236,9 +245,9 @@ def validation_rows(args: argparse.Namespace, device: torch.device, sync: Callab
     scores, batches = [], max(1, args.split // args.batch)
 
     def timed(name: str, run: Callable[[], Any]) -> Any:
-        began = time.perf_counter()
+        began = time.process_time()  # CPU seconds: robust to a shared machine's load
         value = run()
-        spent[name] += time.perf_counter() - began
+        spent[name] += time.process_time() - began
         return value
 
     def model() -> np.ndarray:
@@ -273,7 +282,7 @@ def validation_rows(args: argparse.Namespace, device: torch.device, sync: Callab
             "candidate": name,
             "baseline_value": total,
             "candidate_value": seconds,
-            "unit": "s",
+            "unit": "cpu s",
             "ratio": seconds / total,
             "target": None if name == "model" else MEASURE_SHARE_TARGET,
             "share": True,
@@ -373,7 +382,45 @@ def _line(row: dict) -> str:
         if row["target"] is None or ratio is None
         else ("yes" if ratio >= row["target"] else "NO")
     )
-    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>6}{ok:>5}"
+    wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
+    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The table of a results.json as Markdown (the README's performance section)."""
+    lines = [
+        "| group | row | baseline | candidate | ratio | target | met | wall-clock ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = list(dict.fromkeys(row["group"] for row in results["rows"]))
+    for row in sorted(results["rows"], key=lambda r: order.index(r["group"])):
+        unit, base, cand, target = (
+            row["unit"],
+            row["baseline_value"],
+            row["candidate_value"],
+            row["target"],
+        )
+        if row.get("share"):
+            shown_ratio = f"{row['ratio'] * 100:.1f}% of {base:.3g} s"
+            shown_target = "-" if target is None else f"<{target * 100:g}%"
+            met = "-" if target is None else ("yes" if row["ratio"] < target else "**no**")
+            base_text, cand_text = "validation", f"{cand:.3g} s"
+        else:
+            shown_ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+            shown_target = "-" if target is None else f"≥{target:g}x"
+            met = (
+                "-"
+                if target is None or row["ratio"] is None
+                else ("yes" if row["ratio"] >= target else "**no**")
+            )
+            base_text = "-" if base is None else f"{row['baseline']} {base:.3g} {unit}"
+            cand_text = f"{row['candidate']} {cand:.3g} {unit}"
+        wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
+        lines.append(
+            f"| {row['group']} | {row['row']} | {base_text} | {cand_text} | {shown_ratio} | "
+            f"{shown_target} | {met} | {wall} |"
+        )
+    return "\n".join(lines)
 
 
 def machine(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -409,7 +456,13 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--peak-memory", nargs=2, metavar=("WORKLOAD", "FORMULATION"))
+    parser.add_argument(
+        "--markdown", type=Path, help="print a results.json as Markdown, run nothing"
+    )
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     torch.set_num_threads(args.threads)
     if args.peak_memory:
         peak_memory_child(*args.peak_memory, args.batch, args.device)
@@ -437,7 +490,7 @@ def main() -> None:
         f"{args.repeats} (after a warm-up for calls under {LONG_CALL:g} s)"
     )
     print(
-        f"{'row':<52}{'baseline':>10}{'candidate':>10} {'unit':<9}{'ratio':>8}{'target':>6}{'met':>5}"
+        f"{'row':<52}{'baseline':>10}{'candidate':>10} {'unit':<9}{'ratio':>8}{'target':>7}{'met':>5}"
     )
     order = list(dict.fromkeys(row["group"] for row in rows))
     group = None
