@@ -149,7 +149,12 @@ class RULSTMBranch(nn.Module):
             if h is not None and c is not None and t == begin:
                 h, c = lstm_step(F.linear(dropped[t], w_ih, bias), h, c, w_hh_t)
             else:
-                state = None if h is None or c is None else (h.unsqueeze(0), c.unsqueeze(0))
+                # the state in the input's dtype: autocast may have lowered the steps before
+                state = (
+                    None
+                    if h is None or c is None
+                    else (h.unsqueeze(0).to(x.dtype), c.unsqueeze(0).to(x.dtype))
+                )
                 _, (h_n, c_n) = self.rolling(dropped[begin : t + 1], state)
                 h, c = h_n[0], c_n[0]
             hs.append(h)
@@ -184,7 +189,8 @@ class RULSTMBranch(nn.Module):
         packed = PackedSequence(
             data.reshape(-1, data.shape[-1]), torch.tensor(active, dtype=torch.int64) * batch
         )
-        hx = (h0.reshape(1, -1, hidden), c0.reshape(1, -1, hidden))
+        # the input's dtype: cuDNN refuses mixed dtypes where autocast does not cast the call
+        hx = (h0.reshape(1, -1, hidden).to(data.dtype), c0.reshape(1, -1, hidden).to(data.dtype))
         _, (h_n, _) = self.unrolling(packed, hx)  # h_n: each sequence's state at its own length
         return h_n.reshape(num_unrolls, batch, hidden)
 
