@@ -210,7 +210,7 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
                 row = _pair_row(
                     "fused kernel vs step loop", f"{name} {mode}", "loop", "fused", seconds
                 )
-                row["auto"] = "fused" if _auto_is_fused(work.model, device, training) else "loop"
+                row["auto"] = _auto_stages(work.model, device, training)
                 rows.append(row)
                 print(_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -224,10 +224,12 @@ def _with_kernel(model: nn.Module, kernel: str, step: Callable[[], None]) -> Cal
     return run
 
 
-def _auto_is_fused(model: nn.Module, device: torch.device, training: bool) -> bool:
+def _auto_stages(model: nn.Module, device: torch.device, training: bool) -> str:
+    """What the default kernel runs for `model` on `device`, in words."""
     model.train(training)
-    branches = [m for m in model.modules() if hasattr(m, "uses_fused_kernel")]
-    return all(b.uses_fused_kernel(device) for b in branches)
+    stages = {m.fused_stages(device) for m in model.modules() if hasattr(m, "fused_stages")}
+    names = {(True, True): "fused", (True, False): "fused rolling, loop unrolls"}
+    return ", ".join(sorted(names.get(s, "loop") for s in stages))
 
 
 def validation_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -> list[dict]:

@@ -203,9 +203,7 @@ def _trainer(model: Model, formulation: str, precision: str) -> Callable[[], Non
 def _auto_fused(model: Model, device: torch.device) -> bool:
     model.module.train()
     return all(
-        m.uses_fused_kernel(device)
-        for m in model.module.modules()
-        if hasattr(m, "uses_fused_kernel")
+        all(m.fused_stages(device)) for m in model.module.modules() if hasattr(m, "fused_stages")
     )
 
 

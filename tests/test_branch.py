@@ -24,15 +24,14 @@ def _branch(
     ).double()
 
 
-@pytest.mark.parametrize("kernel", ["loop", "fused"])
 @pytest.mark.parametrize("seq_comp", [False, True], ids=["anticipation", "sequence_completion"])
 @pytest.mark.parametrize("s_enc,s_ant", [(6, 8), (24, 16)], ids=["T14", "T40"])
 @pytest.mark.parametrize("with_context", [False, True], ids=["scores", "context"])
 def test_efficient_matches_plain_outputs_and_gradients(
-    kernel: str, seq_comp: bool, s_enc: int, s_ant: int, with_context: bool
+    seq_comp: bool, s_enc: int, s_ant: int, with_context: bool
 ) -> None:
+    """Both kernels (step loop and fused LSTM) against the plain oracle, float64, 1e-5."""
     branch = _branch(seq_comp)
-    set_kernel(branch, kernel)
     steps = s_enc + s_ant
     x = torch.randn(3, steps, 6, dtype=torch.float64, requires_grad=True)
     wanted = list(range(s_enc, steps))
@@ -44,17 +43,18 @@ def test_efficient_matches_plain_outputs_and_gradients(
             value = value + (context.sin()).sum()
         return value
 
-    fast = branch(x, wanted)
-    fast_grads = torch.autograd.grad(objective(*fast), [x, *branch.parameters()])
     plain = plain_forward(branch, x)
     plain_sel = (plain.scores[:, s_enc:], plain.context[:, s_enc:])
     plain_grads = torch.autograd.grad(objective(*plain_sel), [x, *branch.parameters()])
-
-    assert fast.scores.shape == (3, s_ant, 7) and fast.context.shape == (3, s_ant, 20)
-    assert (fast.scores - plain_sel[0]).abs().max() <= 1e-5
-    assert (fast.context - plain_sel[1]).abs().max() <= 1e-5
-    for mine, theirs in zip(fast_grads, plain_grads):
-        assert (mine - theirs).abs().max() <= 1e-5
+    for kernel in ("loop", "fused"):
+        set_kernel(branch, kernel)
+        fast = branch(x, wanted)
+        fast_grads = torch.autograd.grad(objective(*fast), [x, *branch.parameters()])
+        assert fast.scores.shape == (3, s_ant, 7) and fast.context.shape == (3, s_ant, 20)
+        assert (fast.scores - plain_sel[0]).abs().max() <= 1e-5, kernel
+        assert (fast.context - plain_sel[1]).abs().max() <= 1e-5, kernel
+        for mine, theirs in zip(fast_grads, plain_grads, strict=True):
+            assert (mine - theirs).abs().max() <= 1e-5, kernel
 
 
 @pytest.mark.parametrize("kernel", ["loop", "fused"])
@@ -174,7 +174,7 @@ def test_fused_kernel_with_training_masks_matches_the_loop(seq_comp: bool, share
     results = []
     for kernel in ("loop", "fused"):
         set_kernel(branch, kernel)
-        assert branch.uses_fused_kernel(x.device) == (kernel == "fused")
+        assert branch.fused_stages(x.device) == (kernel == "fused",) * 2
         out = branch(x, steps)
         value = out.scores.sum() + out.context.cos().sum()
         results.append((out, torch.autograd.grad(value, [x, *branch.parameters()])))
@@ -188,8 +188,11 @@ def test_fused_kernel_with_training_masks_matches_the_loop(seq_comp: bool, share
 def test_auto_kernel_rule_and_unknown_kernels() -> None:
     branch = _branch(False, dropout=0.8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert branch.train().uses_fused_kernel(cpu) and branch.uses_fused_kernel(cuda)
-    assert not branch.eval().uses_fused_kernel(cpu) and branch.uses_fused_kernel(cuda)
+    assert branch.train().fused_stages(cpu) == (True, True) == branch.fused_stages(cuda)
+    assert branch.eval().fused_stages(cpu) == (True, False)  # hoisted projection in the loop
+    assert branch.fused_stages(cuda) == (True, True)
+    branch.shared_dropout_mask = True
+    assert branch.train().fused_stages(cpu) == (True, False)
     with pytest.raises(ValueError, match="kernel must be one of auto, fused, loop"):
         set_kernel(branch, "cudnn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kernel must be one of"):

@@ -30,8 +30,9 @@ Two kernels compute the same function (`RULSTMBranch.kernel`):
   published per-step masks.
 
 `auto` (the default) takes what measured fastest on the device (`benchmarks/bench.py`,
-`benchmarks/check_training_gpu.py`): on CUDA always `fused`; on CPU `fused` in training with
-per-step dropout masks and `loop` otherwise, where hoisting the projection halves the work.
+`benchmarks/check_training_gpu.py`): the fused rolling LSTM everywhere; fused unrolls on CUDA and
+in training with per-step dropout masks, else the loop's unrolls, where hoisting the input
+projection halves the work.
 """
 
 from __future__ import annotations
@@ -112,12 +113,11 @@ class RULSTMBranch(nn.Module):
             raise ValueError(
                 f"steps must be ascending distinct indices in [0, {num_steps}): {steps}"
             )
-        if self.uses_fused_kernel(x.device):
-            h_roll, c_roll = self._roll_fused(x, steps)  # (K, B, H) each
-            h_last = self._unroll_fused(x, steps, h_roll, c_roll)  # (K, B, H)
-        else:
-            h_roll, c_roll = self._roll(x, steps)
-            h_last = self._unroll(x, steps, h_roll, c_roll)
+        fused_roll, fused_unroll = self.fused_stages(x.device)
+        roll = self._roll_fused if fused_roll else self._roll
+        unroll = self._unroll_fused if fused_unroll else self._unroll
+        h_roll, c_roll = roll(x, steps)  # (K, B, H) each
+        h_last = unroll(x, steps, h_roll, c_roll)  # (K, B, H)
         h_last = h_last.transpose(0, 1)  # (B, K, H)
         scores = self.classifier(self.head_dropout(h_last))  # (B, K, C)
         context = torch.cat([h_last, c_roll.transpose(0, 1)], dim=2)  # (B, K, 2H)
@@ -128,11 +128,16 @@ class RULSTMBranch(nn.Module):
         """Whether the unrolls draw a fresh dropout mask at every step (published training)."""
         return self.training and self.input_dropout.p > 0 and not self.shared_dropout_mask
 
-    def uses_fused_kernel(self, device: torch.device) -> bool:
-        """Whether a forward pass on `device` runs the fused kernel (`kernel`, or the `auto` rule)."""
+    def fused_stages(self, device: torch.device) -> tuple[bool, bool]:
+        """Whether the (rolling, unrolling) LSTMs run the fused kernel on `device`.
+
+        `fused` and `loop` apply to both; `auto` rolls fused everywhere and unrolls fused on
+        CUDA and in training with per-step masks, else with the loop's hoisted projection.
+        """
         if self.kernel != "auto":
-            return self.kernel == "fused"
-        return device.type == "cuda" or self.per_step_masks
+            fused = self.kernel == "fused"
+            return fused, fused
+        return True, device.type == "cuda" or self.per_step_masks
 
     def _roll_fused(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """`_roll` with one fused call per stretch of steps that ends at a requested step.
