@@ -166,7 +166,8 @@ def main() -> None:
         f"classes, published dropouts; TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
         f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}"
     )
-    header = f"{'model':<14}{'precision':<10}" + "".join(
+    failures: list[str] = []
+    header = f"{'model':<16}{'precision':<10}" + "".join(
         f"{f:>10}" for f in ("plain", "loop", "fused", "auto")
     )
     print("training samples/s (forward + backward + SGD step)")
@@ -175,25 +176,34 @@ def main() -> None:
         model = Model(name, args.batch, device, dropout=True)
         auto = "fused" if _auto_fused(model, device) else "loop"
         for precision in ("fp32", "bf16"):
-            rates = {
-                f: samples_per_second(
-                    _trainer(model, f, precision), args.batch, args.seconds, device
-                )
-                for f in ("plain", "loop", "fused", "auto")
-            }
+            rates: dict[str, float] = {}
+            for formulation in ("plain", "loop", "fused", "auto"):
+                try:
+                    rates[formulation] = samples_per_second(
+                        _trainer(model, formulation, precision), args.batch, args.seconds, device
+                    )
+                except RuntimeError as error:  # report and go on: one failure hides no figure
+                    rates[formulation] = float("nan")
+                    failures.append(f"{name} {precision} {formulation}: {error}")
             print(
-                f"{name:<14}{precision:<10}"
+                f"{name:<16}{precision:<10}"
                 + "".join(f"{rates[f]:>10.0f}" for f in ("plain", "loop", "fused", "auto"))
                 + f"{rates['fused'] / rates['plain']:>12.2f}x{rates['auto'] / rates['plain']:>11.2f}x"
             )
-        print(f"{'':<24}auto picks {auto} in training on {device.type}")
+        print(f"{'':<26}auto picks {auto} in training on {device.type}")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print("max |output - plain| in fp32, dropout 0 (scores and context)")
     for name in ("fast branch", "Architecture 2"):
-        differences = max_differences(Model(name, args.batch, device, dropout=False))
-        print(f"{name:<14}" + "  ".join(f"{k} {v:.2e}" for k, v in differences.items()))
+        differences = max_differences(Model(name, args.batch, device, dropout=False))  # fp32
+        print(f"{name:<16}" + "  ".join(f"{k} {v:.2e}" for k, v in differences.items()))
+    _report(failures)
+
+
+def _report(failures: list[str]) -> None:
+    for failure in failures:
+        print(f"FAILED {failure}")
 
 
 def _trainer(model: Model, formulation: str, precision: str) -> Callable[[], None]:
