@@ -22,7 +22,9 @@ Rows:
 
     nox -s bench        or        python benchmarks/bench.py [--batch 32] [--repeats 1] [--quick]
 
-Prints the table and writes `benchmarks/results.json` (`--out`).
+Prints the table and writes `benchmarks/results.json` (`--out`). Needs only torch, numpy and
+`sfr.models` / `sfr.eval.metrics` (no LMDB, pydantic or video packages), so that it runs on a bare
+GPU machine too (`--device cuda`).
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ from torch.nn import functional as F
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from bench_fusion import published_config  # noqa: E402
+from check_training_gpu import DIMS as ARCH2_DIMS  # noqa: E402
+from check_training_gpu import RATE_GRIDS, build_arch2  # noqa: E402
 from fusion_oracle import plain_tree_forward  # noqa: E402
 
 from sfr.eval import metrics  # noqa: E402
 from sfr.models.branch import create_branch, set_kernel  # noqa: E402
 from sfr.models.reference import plain_forward  # noqa: E402
-from sfr.models.tree import ModelTree  # noqa: E402
 
 HIDDEN, FEATURES, CLASSES, VERBS, NOUNS = 1024, 1024, 2513, 125, 352
 GRIDS = {"T=14": (6, 8), "T=40": (24, 16)}
@@ -142,19 +144,13 @@ class Workload:
             self.forwards["plain"] = lambda: plain_forward(branch, x).scores[:, s_enc:]
             self.forwards["efficient"] = lambda: branch(x, steps).scores
         else:
-            config = published_config(PUBLISHED_DROPOUTS)
-            tree = ModelTree(config)
-            node = tree.build(tree.units[-1].label, CLASSES)
+            node = build_arch2(*PUBLISHED_DROPOUTS)
             self.model = node.to(device)
             times = node.times
             features = {
-                key: torch.randn(
-                    batch,
-                    stream.grid.steps,
-                    config.data.feature_dim(stream.modality),
-                    device=device,
-                )
-                for key, stream in tree.streams.items()
+                f"{modality}@{alpha:g}": torch.randn(batch, grid.steps, dim, device=device)
+                for alpha, grid in RATE_GRIDS.items()
+                for modality, dim in ARCH2_DIMS.items()
             }
             self.forwards["plain"] = lambda: plain_tree_forward(node, features, times).scores
             self.forwards["efficient"] = lambda: node(features, times).scores
