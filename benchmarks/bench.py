@@ -30,12 +30,15 @@ GPU machine too (`--device cuda`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -292,22 +295,46 @@ def validation_rows(args: argparse.Namespace, device: torch.device, sync: Callab
     return rows
 
 
+def _resident_bytes() -> int:
+    """Resident set size of this process now (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_memory_child(workload: str, formulation: str, batch: int, device: str) -> None:
-    """(In a fresh process.) Print the peak memory growth (bytes) of one training step."""
+    """(In a fresh process.) Print the peak memory growth (bytes) of one training step.
+
+    CPU: the resident set size sampled every millisecond during the step, minus the size before
+    it (freed heap returned to the system first); CUDA: the peak allocation minus the one before.
+    """
     torch.set_num_threads(2)
     dev = torch.device(device)
     work = Workload(workload, batch, dev)
+    step = work.step(formulation, True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        work.step(formulation, True)()
+        step()
         torch.cuda.synchronize()
         print(torch.cuda.max_memory_allocated() - base)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        work.step(formulation, True)()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)  # kB on Linux
+        return
+    with contextlib.suppress(OSError):  # glibc: hand freed heap back before the baseline
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = peak = _resident_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _resident_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    print(max(peak, _resident_bytes()) - base)
 
 
 def memory_rows(args: argparse.Namespace) -> list[dict]:
@@ -328,7 +355,7 @@ def memory_rows(args: argparse.Namespace) -> list[dict]:
                 "baseline_value": peaks["plain"],
                 "candidate_value": peaks["efficient"],
                 "unit": "MiB",
-                "ratio": peaks["plain"] / peaks["efficient"],
+                "ratio": peaks["plain"] / peaks["efficient"] if peaks["efficient"] else None,
                 "target": 1.0,
             }
         )
@@ -452,6 +479,11 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=256, help="validation samples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--sections",
+        default="speed,validation,memory,loader",
+        help="comma-separated subset of speed, validation, memory, loader",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--peak-memory", nargs=2, metavar=("WORKLOAD", "FORMULATION"))
     parser.add_argument(
@@ -467,15 +499,17 @@ def main() -> None:
         return
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows = speed_rows(args, device, sync)
-    rows += validation_rows(args, device, sync)
-    if not args.skip_memory:
+    sections = set(args.sections.split(","))
+    rows = speed_rows(args, device, sync) if "speed" in sections else []
+    if "validation" in sections:
+        rows += validation_rows(args, device, sync)
+    if "memory" in sections and not args.skip_memory:
         rows += memory_rows(args)
     fast = next(
         (r["samples_per_s"] for r in rows if r["row"] == "branch T=40 training"),
         None,
     )
-    loader, note = loader_rows(fast)
+    loader, note = loader_rows(fast) if "loader" in sections else ([], None)
     rows += loader
     info = machine(args, device)
     args.out.write_text(
