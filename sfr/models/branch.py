@@ -143,16 +143,18 @@ class RULSTMBranch(nn.Module):
         """`_roll` with one fused call per stretch of steps that ends at a requested step.
 
         A one-step stretch (consecutive requested steps) is one `lstm_step`: the same function
-        without the fused call's set-up cost.
+        without the fused call's set-up cost, the input projections of all of them in one product.
         """
         dropped = self.input_dropout(x).transpose(0, 1)  # (T, B, F), one mask per input
         w_ih, bias, w_hh_t = _lstm_params(self.rolling)
+        single = [t for t, previous in zip(steps[1:], steps) if t == previous + 1]
+        projected = dict(zip(single, F.linear(dropped[single], w_ih, bias))) if single else {}
         h = c = None  # (B, H) each, after the last computed step
         hs, cs = [], []
         begin = 0
         for t in steps:
             if h is not None and c is not None and t == begin:
-                h, c = lstm_step(F.linear(dropped[t], w_ih, bias), h, c, w_hh_t)
+                h, c = lstm_step(projected[t], h, c, w_hh_t)
             else:
                 # the state in the input's dtype: autocast may have lowered the steps before
                 state = (
