@@ -227,7 +227,7 @@ def _auto_stages(model: nn.Module, device: torch.device, training: bool) -> str:
     """What the default kernel runs for `model` on `device`, in words."""
     model.train(training)
     stages = {m.fused_stages(device) for m in model.modules() if hasattr(m, "fused_stages")}
-    names = {(True, True): "fused", (True, False): "fused rolling, loop unrolls"}
+    names = {(True, True): "fused", (False, False): "loop"}
     return ", ".join(sorted(names.get(s, "loop") for s in stages))
 
 

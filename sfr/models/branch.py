@@ -30,9 +30,9 @@ Two kernels compute the same function (`RULSTMBranch.kernel`):
   published per-step masks.
 
 `auto` (the default) takes what measured fastest on the device (`benchmarks/bench.py`,
-`benchmarks/check_training_gpu.py`): the fused rolling LSTM everywhere; fused unrolls on CUDA and
-in training with per-step dropout masks, else the loop's unrolls, where hoisting the input
-projection halves the work.
+`benchmarks/check_training_gpu.py`): `fused` on CUDA and in training with per-step dropout masks,
+else `loop`, where hoisting the input projection halves the unrolls' work and CPU evaluation
+stays bit-for-bit repeatable.
 """
 
 from __future__ import annotations
@@ -131,13 +131,16 @@ class RULSTMBranch(nn.Module):
     def fused_stages(self, device: torch.device) -> tuple[bool, bool]:
         """Whether the (rolling, unrolling) LSTMs run the fused kernel on `device`.
 
-        `fused` and `loop` apply to both; `auto` rolls fused everywhere and unrolls fused on
-        CUDA and in training with per-step masks, else with the loop's hoisted projection.
+        `fused` and `loop` apply to both; `auto` is `fused` on CUDA and in training with per-step
+        masks, else `loop`: its hoisted projection halves the unrolls' work, and its results do
+        not depend on the grad mode or on which other steps are requested (oneDNN's inference
+        and training kernels round differently), so CPU evaluation stays bit-for-bit repeatable.
         """
         if self.kernel != "auto":
             fused = self.kernel == "fused"
-            return fused, fused
-        return True, device.type == "cuda" or self.per_step_masks
+        else:
+            fused = device.type == "cuda" or self.per_step_masks
+        return fused, fused
 
     def _roll_fused(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """`_roll` with one fused call per stretch of steps that ends at a requested step.
