@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s bench-features`."""
 
 from __future__ import annotations
 
@@ -25,8 +25,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Speed benchmarks at real dimensions, printed as side-by-side ratios."""
+    """The benchmark table at real dimensions (efficient vs plain, fused kernel vs step loop,
+    validation split, peak memory, loader), printed and written to benchmarks/results.json."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session(name="bench-features")
+def bench_features(session: nox.Session) -> None:
+    """Feature extraction speed: backbones, decoding, `sfr features` vs the published route."""
     session.install(TORCH, "-e", ".[video]")
-    session.run("python", "benchmarks/bench_branch.py", *session.posargs)
-    session.run("python", "benchmarks/bench_fusion.py", *session.posargs)
     session.run("python", "benchmarks/bench_features.py", *session.posargs)

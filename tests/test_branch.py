@@ -7,7 +7,7 @@ import torch
 from golden import BRANCH_CASES, CASE_GRID, GOLDEN, golden_case
 
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
-from sfr.models.branch import create_branch
+from sfr.models.branch import create_branch, set_kernel
 from sfr.models.reference import plain_forward
 
 
@@ -30,6 +30,7 @@ def _branch(
 def test_efficient_matches_plain_outputs_and_gradients(
     seq_comp: bool, s_enc: int, s_ant: int, with_context: bool
 ) -> None:
+    """Both kernels (step loop and fused LSTM) against the plain oracle, float64, 1e-5."""
     branch = _branch(seq_comp)
     steps = s_enc + s_ant
     x = torch.randn(3, steps, 6, dtype=torch.float64, requires_grad=True)
@@ -42,30 +43,33 @@ def test_efficient_matches_plain_outputs_and_gradients(
             value = value + (context.sin()).sum()
         return value
 
-    fast = branch(x, wanted)
-    fast_grads = torch.autograd.grad(objective(*fast), [x, *branch.parameters()])
     plain = plain_forward(branch, x)
     plain_sel = (plain.scores[:, s_enc:], plain.context[:, s_enc:])
     plain_grads = torch.autograd.grad(objective(*plain_sel), [x, *branch.parameters()])
+    for kernel in ("loop", "fused"):
+        set_kernel(branch, kernel)
+        fast = branch(x, wanted)
+        fast_grads = torch.autograd.grad(objective(*fast), [x, *branch.parameters()])
+        assert fast.scores.shape == (3, s_ant, 7) and fast.context.shape == (3, s_ant, 20)
+        assert (fast.scores - plain_sel[0]).abs().max() <= 1e-5, kernel
+        assert (fast.context - plain_sel[1]).abs().max() <= 1e-5, kernel
+        for mine, theirs in zip(fast_grads, plain_grads, strict=True):
+            assert (mine - theirs).abs().max() <= 1e-5, kernel
 
-    assert fast.scores.shape == (3, s_ant, 7) and fast.context.shape == (3, s_ant, 20)
-    assert (fast.scores - plain_sel[0]).abs().max() <= 1e-5
-    assert (fast.context - plain_sel[1]).abs().max() <= 1e-5
-    for mine, theirs in zip(fast_grads, plain_grads):
-        assert (mine - theirs).abs().max() <= 1e-5
 
-
+@pytest.mark.parametrize("kernel", ["loop", "fused"])
 @pytest.mark.parametrize("seq_comp", [False, True])
-def test_every_step_and_arbitrary_step_subsets(seq_comp: bool) -> None:
+def test_every_step_and_arbitrary_step_subsets(kernel: str, seq_comp: bool) -> None:
     branch = _branch(seq_comp).eval()
+    set_kernel(branch, kernel)
     x = torch.randn(2, 14, 6, dtype=torch.float64)
     plain = plain_forward(branch, x)
     every = branch(x)
     assert (every.scores - plain.scores).abs().max() <= 1e-12
-    subset = [0, 3, 4, 9, 13]
-    picked = branch(x, subset)
-    assert (picked.scores - plain.scores[:, subset]).abs().max() <= 1e-12
-    assert (picked.context - plain.context[:, subset]).abs().max() <= 1e-12
+    for subset in ([0, 3, 4, 9, 13], [0], [13], [0, 1, 2], [5, 6, 12]):
+        picked = branch(x, subset)
+        assert (picked.scores - plain.scores[:, subset]).abs().max() <= 1e-12
+        assert (picked.context - plain.context[:, subset]).abs().max() <= 1e-12
 
 
 def test_rejects_bad_step_lists() -> None:
@@ -92,6 +96,7 @@ class _RecordingDropout(torch.nn.Module):
 @pytest.mark.parametrize("shared", [False, True])
 def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -> None:
     branch = _branch(False)
+    set_kernel(branch, "loop")
     branch.shared_dropout_mask = shared
     branch.train()
     branch.input_dropout.p = 0.5  # a non-zero rate activates the training path
@@ -116,6 +121,100 @@ def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -
         ]
         first_unroll = [m[:batch] for m in unrolling]
         assert not all(torch.equal(first_unroll[0], m) for m in first_unroll[1:])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("seq_comp", [False, True])
+def test_fused_kernel_draws_a_mask_per_unrolling_step_unless_shared(
+    shared: bool, seq_comp: bool
+) -> None:
+    branch = _branch(seq_comp)
+    set_kernel(branch, "fused")
+    branch.shared_dropout_mask = shared
+    branch.train()
+    recorder = _RecordingDropout()
+    recorder.p = 0.5
+    branch.input_dropout = recorder
+    batch, s_enc, s_ant = 2, 3, 4
+    x = torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64)
+    branch(x, list(range(s_enc, s_enc + s_ant)))
+    rolling, unrolling = recorder.masks[0], recorder.masks[1:]
+    assert rolling.shape == (batch, s_enc + s_ant, 6) and len(unrolling) == 1
+    lengths = [s_ant + (0 if seq_comp else 1) - k for k in range(s_ant)]  # 5, 4, 3, 2 (+1)
+    if shared:  # one mask per input: per unroll (anticipation) or per frame (completion)
+        expected = (s_enc + s_ant, batch, 6) if seq_comp else (s_ant, batch, 6)
+        assert unrolling[0].shape == expected
+    else:  # the packed unroll inputs, one fresh mask element per step, unroll, sample and unit
+        assert unrolling[0].shape == (sum(lengths), batch, 6)
+        active = [sum(n > j for n in lengths) for j in range(lengths[0])]
+        first_rows = [sum(active[:j]) for j in range(lengths[0])]  # unroll 0 leads every step
+        first_unroll = unrolling[0][first_rows]
+        assert not all(torch.equal(first_unroll[0], m) for m in first_unroll[1:])
+
+
+class _InputDropout(torch.nn.Module):
+    """A deterministic stand-in with a per-element 'mask' that depends on the value only."""
+
+    p = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x.sin() > -0.2) * 2.0
+
+
+@pytest.mark.parametrize("seq_comp", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_kernel_with_training_masks_matches_the_loop(seq_comp: bool, shared: bool) -> None:
+    """Same masks in both kernels (a function of the input): same outputs and gradients."""
+    branch = _branch(seq_comp)
+    branch.shared_dropout_mask = shared
+    branch.input_dropout = _InputDropout()
+    branch.train()
+    x = torch.randn(3, 14, 6, dtype=torch.float64, requires_grad=True)
+    steps = list(range(6, 14))
+    results = []
+    for kernel in ("loop", "fused"):
+        set_kernel(branch, kernel)
+        assert branch.fused_stages(x.device) == (kernel == "fused",) * 2
+        out = branch(x, steps)
+        value = out.scores.sum() + out.context.cos().sum()
+        results.append((out, torch.autograd.grad(value, [x, *branch.parameters()])))
+    (loop, loop_grads), (fused, fused_grads) = results
+    assert (loop.scores - fused.scores).abs().max() <= 1e-12
+    assert (loop.context - fused.context).abs().max() <= 1e-12
+    for mine, theirs in zip(fused_grads, loop_grads, strict=True):
+        assert (mine - theirs).abs().max() <= 1e-10
+
+
+def test_auto_kernel_rule_and_unknown_kernels() -> None:
+    branch = _branch(False, dropout=0.8)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert branch.train().fused_stages(cpu) == (True, True) == branch.fused_stages(cuda)
+    assert branch.eval().fused_stages(cpu) == (False, False)  # hoisted projection in the loop
+    assert branch.fused_stages(cuda) == (True, True)
+    branch.shared_dropout_mask = True
+    assert branch.train().fused_stages(cpu) == (False, False)
+    with pytest.raises(ValueError, match="kernel must be one of auto, fused, loop"):
+        set_kernel(branch, "cudnn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        create_branch(feat_dim=2, hidden=3, num_classes=2, kernel="x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kernel", ["loop", "fused"])
+@pytest.mark.parametrize("training", [False, True])
+def test_branch_runs_under_bf16_autocast(kernel: str, training: bool) -> None:
+    torch.manual_seed(0)
+    branch = create_branch(feat_dim=16, hidden=24, num_classes=9, dropout=0.0, kernel=kernel)
+    branch.train(training)
+    x = torch.randn(4, 14, 16)
+    steps = list(range(6, 14))
+    reference = branch(x, steps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = branch(x, steps)
+        loss = out.scores.float().logsumexp(-1).sum() + out.context.float().sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in branch.parameters())
+    assert (out.scores.float() - reference.scores).abs().max() <= 0.1
+    assert (out.context.float() - reference.context).abs().max() <= 0.1
 
 
 def test_train_mode_without_dropout_equals_eval() -> None:

@@ -20,7 +20,7 @@ from sfr.data.timegrid import TimeGrid
 from sfr.errors import ConfigError
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
 from sfr.models.architectures import FusionUnit, plan_architecture
-from sfr.models.branch import BranchOutput, create_branch
+from sfr.models.branch import BranchOutput, create_branch, set_kernel
 from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
 from sfr.train.fusion import FusionPlan
 
@@ -390,13 +390,17 @@ def test_freezing_applies_to_every_level_of_a_planned_tree() -> None:
 # --- the efficient tree computes the plain evaluation's function --------------------------------
 
 
+@pytest.mark.parametrize("kernel", ["loop", "fused"])
 @pytest.mark.parametrize("architecture", ["arch1", "arch2"])
-def test_efficient_tree_matches_plain_evaluation_with_gradients(architecture: str) -> None:
+def test_efficient_tree_matches_plain_evaluation_with_gradients(
+    architecture: str, kernel: str
+) -> None:
     plan = _plan(
         PUBLISHED_RATES, architecture, branch_dropout=0.0, modality_dropout=0.0, rate_dropout=0.0
     )
     torch.manual_seed(0)
     tree = plan.build(plan.units[-1].label, 3, frozen=False).double().train()
+    set_kernel(tree, kernel)
     features = {
         key: torch.randn(2, stream.grid.steps, plan.config.data.feature_dim(stream.modality))
         .double()
@@ -425,3 +429,28 @@ def test_efficient_tree_matches_plain_evaluation_with_gradients(architecture: st
     assert all(g.abs().max() > 0 for g in plain_grads[: len(features)])
     for mine, theirs in zip(fast_grads, plain_grads):
         assert (mine - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["loop", "fused"])
+@pytest.mark.parametrize("training", [False, True])
+def test_architecture2_trains_and_evaluates_under_bf16_autocast(
+    kernel: str, training: bool
+) -> None:
+    plan = _plan(PUBLISHED_RATES, "arch2")  # published dropouts
+    torch.manual_seed(0)
+    tree = plan.build(plan.units[-1].label, 3, frozen=False)
+    set_kernel(tree, kernel)
+    features = {
+        key: torch.randn(2, stream.grid.steps, plan.config.data.feature_dim(stream.modality))
+        for key, stream in plan.streams.items()
+    }
+    reference = tree.eval()(features, tree.times)
+    tree.train(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tree(features, tree.times)
+        loss = out.scores.float().logsumexp(-1).sum()
+    loss.backward()
+    assert out.scores.shape == (2, 4, 3)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in tree.parameters())
+    if not training:
+        assert (out.scores.float() - reference.scores).abs().max() <= 0.1

@@ -136,6 +136,22 @@ def test_marginalise_verb_in_no_action() -> None:
     assert marginalise(ACTION_PROBS, ACTIONS.nouns, 2) == pytest.approx([0.2, 0.8])
 
 
+def test_marginalise_any_leading_axes_as_rows() -> None:
+    """(N, K, A) and (A,) give the sums of the actions of each class, row by row."""
+    rng = np.random.default_rng(3)
+    probs = rng.random((5, 3, 4))
+    for absent in ("action0", "zero"):
+        marginal = marginalise(probs, ACTIONS.verbs, 4, absent)
+        assert marginal.shape == (5, 3, 4)
+        for n in range(5):
+            for k in range(3):
+                row = probs[n, k]
+                expected = [row[ACTIONS.verbs == v].sum() for v in range(4)]
+                expected[1] = row[0] if absent == "action0" else 0.0
+                assert marginal[n, k] == pytest.approx(expected)
+    assert marginalise(probs[:0], ACTIONS.verbs, 4).shape == (0, 3, 4)
+
+
 def test_marginalised_probabilities_sum_to_one_with_zero() -> None:
     rng = np.random.default_rng(1)
     probs = softmax(rng.normal(size=(5, 3, 30)))

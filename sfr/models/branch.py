@@ -17,16 +17,36 @@ steps). Here only the requested steps are unrolled, all unrolls advance together
 finish early drop out of the batch), and where the input of an unroll is constant and no per-step
 dropout applies, its input projection is computed once. `sfr.models.reference` keeps the plain
 formulation as the oracle this one is tested against.
+
+Two kernels compute the same function (`RULSTMBranch.kernel`):
+
+- `loop`: one Python-level step (`addmm` + gate arithmetic) per LSTM step, every unroll batched;
+  the only one that hoists the input projection of a constant unroll input.
+- `fused`: PyTorch's fused LSTM (oneDNN on CPU, cuDNN on GPU) on the modules' own weights. The
+  rolling LSTM runs as one `nn.LSTM` call per stretch between requested steps (a call returns the
+  cell state of its last step only); all unrolls run as ONE call over a packed batch of K·B
+  sequences of lengths T - t_k + 1, whose final hidden states are the unrolls' last ones. The
+  inputs are dropped out as one tensor, one mask element per unrolling step, input and unit: the
+  published per-step masks.
+
+`auto` (the default) takes what measured fastest on the device (`benchmarks/bench.py`,
+`benchmarks/check_training_gpu.py`): `fused` on CUDA and in training with per-step dropout masks,
+else `loop`, where hoisting the input projection halves the unrolls' work and CPU evaluation
+stays bit-for-bit repeatable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+Kernel = Literal["auto", "fused", "loop"]
+KERNELS: tuple[Kernel, ...] = ("auto", "fused", "loop")
 
 
 class BranchOutput(NamedTuple):
@@ -56,6 +76,7 @@ class RULSTMBranch(nn.Module):
     `sequence_completion` switches the unrolling input from the repeated current input
     (anticipation) to the true future inputs (pre-training). Parameters live in two one-layer
     `nn.LSTM` modules and a linear classifier, so the published weights map one to one.
+    `kernel` picks how the LSTMs are computed (module docstring); it is not saved in checkpoints.
     """
 
     def __init__(
@@ -67,8 +88,12 @@ class RULSTMBranch(nn.Module):
         *,
         sequence_completion: bool = False,
         shared_dropout_mask: bool = False,
+        kernel: Kernel = "auto",
     ) -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}.")
+        self.kernel = kernel
         self.feat_dim = feat_dim
         self.hidden = hidden
         self.num_classes = num_classes
@@ -88,12 +113,96 @@ class RULSTMBranch(nn.Module):
             raise ValueError(
                 f"steps must be ascending distinct indices in [0, {num_steps}): {steps}"
             )
-        h_roll, c_roll = self._roll(x, steps)  # (K, B, H) each
-        h_last = self._unroll(x, steps, h_roll, c_roll)  # (K, B, H)
+        fused_roll, fused_unroll = self.fused_stages(x.device)
+        roll = self._roll_fused if fused_roll else self._roll
+        unroll = self._unroll_fused if fused_unroll else self._unroll
+        h_roll, c_roll = roll(x, steps)  # (K, B, H) each
+        h_last = unroll(x, steps, h_roll, c_roll)  # (K, B, H)
         h_last = h_last.transpose(0, 1)  # (B, K, H)
         scores = self.classifier(self.head_dropout(h_last))  # (B, K, C)
         context = torch.cat([h_last, c_roll.transpose(0, 1)], dim=2)  # (B, K, 2H)
         return BranchOutput(scores, context)
+
+    @property
+    def per_step_masks(self) -> bool:
+        """Whether the unrolls draw a fresh dropout mask at every step (published training)."""
+        return self.training and self.input_dropout.p > 0 and not self.shared_dropout_mask
+
+    def fused_stages(self, device: torch.device) -> tuple[bool, bool]:
+        """Whether the (rolling, unrolling) LSTMs run the fused kernel on `device`.
+
+        `fused` and `loop` apply to both; `auto` is `fused` on CUDA and in training with per-step
+        masks, else `loop`: its hoisted projection halves the unrolls' work, and its results do
+        not depend on the grad mode or on which other steps are requested (oneDNN's inference
+        and training kernels round differently), so CPU evaluation stays bit-for-bit repeatable.
+        """
+        if self.kernel != "auto":
+            fused = self.kernel == "fused"
+        else:
+            fused = device.type == "cuda" or self.per_step_masks
+        return fused, fused
+
+    def _roll_fused(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
+        """`_roll` with one fused call per stretch of steps that ends at a requested step.
+
+        A one-step stretch (consecutive requested steps) is one `lstm_step`: the same function
+        without the fused call's set-up cost, the input projections of all of them in one product.
+        """
+        dropped = self.input_dropout(x).transpose(0, 1)  # (T, B, F), one mask per input
+        w_ih, bias, w_hh_t = _lstm_params(self.rolling)
+        single = [t for t, previous in zip(steps[1:], steps) if t == previous + 1]
+        projected = dict(zip(single, F.linear(dropped[single], w_ih, bias))) if single else {}
+        h = c = None  # (B, H) each, after the last computed step
+        hs, cs = [], []
+        begin = 0
+        for t in steps:
+            if h is not None and c is not None and t == begin:
+                h, c = lstm_step(projected[t], h, c, w_hh_t)
+            else:
+                # the state in the input's dtype: autocast may have lowered the steps before
+                state = (
+                    None
+                    if h is None or c is None
+                    else (h.unsqueeze(0).to(x.dtype), c.unsqueeze(0).to(x.dtype))
+                )
+                _, (h_n, c_n) = self.rolling(dropped[begin : t + 1], state)
+                h, c = h_n[0], c_n[0]
+            hs.append(h)
+            cs.append(c)
+            begin = t + 1
+        return torch.stack(hs), torch.stack(cs)
+
+    def _unroll_fused(self, x: Tensor, steps: list[int], h0: Tensor, c0: Tensor) -> Tensor:
+        """`_unroll` as one fused LSTM call over a packed batch of the K·B unroll sequences.
+
+        Rows are unroll-major and lengths descend with the steps, so the sequences still running
+        at unrolling step j are a prefix: the packed batch sizes are (active unrolls at j)·B.
+        """
+        num_unrolls, batch, hidden = h0.shape
+        num_steps = x.shape[1]
+        extra = 0 if self.sequence_completion else 1
+        lengths = [num_steps - t + extra for t in steps]
+        active = [sum(1 for n in lengths if n > j) for j in range(lengths[0])]
+        x_steps = x.transpose(0, 1)  # (T, B, F)
+        start = torch.tensor(steps, device=x.device)
+        # the frame each (unrolling step j, unroll k) reads, time-major as a packed batch
+        unroll = torch.cat([torch.arange(a, device=x.device) for a in active])
+        if self.sequence_completion:
+            offset = torch.cat([torch.full((a,), j, device=x.device) for j, a in enumerate(active)])
+            source, index = x_steps, start[unroll] + offset
+        else:
+            source, index = x_steps[start], unroll  # (K, B, F): the current input of each unroll
+        if self.per_step_masks:
+            data = self.input_dropout(source[index])  # a fresh mask for every step of every unroll
+        else:
+            data = self.input_dropout(source)[index]  # one mask per input, shared by its steps
+        packed = PackedSequence(
+            data.reshape(-1, data.shape[-1]), torch.tensor(active, dtype=torch.int64) * batch
+        )
+        # the input's dtype: cuDNN refuses mixed dtypes where autocast does not cast the call
+        hx = (h0.reshape(1, -1, hidden).to(data.dtype), c0.reshape(1, -1, hidden).to(data.dtype))
+        _, (h_n, _) = self.unrolling(packed, hx)  # h_n: each sequence's state at its own length
+        return h_n.reshape(num_unrolls, batch, hidden)
 
     def _roll(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """Rolling LSTM from a zero state up to the last requested step; states at `steps`."""
@@ -124,7 +233,7 @@ class RULSTMBranch(nn.Module):
         start = torch.tensor(steps, device=x.device)
         x_steps = x.transpose(0, 1)  # (T, B, F)
 
-        per_step_masks = self.training and self.input_dropout.p > 0 and not self.shared_dropout_mask
+        per_step_masks = self.per_step_masks
         if self.sequence_completion:
             shared = x_steps if per_step_masks else self.input_dropout(x_steps)
             proj = None if per_step_masks else F.linear(shared, w_ih, bias)  # (T, B, 4H)
@@ -164,8 +273,9 @@ def create_branch(
     dropout: float = 0.8,
     sequence_completion: bool = False,
     shared_dropout_mask: bool = False,
+    kernel: Kernel = "auto",
 ) -> RULSTMBranch:
-    """Build an RU-LSTM branch (keyword-only, as every sfr builder)."""
+    """Build an RU-LSTM branch (keyword-only, as every sfr builder); `kernel`: see the module."""
     return RULSTMBranch(
         feat_dim,
         hidden,
@@ -173,4 +283,17 @@ def create_branch(
         dropout,
         sequence_completion=sequence_completion,
         shared_dropout_mask=shared_dropout_mask,
+        kernel=kernel,
     )
+
+
+def set_kernel(model: nn.Module, kernel: Kernel) -> None:
+    """Run every RU-LSTM branch in `model` (a branch, a fusion tree) with `kernel`.
+
+    Raises ValueError for a name not in `KERNELS`.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}.")
+    for module in model.modules():
+        if isinstance(module, RULSTMBranch):
+            module.kernel = kernel
