@@ -321,3 +321,11 @@ def test_matches_published_network(modality: str, rgb_model: BNInception) -> Non
     # room for other CPUs' float32 summation orders, and a single BatchNorm's eps set to 1e-4
     # instead of 1e-5 already moves the output by 3.5e-4.
     assert (got - expected).abs().max().item() < 1e-5 * scale
+
+
+def test_a_slowfast_checkpoint_given_for_tsn_names_the_backbone_to_choose(tmp_path: Path) -> None:
+    path = tmp_path / "SLOWFAST_8x8_R50.pyth"
+    torch.save({"model_state": {"s1.pathway0_stem.conv.weight": torch.zeros(1)}}, path)
+    with pytest.raises(DataError, match="holds no state dict") as caught:
+        load_tsn_weights(create_bninception(in_channels=3), path)
+    assert "--backbone slowfast-r50" in (caught.value.hint or "")

@@ -25,7 +25,7 @@ from featuredata import (
 )
 from PIL import Image
 
-from sfr.data.provenance import read_record
+from sfr.data.provenance import read_record, write_record
 from sfr.data.store import frame_key
 from sfr.data.timegrid import TimeGrid
 from sfr.errors import DataError, SfrError
@@ -578,3 +578,35 @@ def test_merge_refuses_other_layouts_and_creates_parents(tmp_path: Path) -> None
         merge_stores(a_file, [full])
     result = merge_stores(tmp_path / "new" / "deep" / "obj", [full])
     assert result.copied == 40
+
+
+def test_merge_refuses_a_shard_with_an_unfinished_video(tmp_path: Path) -> None:
+    """Vectors of a video an interrupted (or failed) extraction left behind stay out of merges."""
+    detections = tmp_path / "detections"
+    for index, video in enumerate(("A", "B")):
+        write_detections(detections / f"{video}.npy", frames=30, classes=12, seed=index)
+    inputs = InputOptions(detections=detections, classes=12)
+    shard = tmp_path / "shard"
+    run_request(FeatureRequest(modality="obj", out=shard, inputs=inputs))
+    record = read_record(shard)
+    assert record is not None
+    del record.videos["B"]  # as a run stopped half-way through B leaves it
+    write_record(shard, record)
+    with pytest.raises(DataError, match=r"1 video\(s\) whose extraction did not finish \(B\)"):
+        merge_stores(tmp_path / "merged", [shard])
+    assert not (tmp_path / "merged" / "data.mdb").exists()
+
+
+def test_frames_past_the_end_name_where_the_video_ends(tmp_path: Path) -> None:
+    detections = tmp_path / "detections"
+    write_detections(detections / "A.npy", frames=40, classes=12, seed=0)
+    inputs = InputOptions(detections=detections, classes=12)
+    plan = FramePlan(grids=(TimeGrid(0.5, 1, 1),), starts={"A": (30, 80)})
+    out = tmp_path / "obj"
+    result = run_request(FeatureRequest(modality="obj", out=out, inputs=inputs, plan=plan))
+    ((video, message),) = result.failed
+    assert video == "A"
+    assert "2 of the frames the time grids read lie past the end of the video (it ends before " in (
+        message
+    )
+    assert "frame 49, 40 frames at 30 fps); vectors were written for the other 1." in message

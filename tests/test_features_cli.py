@@ -106,6 +106,25 @@ def test_videos_to_stores_to_a_trained_branch(
         "--set", "data.num_classes=24", "--data", data, "--runs", runs, "--device", "cpu",
     )  # fmt: skip
     assert_user_error(code, output, error, "extracted by sfr features for grid 0.5:1:2")
+    # A video whose extraction did not finish: the hint says so, not "extract another grid".
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(data, unfinished, ignore=shutil.ignore_patterns("rgb"))
+    record = json.loads((unfinished / "obj" / "sfr-features.json").read_text())
+    del record["videos"]["P01_02"]
+    (unfinished / "obj" / "sfr-features.json").write_text(json.dumps(record))
+    dropped = [k for k in keys(unfinished / "obj") if k.startswith("P01_02")][:3]
+    env = lmdb.open(str(unfinished / "obj"), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for key in dropped:
+            txn.delete(key.encode())
+    env.close()
+    code, output, error = cli(
+        "train-branch", "--config", "configs/ek55/rgb_a0.5.toml", "--set", "branch.modality=obj",
+        "--alpha", "0.5", "--s-enc", "1", "--s-ant", "2", "--hidden", "8", "--epochs", "1",
+        "--set", "run.select_time=0.5", "--set", "data.num_classes=24", "--data", unfinished,
+        "--runs", tmp_path / "runs2", "--device", "cpu",
+    )  # fmt: skip
+    assert_user_error(code, output, error, "did not finish the video P01_02")
 
 
 def test_weights_by_registry_name(cli, tsn_rgb: Path, tmp_path: Path, single_torch_thread) -> None:

@@ -75,7 +75,7 @@ class FeatureStore:
                     raise DataError(
                         f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
                         f"needed by annotation id {sample_id}.",
-                        self._missing_key_hint(),
+                        self._missing_key_hint(video),
                     )
                 found = len(value) // 4
                 if found != self.dim or len(value) % 4:
@@ -113,8 +113,9 @@ class FeatureStore:
             last = cursor.key()
         return _frame_of(first, prefix), _frame_of(last, prefix)
 
-    def _missing_key_hint(self) -> str:
-        """What to do about a missing key: extract more frames (own store) or fetch a full one."""
+    def _missing_key_hint(self, video: str) -> str:
+        """What to do about a missing key: finish the video's extraction, extract more frames
+        (own store) or fetch a full one."""
         from sfr.data.provenance import read_record
 
         try:
@@ -122,6 +123,13 @@ class FeatureStore:
         except DataError:
             record = None
         if record is not None:
+            done = record.videos.get(video)
+            if done is None or not done.complete:
+                return (
+                    f"sfr features did not finish the video {video} in this store (its "
+                    "extraction failed or was stopped): run the sfr features command of this "
+                    f"store again; it resumes, or says why {video} fails."
+                )
             return (
                 f"This store was extracted by sfr features for {', '.join(record.layouts)}: "
                 f"extract this branch's frames into it too, e.g. sfr features {self.name} ... "

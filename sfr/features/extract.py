@@ -458,16 +458,18 @@ def _extract_video(
             VideoNotice(
                 job.name,
                 f"{last} frames, shorter than one clip ({1 - offset} frames): its clips repeat "
-                "frame 1, as the time grids pad a video's start.",
+                "frame 1, as the time grids pad a video's start with its earliest frame.",
             ),
             stop,
         )
     if todo is not None and len(produced) < len(todo):
         missing = sorted(todo - produced)
+        count = reader.frame_count()
+        length = f", {count} frames at 30 fps" if count else ""
+        written = f"; vectors were written for the other {len(produced)}" if produced else ""
         raise DataError(
             f"{job.source}: {len(missing)} of the frames the time grids read lie past the end of "
-            f"the video (its last frame is {last}; first missing: {missing[0]}); the "
-            f"{len(produced)} others were written.",
+            f"the video (it ends before frame {missing[0]}{length}){written}.",
             "Check that the annotations belong to this video and its frame rate (keys are 30 fps "
             "frame numbers).",
         )

@@ -59,6 +59,7 @@ def merge_stores(
     reference_path, reference = records[0] if merged is None else (out, merged)
     for path, record in records:
         _check_mergeable(reference_path, reference, path, record)
+        _check_complete(path, record)
     merged = merged or reference.model_copy(deep=True, update={"videos": {}, "layouts": []})
     check_writable_dir(out, "merged store")
     copied = present = 0
@@ -77,6 +78,34 @@ def merge_stores(
     finally:
         target.close()
     return MergeResult(copied, present, len(merged.videos))
+
+
+def _check_complete(path: Path, record: StoreRecord) -> None:
+    """DataError when a shard holds vectors of a video its record does not mark complete (an
+    interrupted or failed extraction): its vectors would enter the merged store unrecorded."""
+    complete = {video for video, done in record.videos.items() if done.complete}
+    unfinished: set[str] = set()
+    try:
+        source = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    except lmdb.Error as error:
+        raise DataError(f"Cannot open the shard store {path}: {error}.") from None
+    try:
+        with source.begin() as read:
+            for key in read.cursor().iternext(values=False):
+                video = bytes(key).decode("utf-8", "replace").rsplit("_frame_", 1)[0]
+                if video not in complete:
+                    unfinished.add(video)
+    finally:
+        source.close()
+    if unfinished:
+        names = sorted(unfinished)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DataError(
+            f"{path} holds vectors of {len(names)} video(s) whose extraction did not finish "
+            f"({shown}): nothing was merged.",
+            "Run that shard's sfr features command again (it resumes and completes them, or "
+            "names the videos that fail), then merge.",
+        )
 
 
 def _check_mergeable(first_path: Path, first: StoreRecord, path: Path, record: StoreRecord) -> None:

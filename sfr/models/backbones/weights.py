@@ -70,9 +70,14 @@ def _state_of(container: Any, containers: Sequence[str], path: Path) -> Mapping[
         if container and all(isinstance(v, Tensor) for v in container.values()):
             return container
     names = ", ".join(f"'{c}'" for c in containers)
+    hint = "Pass the checkpoint file of the chosen backbone (--weights)."
+    if isinstance(container, Mapping) and isinstance(container.get("model_state"), Mapping):
+        hint = (
+            "It holds 'model_state', as the SlowFast checkpoints of pytorchvideo and SlowFast "
+            "do: choose that backbone, e.g. --backbone slowfast-r50 (or slowfast-r101)."
+        )
     raise DataError(
-        f"{path} holds no state dict (looked for {names} or a plain mapping of tensors).",
-        "Pass the checkpoint file of the chosen backbone (--weights).",
+        f"{path} holds no state dict (looked for {names} or a plain mapping of tensors).", hint
     )
 
 
