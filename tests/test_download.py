@@ -894,7 +894,9 @@ def test_a_kill_between_rename_and_record_is_recovered_on_the_next_run(
     assert code == -signal.SIGKILL
     assert (data / "flow" / "data.mdb").read_bytes() == served[name]
     assert name not in load_manifest(data).artefacts and name in load_manifest(data).pending
-    assert_user_error(*cli("download", "verify", "--data", data), "interrupted", name)
+    assert_user_error(
+        *cli("download", "verify", "--data", data), "interrupted", name, "without --force"
+    )
     requests_before = len(server.hits())
     code, output, _ = cli(*args)
     assert code == 0, output

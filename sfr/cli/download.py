@@ -655,16 +655,28 @@ def verify(
     bad = [check for check in checks if not check.ok]
     if bad:
         names = " ".join(dict.fromkeys(check.artefact for check in bad))
-        interrupted = any(check.status == "interrupted" for check in bad)
+        unfinished = " ".join(
+            dict.fromkeys(check.artefact for check in bad if check.status == "interrupted")
+        )
+        damaged = " ".join(
+            dict.fromkeys(check.artefact for check in bad if check.status != "interrupted")
+        )
+        hints = []
+        if unfinished:
+            hints.append(
+                f"Complete the interrupted install{'s' if ' ' in unfinished else ''} by running "
+                f"the same download again, without --force: sfr download get {unfinished}."
+            )
+        if damaged:
+            hints.append(
+                f"Fetch the others again: sfr download get {damaged} --force."
+                if unfinished
+                else f"Fetch them again: sfr download get {damaged} --force."
+            )
         raise SfrError(
-            f"{len(bad)} of {len(checks)} installed files failed verification "
-            f"({names.replace(' ', ', ')}).",
-            hint=f"Fetch them again: sfr download get {names} --force (with the same "
-            "--data/--runs)."
-            + (
-                " An interrupted install is completed by running the same download again."
-                if interrupted
-                else ""
-            ),
+            f"{len(bad)} of {len(checks)} installed files "
+            + ("are not complete or " if unfinished else "")
+            + f"failed verification ({names.replace(' ', ', ')}).",
+            hint=" ".join(hints) + " (with the same --data/--runs)",
         )
     console.print(f"All {len(checks)} installed files match their manifests.", highlight=False)
