@@ -80,15 +80,20 @@ def merge_stores(
     return MergeResult(copied, present, len(merged.videos))
 
 
+def _open_shard(path: Path) -> lmdb.Environment:
+    """A shard store opened read-only; DataError naming it when LMDB cannot open it."""
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    except lmdb.Error as error:
+        raise DataError(f"Cannot open the shard store {path}: {error}.") from None
+
+
 def _check_complete(path: Path, record: StoreRecord) -> None:
     """DataError when a shard holds vectors of a video its record does not mark complete (an
     interrupted or failed extraction): its vectors would enter the merged store unrecorded."""
     complete = {video for video, done in record.videos.items() if done.complete}
     unfinished: set[str] = set()
-    try:
-        source = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
-    except lmdb.Error as error:
-        raise DataError(f"Cannot open the shard store {path}: {error}.") from None
+    source = _open_shard(path)
     try:
         with source.begin() as read:
             for key in read.cursor().iternext(values=False):
@@ -150,10 +155,7 @@ def _merge_record(merged: StoreRecord, shard: StoreRecord) -> None:
 def _copy(shard: Path, target: lmdb.Environment, out: Path) -> tuple[int, int]:
     """Copy the shard's keys into `target` in batches; (copied, already present)."""
     copied = present = 0
-    try:
-        source = lmdb.open(str(shard), readonly=True, lock=False, subdir=True)
-    except lmdb.Error as error:
-        raise DataError(f"Cannot open the shard store {shard}: {error}.") from None
+    source = _open_shard(shard)
     try:
         with source.begin() as read:
             cursor = read.cursor()
