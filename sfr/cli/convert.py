@@ -57,7 +57,9 @@ def describe(converted: dict[str, Any], stage: str) -> str:
 
 @user_errors
 def convert(
-    source: Annotated[Path, typer.Argument(help="A published RU-LSTM checkpoint (.pth.tar).")],
+    source: Annotated[
+        Path, typer.Argument(help="A published RU-LSTM or Slow-Fast RU-LSTM checkpoint (.pth.tar).")
+    ],
     out: Annotated[
         Path | None,
         typer.Argument(help="The .safetensors checkpoint to write (or use --into)."),

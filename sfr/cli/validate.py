@@ -176,7 +176,7 @@ def validate(
         bool,
         typer.Option(
             "--ensemble",
-            help="Also score the models' ensemble (weighted mean of action probabilities).",
+            help="Also score the models' ensemble (weighted mean of action probabilities, or of scores with --ensemble-of).",
         ),
     ] = False,
     weights: Annotated[
