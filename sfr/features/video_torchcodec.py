@@ -24,6 +24,8 @@ end (an AVI with packed B-frames, as DivX wrote them) is refused here and read b
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -77,19 +79,12 @@ class Timeline:
 
     def frame_count(self, fps: Fraction) -> int:
         """Keyed frames at `fps`: the n >= 1 with (n - 1) / fps < end."""
-        return int(-(-self.end * fps // 1)) if self.end > 0 else 0
+        return math.ceil(self.end * fps) if self.end > 0 else 0
 
     def source_of(self, frame: int, fps: Fraction) -> int:
         """The 0-based source frame on screen at keyed frame `frame` (1-based, at `fps`)."""
         due = Fraction(frame - 1) / fps + self.tolerance
-        low, high = 0, len(self.times)  # last index with times[index] <= due
-        while high - low > 1:
-            middle = (low + high) // 2
-            if self.times[middle] <= due:
-                low = middle
-            else:
-                high = middle
-        return low
+        return max(bisect.bisect_right(self.times, due) - 1, 0)  # last time at or before due
 
 
 def read_timeline(path: Path) -> Timeline:
@@ -187,24 +182,18 @@ class TorchCodecVideoReader:
         if not keyed:
             return
         decoder = self._decoder(len(timeline.times))
-        sources = [timeline.source_of(frame, self.fps) for frame in keyed]
-        start = 0
-        while start < len(keyed):
-            # one call per BATCH_FRAMES distinct source frames, in presentation order
-            stop, distinct = start, 0
-            while stop < len(keyed) and (
-                distinct < BATCH_FRAMES or sources[stop] == sources[stop - 1]
-            ):
-                if stop == start or sources[stop] != sources[stop - 1]:
-                    distinct += 1
-                stop += 1
-            batch = sorted(set(sources[start:stop]))
-            frames_label = f"{keyed[start]}-{keyed[stop - 1]}" if stop - start > 1 else keyed[start]
-            images = self._decode(decoder, batch, frames_label, timeline)
-            position = {source: row for row, source in enumerate(batch)}
-            for frame, source in zip(keyed[start:stop], sources[start:stop], strict=True):
-                yield frame, images[position[source]].copy()
-            start = stop
+        sources = [timeline.source_of(frame, self.fps) for frame in keyed]  # non-decreasing
+        distinct = sorted(set(sources))
+        position = 0
+        for start in range(0, len(distinct), BATCH_FRAMES):  # one torchcodec call per batch
+            batch = distinct[start : start + BATCH_FRAMES]
+            end = bisect.bisect_right(sources, batch[-1])  # the keyed frames showing them
+            label = f"{keyed[position]}-{keyed[end - 1]}" if end - position > 1 else keyed[position]
+            images = self._decode(decoder, batch, label, timeline)
+            row = {source: index for index, source in enumerate(batch)}
+            for frame, source in zip(keyed[position:end], sources[position:end], strict=True):
+                yield frame, images[row[source]].copy()
+            position = end
 
     def _decoder(self, frames: int) -> Any:
         decoders = load_torchcodec()
