@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -121,6 +121,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", help="fp32, or on CUDA bf16/fp16 (autocast; stored as float32)."),
+]
+BackendOpt = Annotated[
+    str, typer.Option("--backend", help="Video decoder: pyav, or torchcodec if installed.")
 ]
 SourceFpsOpt = Annotated[
     float | None,
@@ -322,6 +325,41 @@ def _report(result: ExtractionResult, out: Path) -> None:
         raise typer.Exit(USER_ERROR_EXIT)
 
 
+def _run_backbone(
+    modality: str,
+    out: Path,
+    inputs: InputOptions,
+    *,
+    plan: FramePlan,
+    backbone: str,
+    weights: str | None,
+    runs: Path,
+    batch_size: int,
+    workers: int,
+    device: str,
+    precision: str,
+    preprocessing: dict[str, Any] | None = None,
+) -> None:
+    """An rgb or flow extraction through a backbone, as the command line asked for it."""
+    path, name = _weights(weights, runs)
+    _run(
+        FeatureRequest(
+            modality=modality,
+            out=out,
+            inputs=inputs,
+            plan=plan,
+            backbone=backbone,
+            weights=path,
+            weights_name=name,
+            preprocessing=preprocessing or {},
+            batch_size=batch_size,
+            workers=workers,
+            device=resolve_device(device),
+            precision=_precision(precision),
+        )
+    )
+
+
 def _run(request: FeatureRequest) -> None:
     with ExtractionView() as view:
         result = run_request(request, view)
@@ -358,9 +396,7 @@ def rgb(
     clip_stride: Annotated[
         int | None, typer.Option("--clip-stride", help="SlowFast: frames between them (2).")
     ] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help="Video decoder: pyav, or torchcodec if installed.")
-    ] = "pyav",
+    backend: BackendOpt = "pyav",
     source_fps: SourceFpsOpt = None,
     rest: RestArg = None,
 ) -> None:
@@ -368,30 +404,27 @@ def rgb(
 
     Example: sfr features rgb --videos VIDEOS --weights tsn-rgb --out DATA/rgb
     """
-    path, name = _weights(weights, runs)
-    _run(
-        FeatureRequest(
-            modality="rgb",
-            out=out,
-            inputs=InputOptions(
-                videos=videos,
-                names=video,
-                shard=parse_shard(shard),
-                backend=backend,
-                source_fps=source_fps,
-            ),
-            plan=_plan(annotations, grids, config, fps, rest),
-            backbone=backbone,
-            weights=path,
-            weights_name=name,
-            preprocessing=_preprocessing_overrides(
-                short_side, crop, mean, std, clip_frames, clip_stride
-            ),
-            batch_size=batch_size,
-            workers=workers,
-            device=resolve_device(device),
-            precision=_precision(precision),
-        )
+    _run_backbone(
+        "rgb",
+        out,
+        InputOptions(
+            videos=videos,
+            names=video,
+            shard=parse_shard(shard),
+            backend=backend,
+            source_fps=source_fps,
+        ),
+        plan=_plan(annotations, grids, config, fps, rest),
+        backbone=backbone,
+        weights=weights,
+        runs=runs,
+        preprocessing=_preprocessing_overrides(
+            short_side, crop, mean, std, clip_frames, clip_stride
+        ),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
     )
 
 
@@ -433,9 +466,7 @@ def flow(
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
-    backend: Annotated[
-        str, typer.Option("--backend", help="Video decoder: pyav, or torchcodec if installed.")
-    ] = "pyav",
+    backend: BackendOpt = "pyav",
     source_fps: SourceFpsOpt = None,
     rest: RestArg = None,
 ) -> None:
@@ -443,30 +474,27 @@ def flow(
 
     Example: sfr features flow --flow-frames FLOW --weights tsn-flow --out DATA/flow
     """
-    path, name = _weights(weights, runs)
-    _run(
-        FeatureRequest(
-            modality="flow",
-            out=out,
-            inputs=InputOptions(
-                videos=videos,
-                flow_frames=flow_frames,
-                names=video,
-                shard=parse_shard(shard),
-                flow_stride=flow_stride,
-                flow_height=flow_height,
-                backend=backend,
-                source_fps=source_fps,
-            ),
-            plan=_plan(annotations, grids, config, fps, rest),
-            backbone=backbone,
-            weights=path,
-            weights_name=name,
-            batch_size=batch_size,
-            workers=workers,
-            device=resolve_device(device),
-            precision=_precision(precision),
-        )
+    _run_backbone(
+        "flow",
+        out,
+        InputOptions(
+            videos=videos,
+            flow_frames=flow_frames,
+            names=video,
+            shard=parse_shard(shard),
+            flow_stride=flow_stride,
+            flow_height=flow_height,
+            backend=backend,
+            source_fps=source_fps,
+        ),
+        plan=_plan(annotations, grids, config, fps, rest),
+        backbone=backbone,
+        weights=weights,
+        runs=runs,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
     )
 
 
