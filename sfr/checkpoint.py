@@ -3,6 +3,11 @@
 A checkpoint holds tensors (weights, and for resuming optimiser state and RNG state) and a JSON
 document in the safetensors metadata under the key `sfr` (config, epoch, metrics). A kill at
 any moment leaves either the previous file or the new one, never a torn file.
+
+Epochs in the metadata (`epoch`, and `best_epoch` of a resume checkpoint) are numbered from 1, as
+on screen, in status.json and in metrics.jsonl: `"epoch": 3` is the third epoch, `"best_epoch":
+null` means no best yet. `"epoch_base": 1` marks such metadata; sfr before it counted from 0 and
+wrote no marker, and `read_metadata` renumbers those files when it reads them.
 """
 
 from __future__ import annotations
@@ -23,11 +28,36 @@ from sfr.errors import DataError, RunError
 from sfr.files import atomic_write, missing_reason
 
 METADATA_KEY = "sfr"
+# Marks metadata whose epochs are numbered from 1; metadata without it counts them from 0.
+EPOCH_BASE_KEY = "epoch_base"
+
+
+def epochs_from_one(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata with its epochs numbered from 1 and marked so (`EPOCH_BASE_KEY`).
+
+    Metadata without the marker (sfr before it, 0-based) is renumbered: `epoch` + 1, and a
+    `best_epoch` of -1 (no best yet) becomes None. Metadata without epochs is returned unchanged.
+    """
+    if "epoch" not in metadata or metadata.get(EPOCH_BASE_KEY) == 1:
+        return metadata
+    out = {**metadata, EPOCH_BASE_KEY: 1}
+    if isinstance(out["epoch"], int):
+        out["epoch"] += 1
+    best = out.get("best_epoch")
+    if isinstance(best, int):
+        out["best_epoch"] = best + 1 if best >= 0 else None
+    return out
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write tensors and a JSON-able metadata document as one safetensors file, atomically."""
+    """Write tensors and a JSON-able metadata document as one safetensors file, atomically.
+
+    An `epoch` (and `best_epoch`) in `metadata` must be numbered from 1 (None: no best yet); the
+    file records that numbering (`EPOCH_BASE_KEY`).
+    """
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if "epoch" in metadata:
+        metadata = {**metadata, EPOCH_BASE_KEY: 1}
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
 
     def write(tmp: Path) -> None:
@@ -40,7 +70,11 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The metadata document of a checkpoint, without loading its tensors."""
+    """The metadata document of a checkpoint, without loading its tensors.
+
+    Epochs are numbered from 1, also in files of sfr versions that counted from 0 (renumbered by
+    `epochs_from_one`). Raises RunError for an unreadable file or metadata that is no JSON object.
+    """
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
@@ -57,7 +91,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"The sfr metadata of checkpoint {path} is not a JSON object ({metadata}).",
             "The file is damaged or was not written by sfr: train or export it again.",
         )
-    return metadata
+    return epochs_from_one(metadata)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

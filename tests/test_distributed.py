@@ -178,7 +178,7 @@ def test_a_killed_rank_fails_clearly_and_the_run_resumes_under_ddp(
     assert "lost contact with the other processes" in result["message"]
     assert "--resume" in result["hint"] and str(runs / STAGE) in result["hint"]
     root = runs / STAGE
-    assert read_metadata(root / "last.safetensors")["epoch"] == 0
+    assert read_metadata(root / "last.safetensors")["epoch"] == 1
     assert json.loads((root / "status.json").read_text())["state"] == "running"
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
 
@@ -221,7 +221,7 @@ def test_a_stalled_rank_times_out_instead_of_hanging(
     assert result["error"] == "DistributedError", result
     assert "Training stopped at epoch 2" in result["message"]
     assert "SFR_DIST_TIMEOUT=3 s" in result["message"]
-    assert read_metadata(runs / STAGE / "last.safetensors")["epoch"] == 0
+    assert read_metadata(runs / STAGE / "last.safetensors")["epoch"] == 1
 
 
 def test_validation_measures_from_label_ranks_equal_the_metric_functions() -> None:

@@ -186,7 +186,7 @@ def check_pipeline(arch: str, runs: Path, result: PipelineResult, events: list[o
         assert [r["epoch"] for r in metrics_lines(root)] == [1, 2]
         meta = read_metadata(root / "best.safetensors")
         assert meta["kind"] == ("branch" if step.level == 0 else "fusion")
-        assert meta["metrics"] == fit.metrics and meta["epoch"] == fit.best_epoch
+        assert meta["metrics"] == fit.metrics and meta["epoch"] == fit.best_epoch + 1
         if step.level:
             assert meta["stage"] == step.label
             assert meta["config"]["model"]["architecture"] == arch
@@ -364,7 +364,7 @@ def test_interrupted_pipeline_resumes_to_the_same_result(
     )
     crashed = runs / trained.result.steps[index].run.root.relative_to(trained.runs)
     assert json.loads((crashed / "status.json").read_text())["state"] == "running"
-    assert read_metadata(crashed / "last.safetensors")["epoch"] == 0
+    assert read_metadata(crashed / "last.safetensors")["epoch"] == 1
     later = trained.result.steps[index + 1 :]
     assert not any((runs / s.run.root.relative_to(trained.runs)).exists() for s in later)
 

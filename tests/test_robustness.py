@@ -561,6 +561,60 @@ def test_epochs_are_numbered_from_1_on_screen_and_in_the_files(
     assert "epoch   1/2" in output and "epoch   2/2" in output
     assert f"best epoch {status['best_epoch']} (top5@1s = {status['best']:.2f})" in output
     assert "top5@1s" in output.split("epoch   1/2", 1)[1].splitlines()[0]
+    # the checkpoints number epochs as the files and the screen do
+    from sfr.checkpoint import read_metadata
+
+    last = read_metadata(root / "last.safetensors")
+    assert last["epoch"] == status["epoch"] == records[-1]["epoch"] == 2
+    assert last["best_epoch"] == status["best_epoch"]
+    assert read_metadata(root / "best.safetensors")["epoch"] == status["best_epoch"]
+
+
+def old_style_metadata(path: Path) -> None:
+    """Rewrite a checkpoint's metadata as sfr before 1-based epochs wrote it (0-based, no
+    marker)."""
+    from safetensors.torch import load_file, save_file
+
+    from sfr.checkpoint import EPOCH_BASE_KEY, METADATA_KEY, read_metadata
+
+    meta = read_metadata(path)
+    old = {k: v for k, v in meta.items() if k != EPOCH_BASE_KEY}
+    old["epoch"] -= 1
+    if "best_epoch" in old:
+        old["best_epoch"] = -1 if old["best_epoch"] is None else old["best_epoch"] - 1
+    save_file(load_file(str(path)), str(path), {METADATA_KEY: json.dumps(old)})
+
+
+def test_a_checkpoint_of_an_older_sfr_counting_epochs_from_0_resumes_exactly(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from sfr.checkpoint import read_metadata
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for folder in (straight, resumed):
+        folder.mkdir()
+    code, output, _ = cli(*branch_args(straight, golden_data, "--epochs", "3"))
+    assert code == 0, output
+    code, output, _ = cli(*branch_args(resumed, golden_data, "--epochs", "2"))
+    assert code == 0, output
+    root = resumed / "runs" / RUN
+    best_epoch = json.loads((root / "status.json").read_text())["best_epoch"]
+    for name in ("best.safetensors", "last.safetensors"):
+        old_style_metadata(root / name)
+    assert read_metadata(root / "best.safetensors")["epoch"] == best_epoch  # read as from 1
+    assert read_metadata(root / "last.safetensors")["epoch"] == 2
+
+    code, output, _ = cli(*branch_args(resumed, golden_data, "--epochs", "3", "--resume"))
+    assert code == 0, output
+    assert "at epoch 3" in output and "epoch   3/3" in output and "epoch   2/3" not in output
+    a = straight / "runs" / RUN
+    for name in ("best.safetensors", "last.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(root / name))
+        assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x), name
+    assert (a / "metrics.jsonl").read_text() == (root / "metrics.jsonl").read_text()
+    assert read_metadata(root / "last.safetensors") == read_metadata(a / "last.safetensors")
 
 
 def test_status_before_the_first_epoch_is_strict_json(tmp_path: Path) -> None:

@@ -141,12 +141,12 @@ def test_pretrain_then_finetune_write_complete_run_dirs(
         assert meta["kind"] == "branch"
         assert meta["stage"] == stage
         assert meta["config"] == resolved
-        assert meta["epoch"] == result.best_epoch
+        assert meta["epoch"] == result.best_epoch + 1 == status["best_epoch"]  # from 1, as files
         assert meta["metrics"] == result.metrics
         assert meta["model"] == {"feat_dim": 16, "hidden": 8, "num_classes": 24}
         last_meta = read_metadata(root / "last.safetensors")
-        assert last_meta["epoch"] == 1
-        assert last_meta["best_epoch"] == result.best_epoch
+        assert last_meta["epoch"] == 2 == status["epoch"] == records[-1]["epoch"]
+        assert last_meta["best_epoch"] == result.best_epoch + 1
         if result.best_epoch == 1:  # the best epoch is the last one: same weights
             best_tensors = load_file(str(root / "best.safetensors"))
             last_tensors = split_prefix(load_file(str(root / "last.safetensors")), "model")
@@ -232,7 +232,7 @@ def test_resume_continues_bit_for_bit(golden_data: Path, tmp_path: Path, stage: 
     assert [r["epoch"] for r in metrics_lines(b)] == [1, 2, 3, 4]
     assert (resumed.best_epoch, resumed.best) == (straight.best_epoch, straight.best)
     assert json.loads((b / "status.json").read_text())["state"] == "finished"
-    assert read_metadata(b / "last.safetensors")["epoch"] == 3
+    assert read_metadata(b / "last.safetensors")["epoch"] == 4
     # the saved config is the one the run now has (4 epochs)
     assert json.loads((b / "config.json").read_text())["optim"]["epochs"] == 4
 
@@ -323,7 +323,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
     assert (root / "best.safetensors").read_bytes() == saved["best"]
     assert (root / "last.safetensors").read_bytes() == saved["last"]
-    assert read_metadata(root / "last.safetensors")["epoch"] == 0
+    assert read_metadata(root / "last.safetensors")["epoch"] == 1
     assert [r["epoch"] for r in metrics_lines(root)] == [1]
     assert json.loads((root / "status.json").read_text())["state"] == "running"
     assert leftovers(root) == []
@@ -382,13 +382,13 @@ def test_checkpoint_write_is_atomic(
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["best.safetensors"]
     tensors, meta = load_checkpoint(path)
-    assert meta == {"epoch": 1}
+    assert meta == {"epoch": 1, "epoch_base": 1}
     assert torch.equal(tensors["w"], old["w"])
 
     monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     save_checkpoint(path, {"w": torch.ones(2, 3)}, {"epoch": 3})
     tensors, meta = load_checkpoint(path)
-    assert meta == {"epoch": 3} and torch.equal(tensors["w"], torch.ones(2, 3))
+    assert meta == {"epoch": 3, "epoch_base": 1} and torch.equal(tensors["w"], torch.ones(2, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def test_selection_measure_and_time(
     best_epoch = selections.index(max(selections))  # first epoch reaching the maximum
     assert result.best_epoch == best_epoch and result.best == max(selections)
     meta = read_metadata(root / "best.safetensors")
-    assert meta["epoch"] == best_epoch
+    assert meta["epoch"] == best_epoch + 1
     assert meta["selection"] == {"measure": select, "time": select_time}
     assert meta["metrics"][key] == max(selections)
 

@@ -491,8 +491,8 @@ def convert_state(
         "stage": stage,
         "config": config.model_dump(mode="json"),
         "model": spec,
-        # sfr counts epochs from 0; the published code saves the number of finished epochs
-        "epoch": max(epoch - 1, 0) if epoch is not None else 0,
+        # the published code saves the number of finished epochs: the best one's number from 1
+        "epoch": max(epoch, 1) if epoch is not None else 1,
         "metrics": _published_metrics(perf, task, grid_settings, selection),
         "selection": selection,
         "converted": {
@@ -769,7 +769,7 @@ def install_conversion(conversion: Conversion, runs_dir: Path, *, force: bool = 
     atomic_write_text(
         run.config_path, json.dumps(conversion.metadata["config"], indent=2, sort_keys=True)
     )
-    epoch = conversion.metadata["epoch"]
+    epoch = conversion.metadata["epoch"] - 1  # set_status takes 0-based indexes
     run.set_status(
         "finished",
         epoch=epoch,

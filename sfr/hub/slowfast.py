@@ -413,7 +413,7 @@ def convert_slowfast_state(
         "stage": stage,
         "config": config.model_dump(mode="json"),
         "model": spec,
-        "epoch": max(epoch - 1, 0) if epoch is not None else 0,
+        "epoch": max(epoch, 1) if epoch is not None else 1,  # finished epochs: from 1
         # whole models select on top-5 at 1 s (index 1/alpha of the slowest rate's last steps)
         "metrics": {f"{selection['measure']}@1": perf} if final and perf is not None else {},
         "selection": selection,

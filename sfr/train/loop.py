@@ -117,7 +117,11 @@ Progress = Callable[[ProgressEvent], None]
 
 @dataclass
 class FitResult:
-    """What a finished stage reports: the best epoch and its validation measures."""
+    """What a finished stage reports: the best epoch and its validation measures.
+
+    `best_epoch` and the `epoch` of `history` records are 0-based indexes, as in the progress
+    events; the files (checkpoints, status.json, metrics.jsonl) and the screen number from 1.
+    """
 
     run_dir: str
     best_epoch: int
@@ -403,7 +407,7 @@ class Trainer:
         if not bad or self.scaler.is_enabled():  # fp16: GradScaler skips such steps itself
             return
         kept = (
-            f" The checkpoints of epoch {epoch - 1} are kept in {self.run_dir.root} "
+            f" The checkpoints of epoch {epoch} are kept in {self.run_dir.root} "
             "(continue from them with --resume)."
             if self.run_dir.last_path.is_file()
             else ""
@@ -475,7 +479,7 @@ class Trainer:
     def _save_best(self, epoch: int, metrics: dict[str, float]) -> None:
         meta = {
             **self.metadata,
-            "epoch": epoch,
+            "epoch": epoch + 1,  # numbered from 1 in checkpoints, as on screen
             "metrics": metrics,
             "selection": {"measure": self.settings.select, "time": self.settings.select_time},
         }
@@ -498,9 +502,9 @@ class Trainer:
             tensors["amp.growth_tracker"] = torch.tensor([amp["_growth_tracker"]])
         meta = {
             **self.metadata,
-            "epoch": epoch,
+            "epoch": epoch + 1,  # the files number epochs from 1, the code from 0
             "best": best,
-            "best_epoch": best_epoch,
+            "best_epoch": best_epoch + 1 if best_epoch >= 0 else None,
             "world_size": self.world,
         }
         save_checkpoint(self.run_dir.last_path, tensors, meta)
@@ -537,7 +541,7 @@ class Trainer:
         elif self.rank == 0 or meta.get("world_size", 1) == self.world:
             raise KeyError(f"{own} (the random state of this process)")
         else:  # saved by another number of processes: this rank had no state
-            self._seed_dropout(meta["epoch"] + 1)
+            self._seed_dropout(int(meta["epoch"]))  # the number of the last epoch = next index
         if "rng.cuda" in tensors and self.device.type == "cuda" and self.rank == 0:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if "amp.scale" in tensors and self.scaler.is_enabled():
@@ -546,4 +550,5 @@ class Trainer:
             amp["_growth_tracker"] = int(tensors["amp.growth_tracker"][0])
             self.scaler.load_state_dict(amp)
         best = -math.inf if meta["best"] is None else float(meta["best"])
-        return int(meta["epoch"]) + 1, best, int(meta["best_epoch"])
+        best_epoch = -1 if meta["best_epoch"] is None else int(meta["best_epoch"]) - 1
+        return int(meta["epoch"]), best, best_epoch  # read_metadata numbers epochs from 1

@@ -79,7 +79,7 @@ def finished_result(run: RunDir) -> FitResult:
     selection = meta["selection"]
     return FitResult(
         str(run.root),
-        meta["epoch"],
+        meta["epoch"] - 1,  # FitResult counts from 0, checkpoints from 1
         meta["metrics"][time_key(selection["measure"], selection["time"])],
         meta["metrics"],
     )
