@@ -6,6 +6,7 @@ range is reported with the file, the dotted field name and the allowed values.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,9 @@ Modality = Literal["rgb", "flow", "obj"]
 MODALITIES: tuple[str, ...] = ("rgb", "flow", "obj")
 DatasetName = Literal["ek55", "ek100", "egtea"]
 Task = Literal["anticipation", "early_recognition"]
+
+# The published presets, `<dataset>/<name>.toml` (package data: in a checkout, also at configs/).
+PRESETS: Path = Path(str(importlib.resources.files("sfr") / "configs"))
 
 # Published facts of each benchmark: action classes and public feature dimensions.
 DATASET_CLASSES: dict[str, int] = {"ek55": 2513, "ek100": 3806, "egtea": 106}
@@ -472,18 +476,41 @@ def build_config(
         ) from None
 
 
+def published_preset(path: Path) -> Path:
+    """`path`, or the shipped preset it names: `configs/<dataset>/<name>.toml` when no such file
+    exists here (an installed sfr has no configs/ folder beside the working directory)."""
+    parts = path.parts
+    if path.exists() or path.is_absolute() or len(parts) != 3 or parts[0] != "configs":
+        return path
+    shipped = PRESETS / parts[1] / parts[2]
+    return shipped if shipped.is_file() else path
+
+
+def _preset_names() -> str:
+    """The shipped presets' folders and an example, for messages."""
+    datasets = sorted(p.name for p in PRESETS.iterdir() if p.is_dir()) if PRESETS.is_dir() else []
+    return f"<dataset> {' | '.join(datasets)}, e.g. configs/ek55/rgb_a0.5.toml"
+
+
 def load_config(
     model: type[StrictModelT], path: Path, overrides: Mapping[str, Any] = {}
 ) -> StrictModelT:
-    """Read a TOML config file and validate it with overrides (see `build_config`)."""
-    path = Path(path)
+    """Read a TOML config file and validate it with overrides (see `build_config`).
+
+    A relative `configs/<dataset>/<name>.toml` that does not exist is the published preset of
+    that name shipped with sfr (`PRESETS`), so the README's commands run from any folder.
+    Raises ConfigError for a missing, unreadable or invalid file.
+    """
+    path = published_preset(Path(path))
     if path.is_dir():
         raise ConfigError(
             f"Config file {path} is a folder.", "Pass a TOML file to --config (configs/...)."
         )
     if not path.is_file():
         raise ConfigError(
-            f"Config file {path} does not exist.", "Pass an existing TOML file to --config."
+            f"Config file {path} does not exist.",
+            "Pass an existing TOML file to --config, or a published preset: "
+            f"configs/<dataset>/<name>.toml, one of {_preset_names()}.",
         )
     try:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from sfr.config import PRESETS
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
 GOLDEN_DATA_DIR = TESTS_DIR / "data" / "golden" / "data"
-PRESETS_DIR = REPO_DIR / "configs"
+PRESETS_DIR = PRESETS  # the package data, as an installed sfr reads it
 
 # A synthetic dataset small enough to write and train on in well under a second.
 TINY_SPEC = SyntheticSpec(num_videos=2, val_videos=1, actions_per_video=12, dims=(8, 8, 6))

@@ -668,6 +668,47 @@ def test_synth_writes_the_published_presets_set_to_its_data(cli: Cli, tmp_path: 
     assert (tmp_path / "runs" / "synthetic" / "rgb-a0.5-enc6-ant4" / "pretrain").is_dir()
 
 
+def test_the_presets_are_package_data_read_through_the_installed_package() -> None:
+    """Case 20: an installed wheel has the presets: they live in the `sfr` package and the
+    wheel's package data lists every one of them."""
+    import fnmatch
+    import importlib.resources
+    from sfr.config import tomllib  # tomli before Python 3.11
+
+    import sfr
+    from sfr.config import PRESETS
+    from sfr.data.presets import PUBLISHED_PRESETS
+
+    package = Path(sfr.__file__).parent
+    assert PRESETS == Path(str(importlib.resources.files("sfr") / "configs")) == package / "configs"
+    assert PUBLISHED_PRESETS == PRESETS / "ek55"
+    presets = [p.relative_to(package).as_posix() for p in PRESETS.rglob("*.toml")]
+    assert len(presets) > 40 and "configs/ek55/sf_arch2.toml" in presets
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["sfr"]
+    assert all(any(fnmatch.fnmatch(p, glob) for glob in shipped) for p in presets), shipped
+
+
+def test_a_published_preset_path_works_from_any_folder(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Case 20: the README's `--config configs/ek55/...` from a folder without configs/ (an
+    installed sfr) reads the shipped preset; a wrong name lists what ships."""
+    from sfr.config import BranchRunConfig, load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(BranchRunConfig, Path("configs/ek55/rgb_a0.5.toml"))
+    assert config == load_config(BranchRunConfig, PUBLISHED / "rgb_a0.5.toml")
+    mine = tmp_path / "configs" / "ek55" / "rgb_a0.5.toml"  # a file of the user's own wins
+    mine.parent.mkdir(parents=True)
+    mine.write_text((PUBLISHED / "rgb_a0.5.toml").read_text().replace("hidden = 1024", "hidden = 64"))
+    assert load_config(BranchRunConfig, Path("configs/ek55/rgb_a0.5.toml")).branch.hidden == 64
+    code, output, error = cli("train-branch", "--config", "configs/ek55/rgb_a9.toml", "--data", tmp_path)
+    assert_user_error(
+        code, output, error, "configs/ek55/rgb_a9.toml does not exist", "egtea | ek100 | ek55"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # case 18: one overwrite rule, --force
 

@@ -1,9 +1,10 @@
 """The published EK55 presets adapted to a synthetic dataset, so that they run without overrides.
 
-`sfr synth OUT` writes `OUT/configs/<preset>.toml`: each published EK55 preset of the source
-tree's `configs/ek55/` with its `[data]` section set to the synthetic data (its class count, its
-feature sizes, and `name = "synthetic"` so that its runs stay apart from real EK55 runs). Every
-other setting is the published one.
+`sfr synth OUT` writes `OUT/configs/<preset>.toml`: each published EK55 preset (package data
+`sfr/configs/ek55/`, read through the installed package, never a source checkout) with its
+`[data]` section set to the synthetic data (its class count, its feature sizes, and
+`name = "synthetic"` so that its runs stay apart from real EK55 runs). Every other setting is
+the published one.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sfr.config import BranchRunConfig, FusionRunConfig, load_config
+from sfr.config import PRESETS, BranchRunConfig, FusionRunConfig, load_config
 from sfr.errors import ConfigError
 from sfr.files import atomic_write_text
 
-# The published presets ship in the source tree beside the package (an editable install).
-PUBLISHED_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "ek55"
+PUBLISHED_PRESETS = PRESETS / "ek55"
 SYNTHETIC_RUN_NAME = "synthetic"
 _NUM_CLASSES_LINE = re.compile(r"^num_classes = \d+$", re.M)
 
@@ -38,7 +38,8 @@ def adapt_preset(text: str, num_classes: int, dims: dict[str, int]) -> str:
 def write_synthetic_presets(
     data_dir: Path, num_classes: int, dims: dict[str, int], source: Path = PUBLISHED_PRESETS
 ) -> list[Path]:
-    """Write `data_dir/configs/*.toml`, each checked by loading it; [] without published presets.
+    """Write `data_dir/configs/*.toml`, each checked by loading it; [] without published presets
+    (`source` holds none).
 
     Raises ConfigError if an adapted preset does not validate.
     """
