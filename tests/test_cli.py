@@ -404,7 +404,7 @@ def test_learning_rate_beyond_float32_is_a_user_error(
 def test_synth_writes_a_dataset_and_refuses_to_overwrite(cli, tmp_path: Path) -> None:
     out = tmp_path / "synth"
     small = ["--videos", "1", "--val-videos", "1", "--actions-per-video", "5"]
-    code, output, error = cli("synth", out, *small)
+    code, output, error = cli("synth", "--out", out, *small)
     assert code == 0, f"{output}\n{error!r}"
     assert f"Wrote {out}" in output and "5 training and 5 validation segments" in output
     for name in ("training.csv", "validation.csv", "actions.csv", "synthetic_meta.json"):
@@ -417,11 +417,11 @@ def test_synth_writes_a_dataset_and_refuses_to_overwrite(cli, tmp_path: Path) ->
     assert meta["rows"] == {"training": 5, "validation": 5}
     before = (out / "training.csv").read_bytes()
 
-    code, output, error = cli("synth", out, *small, "--seed", "1")
+    code, output, error = cli("synth", "--out", out, *small, "--seed", "1")
     assert_user_error(code, output, error, str(out), "already holds a synthetic dataset", "--force")
     assert (out / "training.csv").read_bytes() == before
 
-    code, output, _ = cli("synth", out, *small, "--seed", "1", "--force")
+    code, output, _ = cli("synth", "--out", out, *small, "--seed", "1", "--force")
     assert code == 0, output
     assert (out / "training.csv").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]  # no temp folders left
@@ -431,10 +431,10 @@ def test_synth_writes_a_dataset_and_refuses_to_overwrite(cli, tmp_path: Path) ->
 def test_synth_refuses_a_file_and_a_bad_spec(cli, tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("mine")
-    code, output, error = cli("synth", target, "--videos", "1", "--actions-per-video", "2")
+    code, output, error = cli("synth", "--out", target, "--videos", "1", "--actions-per-video", "2")
     assert_user_error(code, output, error, str(target))
     assert target.read_text() == "mine"
 
-    code, output, error = cli("synth", tmp_path / "new", "--videos", "0")
+    code, output, error = cli("synth", "--out", tmp_path / "new", "--videos", "0")
     assert_user_error(code, output, error, "Invalid synthetic dataset spec")
     assert not (tmp_path / "new").exists()

@@ -313,7 +313,7 @@ def test_the_early_matt_preset_runs_on_sfr_synth_data(cli, tmp_path: Path) -> No
     six branch stages and the MATT stage, scored by observed ratio."""
     data, runs = tmp_path / "synth", tmp_path / "runs"
     code, output, error = cli(
-        "synth", data, "--videos", "2", "--val-videos", "1", "--actions-per-video", "10"
+        "synth", "--out", data, "--videos", "2", "--val-videos", "1", "--actions-per-video", "10"
     )
     assert code == 0, f"{output}\n{error!r}"
     num_classes = read_actions(data / "actions.csv").num_actions

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -642,7 +643,7 @@ def test_synth_writes_the_published_presets_set_to_its_data(cli: Cli, tmp_path: 
     from sfr.data.presets import PUBLISHED_PRESETS
 
     out = tmp_path / "synth"
-    code, output, _ = cli("synth", out, "--videos", "2", "--val-videos", "1",
+    code, output, _ = cli("synth", "--out", out, "--videos", "2", "--val-videos", "1",
                           "--actions-per-video", "12")  # fmt: skip
     assert code == 0, output
     presets = sorted(p.name for p in (out / "configs").iterdir())
@@ -673,10 +674,12 @@ def test_the_presets_are_package_data_read_through_the_installed_package() -> No
     wheel's package data lists every one of them."""
     import fnmatch
     import importlib.resources
-    from sfr.config import tomllib  # tomli before Python 3.11
 
     import sfr
-    from sfr.config import PRESETS
+    from sfr.config import (
+        PRESETS,
+        tomllib,  # tomli before Python 3.11
+    )
     from sfr.data.presets import PUBLISHED_PRESETS
 
     package = Path(sfr.__file__).parent
@@ -701,9 +704,13 @@ def test_a_published_preset_path_works_from_any_folder(
     assert config == load_config(BranchRunConfig, PUBLISHED / "rgb_a0.5.toml")
     mine = tmp_path / "configs" / "ek55" / "rgb_a0.5.toml"  # a file of the user's own wins
     mine.parent.mkdir(parents=True)
-    mine.write_text((PUBLISHED / "rgb_a0.5.toml").read_text().replace("hidden = 1024", "hidden = 64"))
+    mine.write_text(
+        (PUBLISHED / "rgb_a0.5.toml").read_text().replace("hidden = 1024", "hidden = 64")
+    )
     assert load_config(BranchRunConfig, Path("configs/ek55/rgb_a0.5.toml")).branch.hidden == 64
-    code, output, error = cli("train-branch", "--config", "configs/ek55/rgb_a9.toml", "--data", tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", "configs/ek55/rgb_a9.toml", "--data", tmp_path
+    )
     assert_user_error(
         code, output, error, "configs/ek55/rgb_a9.toml does not exist", "egtea | ek100 | ek55"
     )
@@ -767,18 +774,24 @@ def test_synth_force_replaces_only_a_synthetic_dataset(cli: Cli, tmp_path: Path)
 # case 17: the same names and placeholders for the same things in every command
 
 
-def every_command() -> list[list[str]]:
+def registered_commands() -> list[tuple[list[str], Any]]:
+    """Every command and group of `sfr` as Typer builds them, with its words (`["export",
+    "model"]`): found by walking the command tree, so a new command is checked too."""
     import typer.main
 
     from sfr.cli.app import app
 
-    def walk(command: object, prefix: list[str]) -> list[list[str]]:
-        found = [prefix]
+    def walk(command: Any, prefix: list[str]) -> list[tuple[list[str], Any]]:
+        found = [(prefix, command)]
         for name, sub in getattr(command, "commands", {}).items():
             found += walk(sub, [*prefix, name])
         return found
 
     return walk(typer.main.get_command(app), [])
+
+
+def every_command() -> list[list[str]]:
+    return [words for words, _ in registered_commands()]
 
 
 def test_every_help_uses_one_placeholder_convention(cli: Cli) -> None:
@@ -789,6 +802,100 @@ def test_every_help_uses_one_placeholder_convention(cli: Cli) -> None:
         assert code == 0, (command, output)
         assert not re.search(r"<(bool|path|int|str|float|list)", output), (command, output)
         assert "{out}" not in output and "REPORT.json " not in output, (command, output)
+        usage = next(line for line in output.splitlines() if "Usage:" in line)
+        assert not re.search(r"[{}]", usage), (command, usage)  # MODEL, not Typer's {MODEL}
+
+
+# The wording every command shares for the same option: (start of) its help.
+SHARED_HELP = {
+    "--seed": "Random seed.",
+    "--device": "auto, cpu, cuda or cuda:N.",
+    "--force": "Replace ",
+    "--workers": "Worker ",
+    "--runs": "Runs folder",
+}
+
+
+def visible_options(command: Any) -> list[Any]:
+    import typer
+
+    return [p for p in command.params if isinstance(p, typer.core.TyperOption) and not p.hidden]
+
+
+def test_the_same_option_has_the_same_name_and_wording_in_every_command() -> None:
+    from sfr.cli.common import HIDDEN_ALIASES
+
+    seen = dict.fromkeys(SHARED_HELP, 0)
+    for words, command in registered_commands():
+        for option in visible_options(command):
+            names = option.opts + option.secondary_opts
+            assert not HIDDEN_ALIASES & set(names), (words, names)  # older spellings not shown
+            if any("worker" in name or "thread" in name for name in names):
+                assert names == ["--workers"], (words, names)  # one name for the worker count
+            for name in names:
+                if name in SHARED_HELP:
+                    seen[name] += 1
+                    assert (option.help or "").startswith(SHARED_HELP[name]), (words, option.help)
+                if name in ("--epochs", "--lr"):
+                    wanted = "raining epochs" if name == "--epochs" else "SGD learning rate"
+                    assert wanted in (option.help or ""), (words, name, option.help)
+        arguments = [p for p in command.params if p.param_type_name == "argument"]
+        outs = [p for p in arguments if p.name.startswith("out") and not p.hidden]
+        out_options = [o for o in visible_options(command) if o.opts == ["--out"]]
+        for output in outs + out_options:  # every output path reads `PATH` in the help
+            assert output.display_type_rich(None) == "PATH", words
+        assert not (outs and out_options), words  # an output is either --out or OUT
+    assert all(count >= 2 for count in seen.values()), seen  # the rules still check something
+
+
+def test_older_spellings_are_still_accepted(cli: Cli, tmp_path: Path) -> None:
+    """`--num-workers` (now `--workers`) and `sfr synth OUT` (now `--out`) keep working."""
+    import typer.main
+
+    from sfr.cli.app import app
+
+    root = typer.main.get_command(app)
+    for spelling in ("--workers", "--num-workers"):
+        for words in (["train-branch", "--config", "c.toml"], ["validate", "m"]):
+            command = root.commands[words[0]]
+            ctx = command.make_context(words[0], [*words[1:], "--data", "d", spelling, "3"])
+            assert 3 in (ctx.params.get("num_workers"), ctx.params.get("workers")), words
+    code, output, error = cli("synth", tmp_path / "a", "--out", tmp_path / "b")
+    assert_user_error(code, output, error, "Give the output folder once", "--out")
+    code, output, error = cli("synth")
+    assert_user_error(code, output, error, "Give the output folder once")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_split_defaults_are_described_as_they_are(
+    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`validate --split` and `export submission --split` state the default they apply."""
+    import sfr.cli.export as export_module
+    from sfr.eval.submission import challenge_split
+
+    commands = {" ".join(words): command for words, command in registered_commands()}
+    for name, default in [
+        ("validate", "(default: validation; EGTEA: the model's own validationN)."),
+        ("export submission", "(default: test_seen for EK55, test for EK100)."),
+    ]:
+        split = next(o for o in commands[name].params if o.opts == ["--split"])
+        assert split.help.endswith(default), name
+        assert not split.show_default or split.default is None, name  # no second [default: ]
+    assert (challenge_split("ek55"), challenge_split("ek100")) == ("test_seen", "test")
+    seen = []
+
+    def fake(model: Any, data: Path, split: str, **kwargs: Any) -> dict:
+        seen.append(split)
+        return {"version": "0.1", "results": {}}
+
+    monkeypatch.setattr(export_module, "make_submission", fake)
+    code, output, _ = cli(
+        "export", "submission", trained_runs.branch("rgb@0.25"), tmp_path / "s.json",
+        "--data", trained_runs.data,
+    )  # fmt: skip
+    assert code == 0, output
+    assert seen == ["test_seen"]  # an EK55 model
 
 
 def test_version(cli: Cli) -> None:

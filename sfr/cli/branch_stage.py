@@ -29,9 +29,13 @@ DataOpt = Annotated[
     Path,
     typer.Option("--data", "-d", help="Data folder: annotation CSVs and rgb/flow/obj LMDB stores."),
 ]
-RunsOpt = Annotated[Path, typer.Option("--runs", help="Folder that holds the run directories.")]
+RunsOpt = Annotated[Path, typer.Option("--runs", help="Runs folder: holds the run directories.")]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Delete a finished or interrupted run and start over.")
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace a finished or interrupted run: delete what sfr wrote in it and start over.",
+    ),
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue an interrupted (or extend a finished) run.")
@@ -45,7 +49,7 @@ WorkersOpt = typer.Option(
     "--workers",
     "--num-workers",
     min=0,
-    help="DataLoader worker processes (each opens its own LMDB handles).",
+    help="Worker processes reading the data (DataLoader; each opens its own LMDB handles).",
     rich_help_panel=DataGroup,
 )
 PrecisionOpt = typer.Option(
@@ -71,7 +75,14 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         dataset: Annotated[
             str | None, _opt("--dataset", "ek55, ek100 or egtea.", DataGroup)
         ] = None,
-        split: Annotated[int | None, _opt("--split", "EGTEA split (1-3).", DataGroup)] = None,
+        split: Annotated[
+            int | None,
+            _opt(
+                "--split",
+                "EGTEA split number (1-3): training{N}.csv, validation{N}.csv.",
+                DataGroup,
+            ),
+        ] = None,
         fps: Annotated[
             float | None, _opt("--fps", "Frame rate of the CSV frame numbers.", DataGroup)
         ] = None,

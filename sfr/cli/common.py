@@ -94,10 +94,15 @@ def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
 _PLACEHOLDERS = {"path": "PATH", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH"}
 
 
+# Older spellings of options, still accepted but not shown: one name per thing in the help.
+HIDDEN_ALIASES = frozenset({"--num-workers"})
+
+
 class SfrGroup(typer.core.TyperGroup):
     """The root command group: gives every option and argument of every subcommand the same
-    kind of help placeholder (`--force` no `<bool>`, `--data PATH`, `MODEL`), once, when
-    Typer builds the command tree."""
+    kind of help placeholder (`--force` no `<bool>`, `--data PATH`, `MODEL`) and usage names
+    (`MODEL`, `[OUT]`, `SHARDS...`, not Typer's `{MODEL}`), and hides `HIDDEN_ALIASES` from the
+    help while still accepting them, once, when Typer builds the command tree."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,10 +123,39 @@ def _tidy_placeholders(command: Any) -> None:
         if isinstance(param, (typer.core.TyperOption, typer.core.TyperArgument)):
             label = _placeholder(param)
             param.display_type_rich = lambda ctx, label=label: label
-            if isinstance(param, typer.core.TyperArgument) and param.metavar is None:
-                param.metavar = param.name.upper()
+            if isinstance(param, typer.core.TyperArgument):
+                if param.metavar is None:
+                    param.metavar = param.name.upper()
+                param.get_usage_pieces = lambda ctx, param=param: _usage_pieces(param)
+            elif any(name in HIDDEN_ALIASES for name in param.opts):
+                _hide_aliases(param)
     for sub in getattr(command, "commands", {}).values():
         _tidy_placeholders(sub)
+
+
+def _usage_pieces(argument: Any) -> list[str]:
+    """An argument in the usage line as click writes it: `OUT`, `[OUT]`, `SHARDS...`; nothing
+    for a hidden one."""
+    if argument.hidden:
+        return []
+    name = argument.metavar if argument.required else f"[{argument.metavar}]"
+    return [f"{name}..." if argument.nargs != 1 else name]
+
+
+def _hide_aliases(option: Any) -> None:
+    """Show only the option's current names; the parser still accepts the hidden ones."""
+    every = list(option.opts)
+    option.opts = [name for name in every if name not in HIDDEN_ALIASES]
+    add_to_parser = option.add_to_parser
+
+    def add_every_name(parser: Any, ctx: Any) -> None:
+        shown, option.opts = option.opts, every
+        try:
+            add_to_parser(parser, ctx)
+        finally:
+            option.opts = shown
+
+    option.add_to_parser = add_every_name
 
 
 def _placeholder(param: Any) -> str | None:

@@ -104,8 +104,8 @@ ForceOpt = Annotated[
     bool,
     typer.Option(
         "--force",
-        help="Download again even if installed; replace files of another variant or not "
-        "installed by sfr.",
+        help="Replace installed files: download again, also over files of another variant or "
+        "not installed by sfr.",
     ),
 ]
 
@@ -561,7 +561,10 @@ PRESENCE = {
 @download_app.command("list")
 @download_errors
 def list_artefacts(
-    data: DataOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset folder to look in (default: data/<dataset>)."),
+    ] = None,
     runs: RunsOpt = DEFAULT_RUNS,
     urls: Annotated[
         bool, typer.Option("--urls", help="Print every address, one per line (to build a mirror).")

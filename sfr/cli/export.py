@@ -12,7 +12,7 @@ from sfr.cli.branch_stage import DataOpt
 from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
-from sfr.eval.submission import SupervisionLevels, make_submission
+from sfr.eval.submission import SupervisionLevels, challenge_split, make_submission
 from sfr.files import atomic_write_text, check_output_file, json_text, refuse_existing
 from sfr.models.trained import export_bundle, load_model
 
@@ -39,9 +39,12 @@ def submission(
     out: Annotated[Path, typer.Argument(help="The challenge JSON file to write.")],
     data: DataOpt,
     split: Annotated[
-        str,
-        typer.Option(help="EK55: test_seen, test_unseen or validation; EK100: test or validation."),
-    ] = "test_seen",
+        str | None,
+        typer.Option(
+            help="EK55: test_seen, test_unseen or validation; EK100: test or validation "
+            "(default: test_seen for EK55, test for EK100).",
+        ),
+    ] = None,
     time: Annotated[
         float,
         typer.Option(
@@ -79,6 +82,7 @@ def submission(
     check_output_file(out, "output file")
     refuse_existing(out, "submission file", force)  # before the inference, not after it
     trained = load_model(model).use_sampling(sampling)
+    split = split or challenge_split(trained.data.dataset)
     others = [load_model(path).use_sampling(sampling) for path in with_ or []]
     bars = sample_bars()
     with bars:

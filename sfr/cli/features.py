@@ -115,7 +115,10 @@ ShardOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Clips per forward pass.")]
 WorkersOpt = Annotated[
-    int, typer.Option("--workers", min=1, help="Decoding threads (videos decoded at once).")
+    int,
+    typer.Option(
+        "--workers", min=1, help="Worker threads decoding videos (videos decoded at once)."
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[

@@ -27,7 +27,14 @@ def fuse(
     stage: Annotated[
         int | None, typer.Option("--stage", help="Train only this fusion level (1 or 2).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain finished fusion stages.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace the fusion stages trained before (finished or interrupted): retrain "
+            "them from scratch.",
+        ),
+    ] = False,
     freeze_branches: Annotated[
         bool | None,
         typer.Option(

@@ -27,7 +27,12 @@ def pipeline(
     ] = None,
     runs: RunsOpt = Path("runs"),
     force: Annotated[
-        bool, typer.Option("--force", help="Retrain every stage from scratch.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace every stage trained before (finished or interrupted): retrain it from "
+            "scratch.",
+        ),
     ] = False,
     freeze_branches: Annotated[
         bool | None,

@@ -7,23 +7,40 @@ from typing import Annotated
 
 import typer
 
-from sfr.cli.common import console, user_errors
+from sfr.cli.common import console, fail, user_errors
 from sfr.data.presets import write_synthetic_presets
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
 
 
 @user_errors
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to create (LMDB stores + annotation CSVs).")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder to create (LMDB stores + annotation CSVs); required."),
+    ] = None,
+    out_arg: Annotated[
+        Path | None, typer.Argument(metavar="OUT", hidden=True, help="Older spelling of --out.")
+    ] = None,
     videos: Annotated[int, typer.Option(help="Training videos.")] = SyntheticSpec.num_videos,
     val_videos: Annotated[int, typer.Option(help="Validation videos.")] = SyntheticSpec.val_videos,
     actions_per_video: Annotated[
         int, typer.Option(help="Actions per video.")
     ] = SyntheticSpec.actions_per_video,
     seed: Annotated[int, typer.Option(help="Random seed.")] = SyntheticSpec.seed,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier synthetic dataset in --out.")
+    ] = False,
 ) -> None:
-    """Write a learnable synthetic dataset (slow context + fast cue) in the public format."""
+    """Write a learnable synthetic dataset (slow context + fast cue) in the public format.
+
+    Example: sfr synth --out data/synthetic
+    """
+    if (out is None) == (out_arg is None):
+        raise fail(
+            "Give the output folder once: sfr synth --out DIR.",
+            "Example: sfr synth --out data/synthetic",
+        )
+    out = out if out is not None else out_arg
     spec = SyntheticSpec(
         num_videos=videos, val_videos=val_videos, actions_per_video=actions_per_video, seed=seed
     )

@@ -156,8 +156,9 @@ def validate(
     split: Annotated[
         str,
         typer.Option(
-            help="The split to score: validation (for EGTEA the model's own validationN), "
-            "or EGTEA validation1-3."
+            help="The split to score: validation, or EGTEA validation1-3 (default: validation; "
+            "EGTEA: the model's own validationN).",
+            show_default=False,
         ),
     ] = "validation",
     other_split: Annotated[

@@ -1,6 +1,6 @@
 """The published EK55 presets adapted to a synthetic dataset, so that they run without overrides.
 
-`sfr synth OUT` writes `OUT/configs/<preset>.toml`: each published EK55 preset (package data
+`sfr synth --out OUT` writes `OUT/configs/<preset>.toml`: each published EK55 preset (package data
 `sfr/configs/ek55/`, read through the installed package, never a source checkout) with its
 `[data]` section set to the synthetic data (its class count, its feature sizes, and
 `name = "synthetic"` so that its runs stay apart from real EK55 runs). Every other setting is

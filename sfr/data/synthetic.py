@@ -1,6 +1,6 @@
 """A small synthetic dataset in the public EK55 on-disk layout, learnable at two time scales.
 
-Used by `sfr demo` and `sfr synth OUT` to exercise the whole pipeline without downloads. The
+Used by `sfr demo` and `sfr synth --out OUT` to exercise the whole pipeline without downloads. The
 folder holds full LMDB stores (`rgb/`, `flow/`, `obj/`: every frame of every video), the EK55
 annotation CSVs, `actions.csv`, the EPIC class lists, the many-shot lists and `synthetic_meta.json`.
 

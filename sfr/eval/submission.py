@@ -97,6 +97,16 @@ def check_challenge(
     return problems
 
 
+# The split a challenge submission scores unless told otherwise: each benchmark's test split.
+TEST_SPLITS = {"ek55": "test_seen", "ek100": "test"}
+
+
+def challenge_split(dataset: str) -> str:
+    """The default split of a submission for `dataset` (EK55 test_seen, EK100 test; EGTEA has no
+    challenge: its own `validation`, which `challenge_counts` then refuses)."""
+    return TEST_SPLITS.get(dataset, "validation")
+
+
 def make_submission(
     model: TrainedModel,
     data_dir: Path,
