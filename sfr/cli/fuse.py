@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
-from sfr.cli.common import fail, user_errors
+from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.train.fusion import FusionPlan
 
@@ -27,7 +27,7 @@ def fuse(
     stage: Annotated[
         int | None, typer.Option("--stage", help="Train only this fusion level (1 or 2).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain finished fusion stages.")] = False,
+    force: Annotated[bool, force_option("Retrain finished fusion stages from scratch")] = False,
     freeze_branches: Annotated[
         bool | None,
         typer.Option(

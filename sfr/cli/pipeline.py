@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sfr.cli.branch_stage import DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
-from sfr.cli.common import fail, user_errors
+from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 
 
@@ -26,9 +26,7 @@ def pipeline(
         typer.Option("--config", "-c", help="Fusion config, as for `sfr fuse` (or CONFIG)."),
     ] = None,
     runs: RunsOpt = Path("runs"),
-    force: Annotated[
-        bool, typer.Option("--force", help="Retrain every stage from scratch.")
-    ] = False,
+    force: Annotated[bool, force_option("Retrain every stage from scratch")] = False,
     freeze_branches: Annotated[
         bool | None,
         typer.Option(

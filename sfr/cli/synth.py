@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sfr.cli.common import console, user_errors
+from sfr.cli.common import console, force_option, user_errors
 from sfr.data.presets import write_synthetic_presets
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
 
@@ -21,7 +21,9 @@ def synth(
         int, typer.Option(help="Actions per video.")
     ] = SyntheticSpec.actions_per_video,
     seed: Annotated[int, typer.Option(help="Random seed.")] = SyntheticSpec.seed,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[
+        bool, force_option("Replace an earlier synthetic dataset in OUT; other files are refused")
+    ] = False,
 ) -> None:
     """Write a learnable synthetic dataset (slow context + fast cue) in the public format."""
     spec = SyntheticSpec(
