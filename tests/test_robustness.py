@@ -649,14 +649,21 @@ def test_export_submission_refuses_to_overwrite_before_inference(
 def test_validate_report_refuses_to_overwrite_a_report_without_force(
     cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
 ) -> None:
+    """--force replaces the report and keeps a file of one's own in its folder."""
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.json").write_text("{}")
-    code, output, error = cli(
+    (report / "notes.md").write_text("mine")
+    args = (
         "validate", trained_runs.branch("rgb@0.5"), "--data", trained_runs.data,
         "--report", report, *CPU,
     )  # fmt: skip
+    code, output, error = cli(*args)
     assert_user_error(code, output, error, f"The report {report / 'report.json'} already exists")
+    code, output, _ = cli(*args, "--force")
+    assert code == 0, output
+    assert json.loads((report / "report.json").read_text())["models"]
+    assert (report / "notes.md").read_text() == "mine"
 
 
 def test_synth_force_replaces_only_a_synthetic_dataset(cli: Cli, tmp_path: Path) -> None:
@@ -689,22 +696,6 @@ def test_export_force_replaces_the_file_and_stale_temps_of_it_go(
     code, output, _ = cli(*args, "--force")
     assert code == 0, output
     assert json.loads(out.read_text())["results"]
-
-
-def test_validate_report_force_keeps_files_it_did_not_write(
-    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
-) -> None:
-    report = tmp_path / "report"
-    report.mkdir()
-    (report / "report.json").write_text("{}")
-    (report / "notes.md").write_text("mine")
-    code, output, _ = cli(
-        "validate", trained_runs.branch("rgb@0.5"), "--data", trained_runs.data,
-        "--report", report, "--force", *CPU,
-    )  # fmt: skip
-    assert code == 0, output
-    assert json.loads((report / "report.json").read_text())["models"]
-    assert (report / "notes.md").read_text() == "mine"
 
 
 def test_synth_force_names_a_file_it_did_not_write_and_keeps_it(cli: Cli, tmp_path: Path) -> None:
