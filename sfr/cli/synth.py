@@ -22,7 +22,12 @@ def synth(
     ] = SyntheticSpec.actions_per_video,
     seed: Annotated[int, typer.Option(help="Random seed.")] = SyntheticSpec.seed,
     force: Annotated[
-        bool, force_option("Replace an earlier synthetic dataset in OUT; other files are refused")
+        bool,
+        force_option(
+            "Replace an earlier synthetic dataset in OUT (refused if it holds files sfr did not "
+            "write)",
+            folder=False,
+        ),
     ] = False,
 ) -> None:
     """Write a learnable synthetic dataset (slow context + fast cue) in the public format."""
