@@ -9,6 +9,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,18 +55,36 @@ def _write_error(path: Path, error: OSError) -> RunError:
     )
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete the temp files `atomic_write` leaves when killed mid-write (`.NAME.*.tmp`).
+# The temp-file names `atomic_write` gives: `.NAME.<random letters, digits, _>.tmp`.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
 
-    Only call it on folders sfr owns (a run folder) when no other process writes there.
+
+def remove_stale_temp_files(folder: Path, *targets: str) -> list[Path]:
+    """Delete the temp files `atomic_write` leaves in `folder` when killed mid-write.
+
+    Only regular files named as `atomic_write` names them (`.NAME.XXXXXXXX.tmp`) are deleted,
+    and with `targets` only those of these file names; every other file stays. Call it when a
+    command starts on its output (no other process writes that output then). Returns what it
+    deleted.
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return []
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
+    stale = []
+    for path in folder.glob(".*.tmp"):
+        match = _TEMP_NAME.match(path.name)
+        if match and (not targets or match["target"] in targets) and is_regular_file(path):
+            path.unlink(missing_ok=True)
+            stale.append(path)
     return stale
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file itself (not a link, folder or device)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def json_text(value: object, what: str, **options: object) -> str:
@@ -134,16 +154,81 @@ def missing_reason(path: Path, want: str = "file") -> str:
     return "does not exist"
 
 
+FORCE_HINT = "Pass --force to replace it (sfr deletes only what it wrote), or choose another path."
+
+
+def existing_output(
+    path: Path, what: str, holds: str | None = None, hint: str = FORCE_HINT
+) -> RunError:
+    """The error of sfr's one overwrite rule: `The <what> <path> already exists` (or `already
+    holds <holds>`), with the hint to pass --force (see `refuse_existing`)."""
+    state = "exists" if holds is None else f"holds {holds}"
+    return RunError(f"The {what} {path} already {state}.", hint)
+
+
 def refuse_existing(path: Path, what: str, force: bool) -> None:
-    """The one overwrite rule of sfr: an existing output is replaced only with `--force`.
+    """The one overwrite rule of sfr for an output file: an existing one is replaced only with
+    `--force` (the user named that file). Stale temp files of earlier writes of it that were
+    killed midway are deleted first.
 
     Raises RunError naming `path` when it exists and `force` is False.
     """
-    if Path(path).exists() and not force:
-        raise RunError(
-            f"The {what} {path} already exists.",
-            "Pass --force to replace it, or choose another path.",
-        )
+    path = Path(path)
+    remove_stale_temp_files(path.parent, path.name)
+    if (path.exists() or path.is_symlink()) and not force:
+        raise existing_output(path, what)
+
+
+def foreign_files(folder: Path, owned: Callable[[Path], bool]) -> list[Path]:
+    """Files (and links) under `folder` that sfr did not write: those whose path relative to
+    `folder` `owned` does not claim, other than sfr's temp files. Folders are walked, links are
+    not followed."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return [folder] if folder.exists() or folder.is_symlink() else []
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        ours = owned(path.relative_to(folder)) or _TEMP_NAME.match(path.name)
+        if not (is_regular_file(path) and ours):
+            found.append(path)
+    return found
+
+
+def refuse_foreign(folder: Path, what: str, foreign: list[Path]) -> None:
+    """RunError naming the files sfr did not write in the output `folder`, if any: `--force`
+    never deletes them."""
+    if not foreign:
+        return
+    shown = ", ".join(str(path) for path in foreign[:3])
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    raise RunError(
+        f"The {what} {folder} holds files sfr did not write ({shown}{more}): --force deletes "
+        "only what sfr wrote.",
+        "Move them elsewhere, or choose another path.",
+    )
+
+
+def remove_owned(folder: Path, owned: Callable[[Path], bool]) -> None:
+    """Delete the files under `folder` that `owned` claims (by relative path) and sfr's stale temp
+    files, then the folders this empties (`folder` too); every other file and folder stays."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    emptied: set[Path] = set()
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            if remove_stale_temp_files(path):
+                emptied.add(path)
+            if path in emptied and not any(path.iterdir()):
+                path.rmdir()
+                emptied.add(path.parent)
+        elif is_regular_file(path) and owned(path.relative_to(folder)):
+            path.unlink()
+            emptied.add(path.parent)
+    if (remove_stale_temp_files(folder) or folder in emptied) and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def check_writable_dir(folder: Path, what: str) -> Path:

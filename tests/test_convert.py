@@ -548,3 +548,29 @@ def test_cli_convert_unreadable_file(cli, tmp_path: Path) -> None:
     assert_user_error(code, output, error, str(source), "cannot be read as a PyTorch checkpoint")
     code, output, error = cli("convert", tmp_path / "absent.pth.tar", tmp_path / "out.safetensors")
     assert_user_error(code, output, error, "absent.pth.tar does not exist")
+
+
+def test_cli_convert_into_a_taken_run_folder_follows_the_overwrite_rule(
+    cli, tmp_path: Path
+) -> None:
+    """Issue 11 cases 7 and 18: another conversion's run is refused (exit 2, folder named);
+    --force deletes only what sfr wrote there (a file of one's own stays), and the temp files of
+    a write killed midway go."""
+    runs = tmp_path / "runs"
+    code, output, _ = cli(
+        "convert", _checkpoint(BRANCH_CASES[0]), "--into", runs, "--modality", "rgb"
+    )
+    assert code == 0, output
+    run = runs / "ek55" / "rgb-a0.25-enc6-ant8" / "finetune"
+    other = _save_published(tmp_path / "other.pth.tar", _golden_branch_state(), epoch=13)
+    code, output, error = cli("convert", other, "--into", runs, "--modality", "rgb")
+    assert_user_error(code, output, error, f"The run folder {run} already holds a conversion")
+    assert "--force" in output
+    (run / "notes.txt").write_text("mine")
+    torn = run / ".best.safetensors.k1ll3d00.tmp"
+    torn.write_bytes(b"torn")
+    code, output, _ = cli("convert", other, "--into", runs, "--modality", "rgb", "--force")
+    assert code == 0, output
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not torn.exists()
+    assert read_metadata(run / "best.safetensors")["converted"]["source"] == "other.pth.tar"

@@ -240,16 +240,19 @@ def test_headline_compares_the_final_fusion_with_the_best_branch() -> None:
 def test_demo_again_into_the_same_folder_replaces_it(demo_run, tmp_path: Path) -> None:
     source, plan, first, _ = demo_run
     out = Path(shutil.copytree(source, tmp_path / "demo"))
-    (out / "data" / "stray.txt").write_text("old")
     step_dir = step_roots(out / "runs")[("rgb+flow@0.5", "fusion")]
     (step_dir / "stray.txt").write_text("old")
     events: list[object] = []
     with pytest.raises(RunError, match="already holds a demo"):  # one overwrite rule: --force
         run_demo(out, plan)
+    # --force deletes only what sfr wrote: a file of one's own in the data is named, not deleted
+    (out / "data" / "stray.txt").write_text("old")
+    with pytest.raises(RunError, match=re.escape(str(out / "data" / "stray.txt"))):
+        run_demo(out, plan, force=True)
+    (out / "data" / "stray.txt").unlink()
     again = run_demo(out, plan, force=True, progress=events.append)
     assert [e.action for e in events if isinstance(e, StepStarted)] == ["train"] * 11
-    assert not (out / "data" / "stray.txt").exists()
-    assert not (step_dir / "stray.txt").exists()
+    assert (step_dir / "stray.txt").read_text() == "old"  # kept in a run folder
     assert sorted(p.name for p in out.iterdir()) == ["data", "runs"]
     # the same plan and seed train the same models
     for key, fit in first.pipeline.results.items():

@@ -269,3 +269,24 @@ def test_ctrl_c_says_what_is_kept(cli, monkeypatch: pytest.MonkeyPatch, tmp_path
     code, output, _ = cli("features", "obj", "--detections", detections, "--out", tmp_path / "o")
     assert code == 130 and "Traceback" not in output, output
     assert "Interrupted. Every committed vector is kept: run the same command again" in output
+
+
+def test_stale_record_temps_go_when_a_store_is_written_again(cli, tmp_path: Path) -> None:
+    """Issue 11 case 7: the temp file of a record write killed midway is removed when the
+    extraction (or merge) runs again on that store; no other file is touched."""
+    detections = tmp_path / "detections"
+    write_detections(detections / "A.npy", frames=3, classes=352, seed=0)
+    store, merged = tmp_path / "obj", tmp_path / "all"
+    code, output, _ = cli("features", "obj", "--detections", detections, "--out", store)
+    assert code == 0, output
+    merged.mkdir()
+    for folder in (store, merged):
+        (folder / ".sfr-features.json.k1ll3d00.tmp").write_text("{")
+        (folder / ".notes.k1ll3d00.tmp").write_text("mine")  # not a temp of this store's files
+    code, output, _ = cli("features", "obj", "--detections", detections, "--out", store)
+    assert code == 0, output
+    code, output, _ = cli("features", "merge", merged, store)
+    assert code == 0, output
+    for folder in (store, merged):
+        assert not (folder / ".sfr-features.json.k1ll3d00.tmp").exists()
+        assert (folder / ".notes.k1ll3d00.tmp").read_text() == "mine"

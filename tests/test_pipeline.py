@@ -760,3 +760,54 @@ def test_a_branch_is_compared_only_on_what_its_model_depends_on(
     changed = fusion_config({"data.feature_dims.rgb": 9}, modalities=["rgb"])
     with pytest.raises(RunError, match=r"data\.feature_dims\.rgb"):
         run_pipeline(FusionPlan(changed, runs_copy), synthetic_data, levels=[])
+
+
+def test_fusion_units_are_compared_only_on_their_own_fields(
+    runs_copy: Path, synthetic_data: Path
+) -> None:
+    """Issue 11 case 8: the branch stages' `optim.lr` concerns no fusion unit: fusing again with
+    it changed skips the finished units, and resumes an interrupted one (checked up front and
+    again when its run folder is prepared)."""
+    changed = {"optim.lr": 0.05}
+    events: list[object] = []
+    run_pipeline(
+        FusionPlan(fusion_config(changed), runs_copy),
+        synthetic_data,
+        branches=False,
+        progress=events.append,
+    )
+    assert [e.action for e in starts(events)] == ["skip"] * 3
+    final = unit_root(runs_copy, FINAL)
+    status = json.loads((final / "status.json").read_text())
+    (final / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    events.clear()
+    more = fusion_config({**changed, "fusion_optim.epochs": 3})
+    run_pipeline(
+        FusionPlan(more, runs_copy),
+        synthetic_data,
+        levels=[2],
+        branches=False,
+        progress=events.append,
+    )
+    assert [e.action for e in starts(events)] == ["resume"]
+    assert [r["epoch"] for r in metrics_lines(final)] == [1, 2, 3]
+
+
+def test_a_change_a_unit_depends_on_is_refused_before_any_training(
+    runs_copy: Path, synthetic_data: Path
+) -> None:
+    """Issue 11 case 8: `fusion_optim.lr` concerns every fusion unit (not the branches): with one
+    level-1 unit still to train, the finished one is refused before anything is trained."""
+    missing = unit_root(runs_copy, "rgb+flow+obj@0.5")
+    shutil.rmtree(missing)
+    before = sorted(p for p in runs_copy.rglob("*"))
+    events: list[object] = []
+    with pytest.raises(RunError, match=r"(?s)rgb\+flow\+obj@0\.25 was.*fusion_optim\.lr"):
+        run_pipeline(
+            FusionPlan(fusion_config({"fusion_optim.lr": 0.05}), runs_copy),
+            synthetic_data,
+            progress=events.append,
+        )
+    assert events == []
+    assert not missing.exists()
+    assert sorted(p for p in runs_copy.rglob("*")) == before

@@ -365,6 +365,34 @@ def test_cli_renders_again(cli, tmp_path: Path) -> None:
     assert (tmp_path / "from-folder" / "report.html").is_file()
 
 
+@pytest.mark.usefixtures("fake_plots")
+def test_cli_report_follows_the_overwrite_rule(cli, tmp_path: Path) -> None:
+    """Issue 11 cases 7 and 18: another --out holding a report is refused (exit 2, file named)
+    and replaced with --force, which keeps a file of one's own; its own folder is rendered again
+    without it; the temp file of a killed write of a report file goes."""
+    source = tmp_path / "saved"
+    source.mkdir()
+    (source / "report.json").write_text(json.dumps(egtea_doc()), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "report.md").write_text("an older report")
+    (elsewhere / "notes.md").write_text("mine")
+    torn = elsewhere / ".report.html.k1ll3d00.tmp"
+    torn.write_text("<")
+    code, output, error = cli("report", source / "report.json", "--out", elsewhere)
+    assert_user_error(code, output, error, f"The report {elsewhere / 'report.md'} already exists")
+    assert "--force" in output
+    assert not torn.exists()
+    assert (elsewhere / "report.md").read_text() == "an older report"
+    code, output, _ = cli("report", source / "report.json", "--out", elsewhere, "--force")
+    assert code == 0, output
+    assert (elsewhere / "report.md").read_text() != "an older report"
+    assert (elsewhere / "notes.md").read_text() == "mine"
+    for _ in range(2):  # its own folder: rendered again and again
+        code, output, _ = cli("report", source / "report.json")
+        assert code == 0, output
+
+
 def test_cli_user_errors(cli, tmp_path: Path) -> None:
     assert_user_error(*cli("report", tmp_path / "nope.json"), "nope.json does not exist")
     bad = tmp_path / "bad.json"

@@ -751,14 +751,21 @@ def test_export_submission_refuses_to_overwrite_before_inference(
 def test_validate_report_refuses_to_overwrite_a_report_without_force(
     cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
 ) -> None:
+    """--force replaces the report and keeps a file of one's own in its folder."""
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.json").write_text("{}")
-    code, output, error = cli(
+    (report / "notes.md").write_text("mine")
+    args = (
         "validate", trained_runs.branch("rgb@0.5"), "--data", trained_runs.data,
         "--report", report, *CPU,
     )  # fmt: skip
+    code, output, error = cli(*args)
     assert_user_error(code, output, error, f"The report {report / 'report.json'} already exists")
+    code, output, _ = cli(*args, "--force")
+    assert code == 0, output
+    assert json.loads((report / "report.json").read_text())["models"]
+    assert (report / "notes.md").read_text() == "mine"
 
 
 def test_synth_force_replaces_only_a_synthetic_dataset(cli: Cli, tmp_path: Path) -> None:
@@ -768,6 +775,84 @@ def test_synth_force_replaces_only_a_synthetic_dataset(cli: Cli, tmp_path: Path)
     code, output, error = cli("synth", out, "--force")
     assert_user_error(code, output, error, "is not a synthetic dataset sfr wrote")
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_export_force_replaces_the_file_and_stale_temps_of_it_go(
+    cli: Cli, trained_runs: TrainedRuns, tmp_path: Path
+) -> None:
+    """Cases 7 and 18: the temp file of a killed write of OUT goes when the command runs again
+    on OUT (a temp-looking file of another name stays); --force replaces OUT."""
+    out = tmp_path / "sub.json"
+    out.write_text("{}")
+    torn = tmp_path / ".sub.json.k1ll3d00.tmp"
+    torn.write_text("{")
+    other = tmp_path / ".notes.txt.k1ll3d00.tmp"
+    other.write_text("mine")
+    args = (
+        "export", "submission", trained_runs.branch("rgb@0.5"), out,
+        "--data", trained_runs.data, "--split", "validation", *CPU,
+    )  # fmt: skip
+    code, output, error = cli(*args)
+    assert_user_error(code, output, error, f"The submission file {out} already exists", "--force")
+    assert not torn.exists() and other.read_text() == "mine"
+    code, output, _ = cli(*args, "--force")
+    assert code == 0, output
+    assert json.loads(out.read_text())["results"]
+
+
+def test_synth_force_names_a_file_it_did_not_write_and_keeps_it(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    small = ("--videos", "2", "--val-videos", "1", "--actions-per-video", "12")
+    code, output, _ = cli("synth", out, *small)
+    assert code == 0, output
+    (out / "rgb" / "notes.txt").write_text("mine")
+    code, output, error = cli("synth", out, *small, "--force")
+    assert_user_error(code, output, error, str(out / "rgb" / "notes.txt"), "did not write")
+    assert (out / "rgb" / "notes.txt").read_text() == "mine"
+
+
+def test_demo_follows_the_overwrite_rule(cli: Cli, tmp_path: Path) -> None:
+    """Refused before any work: an earlier demo without --force, and with --force a file of
+    one's own inside its data (never deleted)."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "synthetic_meta.json").write_text("{}")
+    code, output, error = cli("demo", "--out", out)
+    assert_user_error(code, output, error, f"The demo folder {out} already holds a demo", "--force")
+    (out / "data" / "notes.txt").write_text("mine")
+    code, output, error = cli("demo", "--out", out, "--force")
+    assert_user_error(code, output, error, str(out / "data" / "notes.txt"), "did not write")
+    assert (out / "data" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
+
+
+def test_a_run_folder_follows_the_overwrite_rule(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+    root = tmp_path / "runs" / RUN
+    code, output, error = cli(*branch_args(tmp_path, golden_data))
+    assert_user_error(code, output, error, f"The run folder {root} already holds a finished run")
+    assert "--force" in output and "--resume" in output
+    (root / "notes.txt").write_text("mine")
+    code, output, _ = cli(*branch_args(tmp_path, golden_data, "--force"))
+    assert code == 0, output
+    assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_only_sfr_temp_names_are_removed(tmp_path: Path) -> None:
+    """Case 7: `.NAME.<random>.tmp` files, only of the given names; nothing else."""
+    from sfr.files import remove_stale_temp_files
+
+    names = [".a.json.abc_1234.tmp", ".b.png.zz99zz99.tmp", ".a-json.tmp", "a.json.x1.tmp", "x.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("")
+    (tmp_path / ".c.json.abcd1234.tmp").mkdir()  # a folder is never a temp file of sfr's
+    assert [p.name for p in remove_stale_temp_files(tmp_path, "a.json")] == [names[0]]
+    assert [p.name for p in remove_stale_temp_files(tmp_path)] == [names[1]]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*names[2:], ".c.json.abcd1234.tmp"])
 
 
 # --------------------------------------------------------------------------------------------

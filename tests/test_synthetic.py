@@ -14,7 +14,7 @@ from sfr.data.annotations import Segment, read_actions, read_class_list, read_se
 from sfr.data.store import FeatureStore
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
 from sfr.data.timegrid import TimeGrid
-from sfr.errors import ConfigError, DataError
+from sfr.errors import ConfigError, DataError, RunError
 
 SMALL = SyntheticSpec(num_videos=3, val_videos=2, actions_per_video=12, seed=3)
 # Enough segments for nearest-class-mean classifiers; still generated in well under a second.
@@ -159,13 +159,23 @@ def test_refuses_a_non_empty_folder_unless_forced(tmp_path: Path) -> None:
 
     (out / "mine.txt").unlink()
     write_synthetic(out, SMALL)
-    with pytest.raises(DataError, match="already holds a synthetic dataset"):
+    with pytest.raises(RunError, match="already holds a synthetic dataset"):
         write_synthetic(out, SMALL)
-    (out / "stale.txt").write_text("left in an earlier dataset")
+    # a file sfr did not write inside the dataset: --force names it and deletes nothing
+    (out / "rgb" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match=re.escape(str(out / "rgb" / "notes.txt"))):
+        write_synthetic(out, SMALL, force=True)
+    assert (out / "rgb" / "notes.txt").read_text() == "mine"
+    (out / "rgb" / "notes.txt").unlink()
+    # builds of a killed write (being built, being replaced) are removed when it runs again
+    stale = [tmp_path / f".data.{'ab' * 16}.tmp", tmp_path / f".data.{'cd' * 16}.old"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "training.csv").write_text("torn")
+    (tmp_path / ".data.mine.tmp").mkdir()  # not a name sfr gives: kept
     summary = write_synthetic(out, SMALL, force=True)
-    assert summary.path == out
-    assert not (out / "stale.txt").exists() and (out / "training.csv").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert summary.path == out and (out / "training.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.mine.tmp", "data"]
 
 
 def test_writes_into_an_empty_folder_and_reports_progress(tmp_path: Path) -> None:

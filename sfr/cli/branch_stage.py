@@ -17,6 +17,7 @@ from sfr.cli.common import (
     console,
     distributed_run,
     fail,
+    force_option,
     handles_user_errors,
     stage_table,
 )
@@ -30,13 +31,7 @@ DataOpt = Annotated[
     typer.Option("--data", "-d", help="Data folder: annotation CSVs and rgb/flow/obj LMDB stores."),
 ]
 RunsOpt = Annotated[Path, typer.Option("--runs", help="Runs folder: holds the run directories.")]
-ForceOpt = Annotated[
-    bool,
-    typer.Option(
-        "--force",
-        help="Replace a finished or interrupted run: delete what sfr wrote in it and start over.",
-    ),
-]
+ForceOpt = Annotated[bool, force_option("Replace a finished or interrupted run and start over")]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue an interrupted (or extend a finished) run.")
 ]

@@ -90,6 +90,14 @@ def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
             console.quiet = quiet
 
 
+def force_option(effect: str, folder: bool = True) -> Any:
+    """The `--force` flag in one wording for every command (sfr's overwrite rule, README
+    "Existing outputs and --force"): `effect`, and for a folder output that only the files sfr
+    wrote there are deleted (a file the user named is simply replaced)."""
+    rule = " (only files sfr wrote are deleted)" if folder else ""
+    return typer.Option("--force", help=f"{effect}{rule}.")
+
+
 # Help placeholders, one convention for every command: upper-case words, none for flags.
 _PLACEHOLDERS = {"path": "PATH", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH"}
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sfr.cli.common import console, user_errors
+from sfr.cli.common import console, force_option, user_errors
 from sfr.hub.convert import conversion_run, convert_checkpoint
 from sfr.hub.slowfast import KIND_TEXT
 
@@ -113,7 +113,7 @@ def convert(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace OUT (or the installed run) if it exists.")
+        bool, force_option("Replace OUT, or the run installed in --into, if it exists")
     ] = False,
 ) -> None:
     """Convert a published RU-LSTM or Slow-Fast RU-LSTM checkpoint for sfr.load_model.

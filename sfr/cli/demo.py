@@ -13,6 +13,7 @@ from rich.table import Table
 from sfr.cli.common import (
     TrainingView,
     console,
+    force_option,
     pipeline_rows,
     results_table,
     step_line,
@@ -61,7 +62,7 @@ def demo(
         Path, typer.Option("--out", help="Folder for the synthetic data and runs.")
     ] = Path("sfr-demo"),
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an earlier demo in --out (data and runs).")
+        bool, force_option("Replace an earlier demo in --out: its data and runs")
     ] = False,
 ) -> None:
     """Generate synthetic data, train every branch and both fusion levels, print the results."""

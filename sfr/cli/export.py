@@ -9,7 +9,7 @@ import typer
 
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import SamplingOpt, console, sample_bars, user_errors
+from sfr.cli.common import SamplingOpt, console, force_option, sample_bars, user_errors
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
 from sfr.eval.submission import SupervisionLevels, challenge_split, make_submission
@@ -21,9 +21,7 @@ export = typer.Typer(
     help="Write challenge submissions and self-contained model bundles.",
     no_args_is_help=True,
 )
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Replace OUT if it exists (only that file is replaced).")
-]
+ForceOpt = Annotated[bool, force_option("Replace OUT if it exists", folder=False)]
 ModelArg = Annotated[
     Path,
     typer.Argument(

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
-from sfr.cli.common import fail, user_errors
+from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.train.fusion import FusionPlan
 
@@ -29,10 +29,9 @@ def fuse(
     ] = None,
     force: Annotated[
         bool,
-        typer.Option(
-            "--force",
-            help="Replace the fusion stages trained before (finished or interrupted): retrain "
-            "them from scratch.",
+        force_option(
+            "Replace the fusion stages trained before (finished or interrupted): retrain them "
+            "from scratch"
         ),
     ] = False,
     freeze_branches: Annotated[

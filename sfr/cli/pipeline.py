@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sfr.cli.branch_stage import DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
-from sfr.cli.common import fail, user_errors
+from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 
 
@@ -28,10 +28,8 @@ def pipeline(
     runs: RunsOpt = Path("runs"),
     force: Annotated[
         bool,
-        typer.Option(
-            "--force",
-            help="Replace every stage trained before (finished or interrupted): retrain it from "
-            "scratch.",
+        force_option(
+            "Replace every stage trained before (finished or interrupted): retrain it from scratch"
         ),
     ] = False,
     freeze_branches: Annotated[

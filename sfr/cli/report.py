@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from sfr.cli.common import console, user_errors
-from sfr.eval.report import read_report, write_report
+from sfr.cli.common import console, force_option, user_errors
+from sfr.eval.report import claim_report_folder, read_report, write_report
 
 
 @user_errors
@@ -24,11 +24,20 @@ def report(
         Path | None,
         typer.Option(help="Folder to write to (default: the folder of REPORT)."),
     ] = None,
+    force: Annotated[
+        bool, force_option("Replace a report in --out (its report and plot files only)", False)
+    ] = False,
 ) -> None:
-    """Render report.md, report.html and plots/*.png again from a report.json."""
-    doc = read_report(source)
+    """Render report.md, report.html and plots/*.png again from a report.json.
+
+    Its own folder is rendered again in place; another --out holding a report needs --force.
+    """
     folder = source if source.is_dir() else source.parent
-    files = write_report(doc, out if out is not None else folder)
+    target = out if out is not None else folder
+    same = target.exists() and target.resolve() == folder.resolve()
+    claim_report_folder(target, force or same)  # before reading and drawing anything
+    doc = read_report(source)
+    files = write_report(doc, target)
     console.print(f"Wrote {len(files.all())} files:", highlight=False)
     for path in files.all():
         console.print(f"  {path}", highlight=False, soft_wrap=True)

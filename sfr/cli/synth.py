@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sfr.cli.common import console, fail, user_errors
+from sfr.cli.common import console, fail, force_option, user_errors
 from sfr.data.presets import write_synthetic_presets
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
 
@@ -28,7 +28,12 @@ def synth(
     ] = SyntheticSpec.actions_per_video,
     seed: Annotated[int, typer.Option(help="Random seed.")] = SyntheticSpec.seed,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an earlier synthetic dataset in --out.")
+        bool,
+        force_option(
+            "Replace an earlier synthetic dataset in --out (refused if it holds files sfr did "
+            "not write)",
+            folder=False,
+        ),
     ] = False,
 ) -> None:
     """Write a learnable synthetic dataset (slow context + fast cue) in the public format.

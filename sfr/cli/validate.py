@@ -12,7 +12,14 @@ from rich.table import Table
 
 from sfr import __version__, distributed
 from sfr.cli.branch_stage import DataOpt, PrecisionOpt, WorkersOpt
-from sfr.cli.common import SamplingOpt, console, distributed_run, sample_bars, user_errors
+from sfr.cli.common import (
+    SamplingOpt,
+    console,
+    distributed_run,
+    force_option,
+    sample_bars,
+    user_errors,
+)
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
@@ -25,8 +32,8 @@ from sfr.eval.evaluation import (
     load_models,
 )
 from sfr.eval.plots import require_matplotlib
-from sfr.eval.report import write_report
-from sfr.files import check_writable_dir, refuse_existing
+from sfr.eval.report import claim_report_folder, write_report
+from sfr.files import check_writable_dir
 
 TASK_NAMES = {"verb": "Verb", "noun": "Noun", "action": "Action"}
 
@@ -203,7 +210,8 @@ def validate(
     precision: Annotated[Literal["fp32", "bf16", "fp16"], PrecisionOpt] = "fp32",
     workers: Annotated[int | None, WorkersOpt] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace the report in --report DIR if there is one.")
+        bool,
+        force_option("Replace a report in --report DIR (its report and plot files only)", False),
     ] = False,
     absent_zero: Annotated[
         bool,
@@ -220,7 +228,7 @@ def validate(
         raise ConfigError("--weights is only used with --ensemble.", "Add --ensemble.")
     if report is not None:
         check_writable_dir(report, "report")
-        refuse_existing(report / "report.json", "report", force)
+        claim_report_folder(report, force)
         require_matplotlib()  # before inference, not after it
     resolve_precision(precision, distributed.process_device(device))  # before loading anything
     if ensemble_of not in ("probabilities", "scores"):

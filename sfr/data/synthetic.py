@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,7 @@ import numpy as np
 
 from sfr.data.store import FeatureStoreWriter
 from sfr.errors import ConfigError, DataError
+from sfr.files import existing_output, foreign_files, refuse_foreign
 
 MODALITIES: tuple[str, ...] = ("rgb", "flow", "obj")
 VERB_NAMES: tuple[str, ...] = (
@@ -167,6 +169,7 @@ def write_synthetic(
     receives (videos written, videos in all).
     """
     out = Path(out)
+    _remove_stale_builds(out)
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
@@ -180,24 +183,51 @@ def write_synthetic(
     return dataclasses.replace(summary, path=out)
 
 
+# The files `write_synthetic` (and `sfr synth`'s presets) write, by path inside the dataset.
+_SYNTHETIC_FILES = frozenset(
+    ["synthetic_meta.json", "training.csv", "validation.csv", "actions.csv"]
+    + [f"EPIC_{kind}_classes.csv" for kind in ("verb", "noun")]
+    + [f"EPIC_many_shot_{kind}s.csv" for kind in ("verb", "noun")]
+    + [f"{modality}/{name}" for modality in MODALITIES for name in ("data.mdb", "lock.mdb")]
+)
+
+
+def synthetic_file(relative: Path) -> bool:
+    """Whether a path inside a synthetic dataset is one sfr writes there (the `--force` rule)."""
+    posix = relative.as_posix()
+    return posix in _SYNTHETIC_FILES or (
+        len(relative.parts) == 2 and relative.parts[0] == "configs" and relative.suffix == ".toml"
+    )
+
+
 def _check_target(out: Path, force: bool) -> None:
     """Refuse an existing non-empty `out` (a file counts as non-empty) unless `force` and it is
-    an earlier synthetic dataset (`force` only ever replaces what sfr wrote)."""
+    an earlier synthetic dataset holding only files sfr wrote (`force` only ever replaces what
+    sfr wrote; anything else is named)."""
     occupied = out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))
     if not occupied:
         return
     earlier = out.is_dir() and not out.is_symlink() and (out / "synthetic_meta.json").is_file()
     if not earlier:
         raise DataError(
-            f"Output folder {out} already exists, is not empty and is not a synthetic dataset "
+            f"The output folder {out} already exists, is not empty and is not a synthetic dataset "
             "sfr wrote.",
-            "Choose a new or empty folder.",
+            "Choose a new or empty folder: --force deletes only what sfr wrote.",
         )
     if not force:
-        raise DataError(
-            f"Output folder {out} already holds a synthetic dataset.",
-            "Pass --force to replace it, or choose a new or empty folder.",
-        )
+        raise existing_output(out, "output folder", "a synthetic dataset")
+    refuse_foreign(out, "output folder", foreign_files(out, synthetic_file))
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Delete the build folders a killed `write_synthetic` of `out` left beside it
+    (`.OUT.<uuid>.tmp` being built, `.OUT.<uuid>.old` being replaced); nothing else."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[0-9a-f]{{32}}\.(tmp|old)$")
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.*"):
+        if pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:

@@ -24,7 +24,12 @@ from pydantic_core import ErrorDetails
 from sfr.data.observation import position_header, position_label
 from sfr.errors import DataError, SfrError
 from sfr.eval import plots
-from sfr.files import atomic_write, atomic_write_text
+from sfr.files import (
+    atomic_write,
+    atomic_write_text,
+    refuse_existing,
+    remove_stale_temp_files,
+)
 
 SCHEMA = "sfr-report/1"
 TASKS = ("verb", "noun", "action")
@@ -359,6 +364,22 @@ class ReportFiles:
     def all(self) -> tuple[Path, ...]:
         """Every file written, the documents first."""
         return (self.json, self.markdown, self.html, *self.plots)
+
+
+REPORT_NAMES = ("report.json", "report.md", "report.html")
+
+
+def claim_report_folder(folder: Path, force: bool) -> None:
+    """sfr's overwrite rule for a report folder, checked before any work: a report there
+    (report.json, report.md or report.html) is replaced only with `force`, which overwrites
+    those files and the plots the new report draws, nothing else. Temp files of report writes
+    killed midway are deleted. Raises RunError naming the existing file.
+    """
+    folder = Path(folder)
+    remove_stale_temp_files(folder, *REPORT_NAMES)
+    remove_stale_temp_files(folder / PLOTS_DIR)
+    for name in REPORT_NAMES:
+        refuse_existing(folder / name, "report", force)
 
 
 def write_report(doc: Any, out_dir: Path) -> ReportFiles:

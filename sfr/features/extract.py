@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sfr.data.provenance import (
+    RECORD_NAME,
     StoreRecord,
     VideoProgress,
     check_same_maker,
@@ -38,7 +39,7 @@ from sfr.errors import DataError, SfrError
 from sfr.features.encoder import Encoder
 from sfr.features.plan import FramePlan
 from sfr.features.sources import FrameReader
-from sfr.files import check_writable_dir
+from sfr.files import check_writable_dir, remove_stale_temp_files
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ def extract_features(
     """
     out = Path(out)
     check_writable_dir(out, "store (--out)")
+    remove_stale_temp_files(out, RECORD_NAME)  # of record writes killed midway
     if batch_size < 1 or workers < 1:
         raise DataError("--batch-size and --workers must be at least 1.")
     record = _open_record(out, record)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import lmdb
 
-from sfr.data.provenance import StoreRecord, read_record, write_record
+from sfr.data.provenance import RECORD_NAME, StoreRecord, read_record, write_record
 from sfr.errors import DataError
-from sfr.files import check_writable_dir
+from sfr.files import check_writable_dir, remove_stale_temp_files
 
 _BATCH = 4096
 
@@ -62,6 +62,7 @@ def merge_stores(
         _check_complete(path, record)
     merged = merged or reference.model_copy(deep=True, update={"videos": {}, "layouts": []})
     check_writable_dir(out, "merged store")
+    remove_stale_temp_files(out, RECORD_NAME)  # of record writes killed midway
     copied = present = 0
     try:
         target = lmdb.open(str(out), map_size=1 << 34, subdir=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,15 @@ from sfr.config import (
     build_config,
 )
 from sfr.data.timegrid import TimeGrid, as_time
-from sfr.errors import ConfigError, DataError, RunError, SfrError
-from sfr.files import atomic_write_text, sha256_file
+from sfr.errors import ConfigError, DataError, SfrError
+from sfr.files import (
+    atomic_write_text,
+    check_folder_path,
+    existing_output,
+    refuse_existing,
+    remove_stale_temp_files,
+    sha256_file,
+)
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
 from sfr.models.architectures import leaf_label
 from sfr.models.tree import ModelTree, branch_spec
@@ -629,8 +635,8 @@ def convert_checkpoint(
             "Give either an output file or a runs folder to install into, not both or neither.",
             "sfr convert FILE OUT.safetensors, or sfr convert FILE --into RUNS.",
         )
-    if out is not None and Path(out).exists() and not force:
-        raise RunError(f"{out} already exists.", "Pass --force to replace it.")
+    if out is not None:
+        refuse_existing(Path(out), "checkpoint", force)
     container = load_published_checkpoint(source)
     conversion = _convert_any(
         container,
@@ -763,7 +769,7 @@ def install_conversion(conversion: Conversion, runs_dir: Path, *, force: bool = 
     """
     source_sha256 = conversion.converted["sha256"]
     run = conversion_run(conversion, runs_dir)
-    _make_room(run.root, run.best_path, source_sha256, force)
+    _make_room(run, source_sha256, force)
     run.root.mkdir(parents=True, exist_ok=True)
     save_checkpoint(run.best_path, conversion.tensors, conversion.metadata)
     atomic_write_text(
@@ -780,18 +786,20 @@ def install_conversion(conversion: Conversion, runs_dir: Path, *, force: bool = 
     return run.best_path
 
 
-def _make_room(target: Path, best: Path, source_sha256: str, force: bool) -> None:
-    """Clear `target` (a run folder or a file) for an installation, or refuse naming what is there.
+def _make_room(run: RunDir, source_sha256: str, force: bool) -> None:
+    """Clear the run folder for an installation, or refuse naming what is there.
 
     The same conversion (same source sha256) is replaced silently; anything else only with
-    `force`.
+    `force`, which deletes only the files sfr wrote there (sfr's one overwrite rule).
     """
+    target = check_folder_path(run.root, "run")
+    remove_stale_temp_files(target)  # of writes killed midway
     if not target.exists():
         return
     holds = "files sfr did not convert from this checkpoint"
-    if best.is_file():
+    if run.best_path.is_file():
         try:
-            metadata = read_metadata(best)
+            metadata = read_metadata(run.best_path)
         except SfrError:
             metadata = {}
         converted = metadata.get("converted") or {}
@@ -802,11 +810,5 @@ def _make_room(target: Path, best: Path, source_sha256: str, force: bool) -> Non
         elif metadata:
             holds = "a model trained by sfr"
     if not force:
-        raise RunError(
-            f"{target} already holds {holds}.",
-            "Move or delete it first, install into another runs folder, or pass --force (force=True).",
-        )
-    if target.is_dir():
-        shutil.rmtree(target)
-    else:
-        target.unlink()
+        raise existing_output(target, "run folder", holds)
+    run.clear()

@@ -8,7 +8,6 @@ attention of each rate, then the slow-fast attention over both rates.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +16,12 @@ from pathlib import Path
 from sfr.config import MODALITIES, FusionRunConfig, build_config
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
-from sfr.errors import DataError, RunError
+from sfr.errors import DataError
+from sfr.files import existing_output, remove_owned
 from sfr.train.fusion import FusionPlan
 from sfr.train.loop import ProgressEvent
 from sfr.train.pipeline import PipelineResult, StepStarted, run_pipeline
+from sfr.train.rundir import RUN_FILES
 
 
 @dataclass(frozen=True)
@@ -119,14 +120,17 @@ def run_demo(
             "Choose another folder with --out.",
         )
     if (out / "data" / "synthetic_meta.json").is_file() and not force:
-        raise RunError(
-            f"{out} already holds a demo (its data and trained runs).",
-            "Pass --force to generate and train it again from scratch, or choose another --out.",
+        raise existing_output(
+            out,
+            "demo folder",
+            "a demo (its data and trained runs)",
+            "Pass --force to generate and train it again from scratch (sfr deletes only what it "
+            "wrote), or choose another --out.",
         )
     data_dir, runs_dir = out / "data", out / "runs"
     summary = write_synthetic(data_dir, plan.spec, force=True)
-    if runs_dir.exists():
-        shutil.rmtree(runs_dir)  # the runs of an earlier demo, whatever its plan
+    # the runs of an earlier demo, whatever its plan: only the files sfr wrote in run folders
+    remove_owned(runs_dir, lambda relative: len(relative.parts) > 1 and relative.name in RUN_FILES)
     report(DemoDataReady(summary))
     fusion_plan = FusionPlan(demo_config(plan), runs_dir)
     pipeline = run_pipeline(fusion_plan, data_dir, force=True, progress=report)

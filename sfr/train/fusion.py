@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from sfr.models.architectures import FusionUnit
 from sfr.models.fusion import FusionNode
 from sfr.models.tree import ModelTree
 from sfr.train.loop import FitResult, Progress, Trainer
-from sfr.train.rundir import RunDir
+from sfr.train.rundir import RunDir, config_differences
 from sfr.train.stages import (
     StageData,
     best_weights,
@@ -47,6 +48,9 @@ class FusionTask:
         return self.module(features, self.times).scores
 
 
+_ATTENTION_DROPOUTS = ("model.modality_dropout", "model.rate_dropout")
+
+
 class FusionPlan(ModelTree):
     """The branches and fusion units of one config, and where each one's runs live."""
 
@@ -60,6 +64,33 @@ class FusionPlan(ModelTree):
     def branch_dir(self, label: str) -> RunDir:
         modality, rate = self.branch_rates[label]
         return stage_dir(self.config.branch_config(modality, rate), self.runs_dir, "finetune")
+
+    def unit_differences(
+        self, unit: FusionUnit, saved: dict[str, Any], current: dict[str, Any]
+    ) -> list[str]:
+        """The fields in which two fusion configs differ that concern `unit`'s model.
+
+        Not compared: the branch stages' `optim` (their own runs depend on it; a unit reads
+        their best weights, whose spec is checked when loaded), the feature sizes of modalities
+        no branch under the unit reads, and the attention dropout of units above it (a level-1
+        modality fusion ignores `model.rate_dropout`), besides `config_differences`' own rules.
+        """
+        dropouts, stack = set(), [unit.label]
+        while stack:
+            below = self.by_label.get(stack.pop())
+            if below is not None:
+                dropouts.add(f"model.{below.dropout_field}")
+                stack += list(below.inputs)
+        modalities = {self.branch_rates[leaf][0] for leaf in self.leaves(unit.label)}
+
+        def concerns(field: str) -> bool:
+            if field.startswith("optim."):
+                return False
+            if field.startswith("data.feature_dims."):
+                return field.removeprefix("data.feature_dims.") in modalities
+            return field not in _ATTENTION_DROPOUTS or field in dropouts
+
+        return [field for field in config_differences(saved, current) if concerns(field)]
 
     def initialise(self, node: FusionNode, unit: FusionUnit, num_classes: int, hint: str) -> None:
         """Load every input of `node` from the best checkpoint of its own stage."""
@@ -99,7 +130,12 @@ def train_fusion_unit(
     if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written
         plan.initialise(node, unit, data.num_classes, hint)
     resuming = distributed.on_main(
-        lambda: run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+        lambda: run.prepare(
+            config.model_dump(mode="json"),
+            force=force,
+            resume=resume,
+            differences=lambda saved, current: plan.unit_differences(unit, saved, current),
+        )
     )
     metadata = {
         "kind": "fusion",

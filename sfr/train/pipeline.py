@@ -93,25 +93,14 @@ def step_config(step: PipelineStep, plan: FusionPlan) -> dict[str, Any]:
     return plan.config.model_dump(mode="json")
 
 
-_ATTENTION_DROPOUTS = ("model.modality_dropout", "model.rate_dropout")
-
-
 def step_differences(
     step: PipelineStep, plan: FusionPlan, saved: dict[str, Any], current: dict[str, Any]
 ) -> list[str]:
-    """The config fields that differ and concern the step's model: a fusion unit does not depend
-    on the attention dropout of units above it (a level-1 modality fusion ignores
-    `model.rate_dropout`)."""
-    changed = config_differences(saved, current)
+    """The config fields that differ and concern the step's model: a branch stage's own config
+    (`config_differences`), a fusion unit's own fields (`FusionPlan.unit_differences`)."""
     if step.level == 0:
-        return changed
-    used, stack = set(), [step.label]
-    while stack:
-        unit = plan.by_label.get(stack.pop())
-        if unit is not None:
-            used.add(f"model.{unit.dropout_field}")
-            stack += list(unit.inputs)
-    return [f for f in changed if f not in _ATTENTION_DROPOUTS or f in used]
+        return config_differences(saved, current)
+    return plan.unit_differences(plan.by_label[step.label], saved, current)
 
 
 def _same_run(step: PipelineStep, plan: FusionPlan) -> bool:

@@ -17,6 +17,7 @@ Later stages find earlier ones by this convention.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from sfr.errors import RunError
 from sfr.files import (
     atomic_write_text,
     check_folder_path,
+    existing_output,
     finite_or_none,
+    remove_owned,
     remove_stale_temp_files,
 )
 
@@ -168,19 +171,23 @@ class RunDir:
     def clear(self) -> None:
         """Delete the files sfr wrote here (`RUN_FILES` and temp files), and the folder if empty.
 
-        Anything else in the folder is left alone.
+        Anything else in the folder is left alone (sfr's one overwrite rule).
         """
-        for name in RUN_FILES:
-            (self.root / name).unlink(missing_ok=True)
-        remove_stale_temp_files(self.root)
-        if self.root.is_dir() and not any(self.root.iterdir()):
-            self.root.rmdir()
+        remove_owned(self.root, lambda relative: relative.as_posix() in RUN_FILES)
 
-    def prepare(self, config: dict[str, Any], *, force: bool, resume: bool) -> bool:
+    def prepare(
+        self,
+        config: dict[str, Any],
+        *,
+        force: bool,
+        resume: bool,
+        differences: Callable[[dict[str, Any], dict[str, Any]], list[str]] = config_differences,
+    ) -> bool:
         """Make the folder ready for training; True if a saved state should be resumed.
 
         A finished or interrupted run is refused unless `force` (start over) or `resume`
-        (continue it; its saved config must match apart from `RESUMABLE_CHANGES`). A run that
+        (continue it; its saved config must match in every field `differences` compares: by
+        default all but `RESUMABLE_CHANGES`). A run that
         stopped before its first checkpoint holds nothing to keep: it is simply started again.
         Temp files of checkpoint writes killed midway are deleted.
         """
@@ -193,14 +200,16 @@ class RunDir:
             state = "empty"
         if state != "empty" and not resume:
             what = "a finished run" if state == "finished" else "an interrupted run"
-            raise RunError(
-                f"Run directory {self.root} already holds {what}.",
+            raise existing_output(
+                self.root,
+                "run folder",
+                what,
                 "Pass --resume to continue it (for example with more --epochs) or --force to "
-                "delete it and train from scratch.",
+                "delete what sfr wrote there and train from scratch.",
             )
         saved = self.saved_config()
         if resume and saved is not None:
-            changed = config_differences(saved, config)
+            changed = differences(saved, config)
             if changed:
                 raise RunError(
                     f"Cannot resume {self.root}: its saved config differs in {', '.join(changed)}.",
