@@ -128,6 +128,49 @@ def _pair_row(
     }
 
 
+def branch_multiply_adds(
+    branch: nn.Module, num_steps: int, steps: list[int], formulation: str, training: bool
+) -> int:
+    """Multiply-adds of one branch's forward pass for ONE sample: LSTM gate products and the
+    classifier (the pointwise gate arithmetic is left out, as are the backward passes, which
+    cost about twice the forward products in both formulations).
+
+    plain: the published loops, every one of the `num_steps` steps rolled and unrolled (T - t + 1
+    steps from step t), the fused LSTM computing each step's input product; efficient: the
+    requested `steps` only, as the default (`auto`) kernel computes them on the CPU: in training
+    (per-step dropout masks) every step computes its input product, in evaluation the input
+    products are computed once per input (hoisted).
+    """
+    feat, hidden, classes = branch.feat_dim, branch.hidden, branch.num_classes
+    gates = 4 * hidden
+    extra = 0 if branch.sequence_completion else 1
+    if formulation == "plain":
+        unrolled = sum(num_steps - t + extra for t in range(num_steps))
+        return (num_steps + unrolled) * gates * (feat + hidden) + num_steps * hidden * classes
+    rolled = steps[-1] + 1
+    unrolled = sum(num_steps - t + extra for t in steps)
+    if training:
+        lstm = (rolled + unrolled) * gates * (feat + hidden)
+    else:
+        lstm = (num_steps + len(steps)) * gates * feat + (rolled + unrolled) * gates * hidden
+    return lstm + len(steps) * hidden * classes
+
+
+def tree_multiply_adds(
+    node: nn.Module, times: tuple[float, ...], formulation: str, training: bool
+) -> int:
+    """`branch_multiply_adds` summed over a fusion tree's branches, plus its attention MLPs
+    (computed at the requested times by both formulations)."""
+    if hasattr(node, "branch"):
+        steps = list(node.grid.steps_at(times))
+        return branch_multiply_adds(node.branch, node.grid.steps, steps, formulation, training)
+    mlp = sum(
+        m.in_features * m.out_features for m in node.attention.mlp if isinstance(m, nn.Linear)
+    )
+    below = sum(tree_multiply_adds(child, times, formulation, training) for child in node.inputs)
+    return below + len(times) * mlp
+
+
 class Workload:
     """A model, its inputs and the forward passes to compare, for training or evaluation."""
 
@@ -146,6 +189,9 @@ class Workload:
             steps = list(range(s_enc, s_enc + s_ant))
             self.forwards["plain"] = lambda: plain_forward(branch, x).scores[:, s_enc:]
             self.forwards["efficient"] = lambda: branch(x, steps).scores
+            self.multiply_adds = lambda formulation, training: branch_multiply_adds(
+                branch, s_enc + s_ant, steps, formulation, training
+            )
         else:
             node = build_arch2(*PUBLISHED_DROPOUTS)
             self.model = node.to(device)
@@ -157,6 +203,9 @@ class Workload:
             }
             self.forwards["plain"] = lambda: plain_tree_forward(node, features, times).scores
             self.forwards["efficient"] = lambda: node(features, times).scores
+            self.multiply_adds = lambda formulation, training: tree_multiply_adds(
+                node, times, formulation, training
+            )
         self.labels = torch.randint(0, CLASSES, (batch,), device=device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-6, momentum=0.9)
 
@@ -192,6 +241,10 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
             )
             row = _pair_row("efficient vs plain", f"{name} {mode}", "plain", "efficient", seconds)
             row["target"] = TARGETS.get((name, mode))
+            # the speed-up if both formulations ran their products at the same rate
+            row["arithmetic_ratio"] = work.multiply_adds("plain", training) / work.multiply_adds(
+                "efficient", training
+            )
             row["samples_per_s"] = args.batch / seconds["efficient"]["wall"]
             rows.append(row)
             print(_line(rows[-1]), file=sys.stderr, flush=True)
@@ -408,14 +461,16 @@ def _line(row: dict) -> str:
         else ("yes" if ratio >= row["target"] else "NO")
     )
     wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
-    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}"
+    arithmetic = f"{row['arithmetic_ratio']:.2f}x" if row.get("arithmetic_ratio") else "-"
+    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}{arithmetic:>8}"
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The table of a results.json as Markdown (the README's performance section)."""
     lines = [
-        "| group | row | baseline | candidate | ratio | target | met | wall-clock ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| group | row | baseline | candidate | ratio | target | met | wall-clock ratio "
+        "| multiply-adds ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = list(dict.fromkeys(row["group"] for row in results["rows"]))
     for row in sorted(results["rows"], key=lambda r: order.index(r["group"])):
@@ -441,9 +496,10 @@ def markdown(results: dict[str, Any]) -> str:
             base_text = "-" if base is None else f"{row['baseline']} {base:.3g} {unit}"
             cand_text = f"{row['candidate']} {cand:.3g} {unit}"
         wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
+        arithmetic = f"{row['arithmetic_ratio']:.2f}x" if row.get("arithmetic_ratio") else "-"
         lines.append(
             f"| {row['group']} | {row['row']} | {base_text} | {cand_text} | {shown_ratio} | "
-            f"{shown_target} | {met} | {wall} |"
+            f"{shown_target} | {met} | {wall} | {arithmetic} |"
         )
     return "\n".join(lines)
 
@@ -523,6 +579,11 @@ def main() -> None:
     )
     print(
         f"{'row':<52}{'baseline':>10}{'candidate':>10} {'unit':<9}{'ratio':>8}{'target':>7}{'met':>5}"
+        f"{'wall':>8}{'madds':>8}"
+    )
+    print(
+        "(ratio: CPU seconds, baseline / candidate; wall: wall-clock seconds; madds: multiply-adds"
+        " of the baseline / the candidate's, the ratio if both computed at the same rate)"
     )
     order = list(dict.fromkeys(row["group"] for row in rows))
     group = None
