@@ -57,7 +57,7 @@ from check_training_gpu import RATE_GRIDS, build_arch2  # noqa: E402
 from fusion_oracle import plain_tree_forward  # noqa: E402
 
 from sfr.eval import metrics  # noqa: E402
-from sfr.models.branch import create_branch, set_kernel  # noqa: E402
+from sfr.models.branch import create_branch, length_buckets, set_kernel  # noqa: E402
 from sfr.models.reference import plain_forward  # noqa: E402
 
 HIDDEN, FEATURES, CLASSES, VERBS, NOUNS = 1024, 1024, 2513, 125, 352
@@ -128,6 +128,48 @@ def _pair_row(
     }
 
 
+def branch_multiply_adds(
+    branch: nn.Module, num_steps: int, steps: list[int], formulation: str, device: torch.device
+) -> int:
+    """Multiply-adds of one branch's forward pass for ONE sample: LSTM gate products and the
+    classifier (the pointwise gate arithmetic is left out, as are the backward passes, which
+    cost about twice the forward products in both formulations).
+
+    plain: the published loops, every one of the `num_steps` steps rolled and unrolled (T - t + 1
+    steps from step t), the fused LSTM computing each step's input product; efficient: the
+    requested `steps` only, as the default (`auto`, fused) kernel computes them on `device`: every
+    step computes its input product, and on the CPU the unrolls run padded to their group's
+    longest length (`length_buckets`).
+    """
+    feat, hidden, classes = branch.feat_dim, branch.hidden, branch.num_classes
+    step = 4 * hidden * (feat + hidden)
+    extra = 0 if branch.sequence_completion else 1
+    if formulation == "plain":
+        unrolled = sum(num_steps - t + extra for t in range(num_steps))
+        return (num_steps + unrolled) * step + num_steps * hidden * classes
+    lengths = [num_steps - t + extra for t in steps]
+    if device.type == "cpu":
+        unrolled = sum(lengths[first] * (last - first) for first, last in length_buckets(lengths))
+    else:
+        unrolled = sum(lengths)
+    return (steps[-1] + 1 + unrolled) * step + len(steps) * hidden * classes
+
+
+def tree_multiply_adds(
+    node: nn.Module, times: tuple[float, ...], formulation: str, device: torch.device
+) -> int:
+    """`branch_multiply_adds` summed over a fusion tree's branches, plus its attention MLPs
+    (computed at the requested times by both formulations)."""
+    if hasattr(node, "branch"):
+        steps = list(node.grid.steps_at(times))
+        return branch_multiply_adds(node.branch, node.grid.steps, steps, formulation, device)
+    mlp = sum(
+        m.in_features * m.out_features for m in node.attention.mlp if isinstance(m, nn.Linear)
+    )
+    below = sum(tree_multiply_adds(child, times, formulation, device) for child in node.inputs)
+    return below + len(times) * mlp
+
+
 class Workload:
     """A model, its inputs and the forward passes to compare, for training or evaluation."""
 
@@ -146,6 +188,9 @@ class Workload:
             steps = list(range(s_enc, s_enc + s_ant))
             self.forwards["plain"] = lambda: plain_forward(branch, x).scores[:, s_enc:]
             self.forwards["efficient"] = lambda: branch(x, steps).scores
+            self.multiply_adds = lambda formulation: branch_multiply_adds(
+                branch, s_enc + s_ant, steps, formulation, device
+            )
         else:
             node = build_arch2(*PUBLISHED_DROPOUTS)
             self.model = node.to(device)
@@ -157,6 +202,9 @@ class Workload:
             }
             self.forwards["plain"] = lambda: plain_tree_forward(node, features, times).scores
             self.forwards["efficient"] = lambda: node(features, times).scores
+            self.multiply_adds = lambda formulation: tree_multiply_adds(
+                node, times, formulation, device
+            )
         self.labels = torch.randint(0, CLASSES, (batch,), device=device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-6, momentum=0.9)
 
@@ -192,6 +240,8 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
             )
             row = _pair_row("efficient vs plain", f"{name} {mode}", "plain", "efficient", seconds)
             row["target"] = TARGETS.get((name, mode))
+            # the speed-up if both formulations ran their products at the same rate
+            row["arithmetic_ratio"] = work.multiply_adds("plain") / work.multiply_adds("efficient")
             row["samples_per_s"] = args.batch / seconds["efficient"]["wall"]
             rows.append(row)
             print(_line(rows[-1]), file=sys.stderr, flush=True)
@@ -408,14 +458,16 @@ def _line(row: dict) -> str:
         else ("yes" if ratio >= row["target"] else "NO")
     )
     wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
-    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}"
+    arithmetic = f"{row['arithmetic_ratio']:.2f}x" if row.get("arithmetic_ratio") else "-"
+    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}{arithmetic:>8}"
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The table of a results.json as Markdown (the README's performance section)."""
     lines = [
-        "| group | row | baseline | candidate | ratio | target | met | wall-clock ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| group | row | baseline | candidate | ratio | target | met | wall-clock ratio "
+        "| multiply-adds ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = list(dict.fromkeys(row["group"] for row in results["rows"]))
     for row in sorted(results["rows"], key=lambda r: order.index(r["group"])):
@@ -441,9 +493,10 @@ def markdown(results: dict[str, Any]) -> str:
             base_text = "-" if base is None else f"{row['baseline']} {base:.3g} {unit}"
             cand_text = f"{row['candidate']} {cand:.3g} {unit}"
         wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
+        arithmetic = f"{row['arithmetic_ratio']:.2f}x" if row.get("arithmetic_ratio") else "-"
         lines.append(
             f"| {row['group']} | {row['row']} | {base_text} | {cand_text} | {shown_ratio} | "
-            f"{shown_target} | {met} | {wall} |"
+            f"{shown_target} | {met} | {wall} | {arithmetic} |"
         )
     return "\n".join(lines)
 
@@ -523,6 +576,11 @@ def main() -> None:
     )
     print(
         f"{'row':<52}{'baseline':>10}{'candidate':>10} {'unit':<9}{'ratio':>8}{'target':>7}{'met':>5}"
+        f"{'wall':>8}{'madds':>8}"
+    )
+    print(
+        "(ratio: CPU seconds, baseline / candidate; wall: wall-clock seconds; madds: multiply-adds"
+        " of the baseline / the candidate's, the ratio if both computed at the same rate)"
     )
     order = list(dict.fromkeys(row["group"] for row in rows))
     group = None

@@ -7,7 +7,7 @@ import torch
 from golden import BRANCH_CASES, CASE_GRID, GOLDEN, golden_case
 
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
-from sfr.models.branch import create_branch, set_kernel
+from sfr.models.branch import create_branch, length_buckets, set_kernel
 from sfr.models.reference import plain_forward
 
 
@@ -30,7 +30,8 @@ def _branch(
 def test_efficient_matches_plain_outputs_and_gradients(
     seq_comp: bool, s_enc: int, s_ant: int, with_context: bool
 ) -> None:
-    """Both kernels (step loop and fused LSTM) against the plain oracle, float64, 1e-5."""
+    """Both kernels (step loop and fused LSTM, its unrolls padded or packed) against the plain
+    oracle, float64, 1e-5."""
     branch = _branch(seq_comp)
     steps = s_enc + s_ant
     x = torch.randn(3, steps, 6, dtype=torch.float64, requires_grad=True)
@@ -46,8 +47,9 @@ def test_efficient_matches_plain_outputs_and_gradients(
     plain = plain_forward(branch, x)
     plain_sel = (plain.scores[:, s_enc:], plain.context[:, s_enc:])
     plain_grads = torch.autograd.grad(objective(*plain_sel), [x, *branch.parameters()])
-    for kernel in ("loop", "fused"):
-        set_kernel(branch, kernel)
+    for kernel in ("loop", "fused", "fused packed"):  # fused: padded unrolls on the CPU
+        set_kernel(branch, "fused" if kernel.startswith("fused") else "loop")
+        branch.padded_unrolls = False if kernel == "fused packed" else None
         fast = branch(x, wanted)
         fast_grads = torch.autograd.grad(objective(*fast), [x, *branch.parameters()])
         assert fast.scores.shape == (3, s_ant, 7) and fast.context.shape == (3, s_ant, 20)
@@ -128,8 +130,10 @@ def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -
 def test_fused_kernel_draws_a_mask_per_unrolling_step_unless_shared(
     shared: bool, seq_comp: bool
 ) -> None:
+    """The packed layout (one call, as on CUDA)."""
     branch = _branch(seq_comp)
     set_kernel(branch, "fused")
+    branch.padded_unrolls = False
     branch.shared_dropout_mask = shared
     branch.train()
     recorder = _RecordingDropout()
@@ -152,6 +156,47 @@ def test_fused_kernel_draws_a_mask_per_unrolling_step_unless_shared(
         assert not all(torch.equal(first_unroll[0], m) for m in first_unroll[1:])
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("seq_comp", [False, True])
+def test_padded_fused_unrolls_draw_a_mask_per_step_unless_shared(
+    shared: bool, seq_comp: bool
+) -> None:
+    """The padded layout (the CPU default): one call per group of similar lengths."""
+    branch = _branch(seq_comp)
+    set_kernel(branch, "fused")
+    assert branch.padded_unrolls is None  # padded on the CPU by default
+    branch.shared_dropout_mask = shared
+    branch.train()
+    recorder = _RecordingDropout()
+    recorder.p = 0.5
+    branch.input_dropout = recorder
+    batch, s_enc, s_ant = 2, 3, 8
+    x = torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64)
+    branch(x, list(range(s_enc, s_enc + s_ant)))
+    unrolling = recorder.masks[1:]
+    lengths = [s_ant + (0 if seq_comp else 1) - k for k in range(s_ant)]
+    buckets = length_buckets(lengths)
+    assert 1 < len(buckets) < len(lengths)
+    if shared:  # one mask per input, drawn once for every group
+        expected = (s_enc + s_ant, batch, 6) if seq_comp else (s_ant, batch, 6)
+        assert [m.shape for m in unrolling] == [expected]
+    else:  # per group: (its longest length, its unrolls, B, F), a fresh element everywhere
+        shapes = [(lengths[first], last - first, batch, 6) for first, last in buckets]
+        assert [tuple(m.shape) for m in unrolling] == shapes
+        first_unroll = unrolling[0][:, 0]
+        assert not all(torch.equal(first_unroll[0], m) for m in first_unroll[1:])
+
+
+def test_length_buckets_bound_the_padding() -> None:
+    assert length_buckets(list(range(17, 1, -1))) == [(0, 7), (7, 12), (12, 15), (15, 16)]
+    assert length_buckets([17, 13, 9, 5]) == [(0, 2), (2, 3), (3, 4)]
+    assert length_buckets([3]) == [(0, 1)]
+    for lengths in ([40, 39, 38, 30, 2, 1], list(range(41, 1, -1))):
+        for first, last in length_buckets(lengths):
+            real = sum(lengths[first:last])
+            assert lengths[first] * (last - first) - real <= 0.25 * real
+
+
 class _InputDropout(torch.nn.Module):
     """A deterministic stand-in with a per-element 'mask' that depends on the value only."""
 
@@ -161,11 +206,16 @@ class _InputDropout(torch.nn.Module):
         return x * (x.sin() > -0.2) * 2.0
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("seq_comp", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_fused_kernel_with_training_masks_matches_the_loop(seq_comp: bool, shared: bool) -> None:
-    """Same masks in both kernels (a function of the input): same outputs and gradients."""
+def test_fused_kernel_with_training_masks_matches_the_loop(
+    seq_comp: bool, shared: bool, padded: bool
+) -> None:
+    """Same masks in both kernels (a function of the input): same outputs and gradients,
+    with the fused unrolls packed in one call or padded in groups."""
     branch = _branch(seq_comp)
+    branch.padded_unrolls = padded
     branch.shared_dropout_mask = shared
     branch.input_dropout = _InputDropout()
     branch.train()
@@ -188,11 +238,13 @@ def test_fused_kernel_with_training_masks_matches_the_loop(seq_comp: bool, share
 def test_auto_kernel_rule_and_unknown_kernels() -> None:
     branch = _branch(False, dropout=0.8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert branch.train().fused_stages(cpu) == (True, True) == branch.fused_stages(cuda)
-    assert branch.eval().fused_stages(cpu) == (False, False)  # hoisted projection in the loop
-    assert branch.fused_stages(cuda) == (True, True)
-    branch.shared_dropout_mask = True
-    assert branch.train().fused_stages(cpu) == (False, False)
+    for mode in (True, False):  # fused everywhere: it measured fastest on CPU and CUDA
+        for shared in (True, False):
+            branch.shared_dropout_mask = shared
+            assert branch.train(mode).fused_stages(cpu) == (True, True)
+            assert branch.fused_stages(cuda) == (True, True)
+    set_kernel(branch, "loop")
+    assert branch.fused_stages(cpu) == (False, False) == branch.fused_stages(cuda)
     with pytest.raises(ValueError, match="kernel must be one of auto, fused, loop"):
         set_kernel(branch, "cudnn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kernel must be one of"):

@@ -54,7 +54,7 @@ from sfr.eval.metrics import (
 from sfr.eval.runner import Member, SplitPredictions, predict_split
 from sfr.eval.submission import check_challenge, make_submission
 from sfr.models.branch import create_branch
-from sfr.models.fusion import BranchNode, NodeOutput
+from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
 from sfr.models.trained import TrainedModel, export_bundle, load_model, model_checkpoints
 from sfr.train.fusion import FusionPlan
 
@@ -93,6 +93,16 @@ def features_of(model: TrainedModel, data: Path) -> dict[str, torch.Tensor]:
     """A batch of every kept validation segment, with the streams the model reads."""
     dataset = AnticipationDataset(validation(data), model.streams, stores(model, data))
     return stack([dataset[i] for i in range(len(dataset))])
+
+
+def eval_outputs(
+    node: BranchNode | FusionNode, features: dict[str, torch.Tensor], times: Sequence[float]
+) -> NodeOutput:
+    """The node's outputs as a loaded model computes them: in eval mode, without gradients
+    (oneDNN's inference and training LSTM kernels round differently)."""
+    node.eval()
+    with torch.no_grad():
+        return node(features, times)
 
 
 def assert_same_output(a: NodeOutput, b: NodeOutput) -> None:
@@ -232,7 +242,7 @@ def test_load_model_rebuilds_each_finetuned_branch(trained_runs: TrainedRuns, la
     node.branch.load_state_dict(load_file(str(best)))
     node.eval()
     features = features_of(model, trained_runs.data)
-    assert_same_output(model(features), node(features, node.times))
+    assert_same_output(model(features), eval_outputs(node, features, node.times))
     assert load_model(best).source == load_model(best.parent).source == best
 
 
@@ -251,7 +261,7 @@ def test_load_model_rebuilds_a_pretraining_stage(trained_runs: TrainedRuns) -> N
     branch.load_state_dict(weights)
     node = BranchNode(branch, "flow@0.25", model.streams[0].grid).eval()
     features = features_of(model, trained_runs.data)
-    assert_same_output(model(features), node(features, FAST_TIMES))
+    assert_same_output(model(features), eval_outputs(node, features, FAST_TIMES))
     finetuned = load_model(trained_runs.branch("flow@0.25"))
     assert not torch.equal(model(features).scores, finetuned(features).scores)
 
@@ -276,7 +286,7 @@ def test_load_model_rebuilds_each_fusion_unit(
     assert model.times == node.times
     features = features_of(model, trained_runs.data)
     output = model(features)
-    assert_same_output(output, node(features, node.times))
+    assert_same_output(output, eval_outputs(node, features, node.times))
     below = set(EVAL_UNITS[architecture]) if label == EVAL_FINAL else {label}
     assert set(output.attention) == below
 

@@ -24,15 +24,20 @@ Two kernels compute the same function (`RULSTMBranch.kernel`):
   the only one that hoists the input projection of a constant unroll input.
 - `fused`: PyTorch's fused LSTM (oneDNN on CPU, cuDNN on GPU) on the modules' own weights. The
   rolling LSTM runs as one `nn.LSTM` call per stretch between requested steps (a call returns the
-  cell state of its last step only); all unrolls run as ONE call over a packed batch of K·B
-  sequences of lengths T - t_k + 1, whose final hidden states are the unrolls' last ones. The
+  cell state of its last step only); on CUDA all unrolls run as ONE call over a packed batch of
+  K·B sequences of lengths T - t_k + 1, whose final hidden states are the unrolls' last ones; on
+  the CPU, where PyTorch runs packed batches step by step outside oneDNN, unrolls of similar
+  lengths run as a few padded calls instead (`length_buckets`: at most 25% padding steps). The
   inputs are dropped out as one tensor, one mask element per unrolling step, input and unit: the
   published per-step masks.
 
-`auto` (the default) takes what measured fastest on the device (`benchmarks/bench.py`,
-`benchmarks/check_training_gpu.py`): `fused` on CUDA and in training with per-step dropout masks,
-else `loop`, where hoisting the input projection halves the unrolls' work and CPU evaluation
-stays bit-for-bit repeatable.
+`auto` (the default) takes what measured fastest (`benchmarks/bench.py`,
+`benchmarks/check_training_gpu.py`): `fused` on every device, in training and in evaluation. On
+2 CPU threads the padded oneDNN calls beat the loop even where the loop's hoisted projection
+halves the unrolls' products (evaluation: 1.2-1.9x at hidden 1024), because the loop's gate
+arithmetic and copies cost a third of its time. The results of the two kernels agree to float
+rounding; oneDNN's inference and training kernels round differently, so compare outputs under
+the same grad mode.
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ class RULSTMBranch(nn.Module):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}.")
         self.kernel = kernel
+        # fused unrolls as padded calls (`_unroll_fused_padded`) or one packed call; None: padded
+        # on the CPU, where PyTorch runs packed LSTM batches step by step, packed elsewhere
+        self.padded_unrolls: bool | None = None
         self.feat_dim = feat_dim
         self.hidden = hidden
         self.num_classes = num_classes
@@ -131,15 +139,9 @@ class RULSTMBranch(nn.Module):
     def fused_stages(self, device: torch.device) -> tuple[bool, bool]:
         """Whether the (rolling, unrolling) LSTMs run the fused kernel on `device`.
 
-        `fused` and `loop` apply to both; `auto` is `fused` on CUDA and in training with per-step
-        masks, else `loop`: its hoisted projection halves the unrolls' work, and its results do
-        not depend on the grad mode or on which other steps are requested (oneDNN's inference
-        and training kernels round differently), so CPU evaluation stays bit-for-bit repeatable.
+        `fused` and `loop` apply to both; `auto` is `fused` (the module docstring says why).
         """
-        if self.kernel != "auto":
-            fused = self.kernel == "fused"
-        else:
-            fused = device.type == "cuda" or self.per_step_masks
+        fused = self.kernel != "loop"
         return fused, fused
 
     def _roll_fused(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
@@ -182,6 +184,9 @@ class RULSTMBranch(nn.Module):
         num_steps = x.shape[1]
         extra = 0 if self.sequence_completion else 1
         lengths = [num_steps - t + extra for t in steps]
+        padded = self.padded_unrolls
+        if padded if padded is not None else x.device.type == "cpu":
+            return self._unroll_fused_padded(x, steps, lengths, h0, c0)
         active = [sum(1 for n in lengths if n > j) for j in range(lengths[0])]
         x_steps = x.transpose(0, 1)  # (T, B, F)
         start = torch.tensor(steps, device=x.device)
@@ -203,6 +208,46 @@ class RULSTMBranch(nn.Module):
         hx = (h0.reshape(1, -1, hidden).to(data.dtype), c0.reshape(1, -1, hidden).to(data.dtype))
         _, (h_n, _) = self.unrolling(packed, hx)  # h_n: each sequence's state at its own length
         return h_n.reshape(num_unrolls, batch, hidden)
+
+    def _unroll_fused_padded(
+        self, x: Tensor, steps: list[int], lengths: list[int], h0: Tensor, c0: Tensor
+    ) -> Tensor:
+        """`_unroll_fused` on the CPU: a few fused calls over padded (not packed) sequences.
+
+        PyTorch's CPU LSTM runs a packed batch step by step outside oneDNN, and the backward of
+        each step's input slice fills a gradient the size of the whole packed input. Unrolls of
+        similar lengths are grouped instead (`length_buckets`), each group one oneDNN call over
+        its longest length; a shorter unroll's state is read at its own last step (the padding
+        steps after it are computed and discarded). Same masks semantics as `_unroll_fused`.
+        """
+        _, batch, hidden = h0.shape
+        x_steps = x.transpose(0, 1)  # (T, B, F)
+        every = torch.tensor(steps, device=x.device)
+        # without per-step masks, one mask per input, shared by all the steps that read it
+        source = x_steps if self.sequence_completion else x_steps[every]  # (T or K, B, F)
+        if not self.per_step_masks:
+            source = self.input_dropout(source)
+        finished = []
+        for first, last in length_buckets(lengths):
+            count, span = last - first, lengths[first]
+            if self.sequence_completion:  # step j of unroll k reads x_{t_k + j} (padding: x_{T-1})
+                offset = torch.arange(span, device=x.device).unsqueeze(1)
+                frames = (every[first:last].unsqueeze(0) + offset).clamp(max=x.shape[1] - 1)
+                data = source[frames]  # (span, count, B, F)
+            else:  # unroll k reads x_{t_k} at every step
+                data = source[first:last].unsqueeze(0).expand(span, count, batch, -1)
+            if self.per_step_masks:
+                data = self.input_dropout(data)  # a fresh mask for every step of every unroll
+            data = data.reshape(span, count * batch, -1)
+            hx = (
+                h0[first:last].reshape(1, -1, hidden).to(data.dtype),
+                c0[first:last].reshape(1, -1, hidden).to(data.dtype),
+            )
+            out, _ = self.unrolling(data, hx)  # (span, count·B, H)
+            ends = torch.tensor([n - 1 for n in lengths[first:last]], device=x.device)
+            out = out.reshape(span, count, batch, hidden)
+            finished.append(out[ends, torch.arange(count, device=x.device)])  # (count, B, H)
+        return torch.cat(finished)
 
     def _roll(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """Rolling LSTM from a zero state up to the last requested step; states at `steps`."""
@@ -263,6 +308,25 @@ class RULSTMBranch(nn.Module):
             if still < rows:
                 finished.append(h[still:rows])
         return torch.cat(finished[::-1]).reshape(num_unrolls, batch, -1)
+
+
+def length_buckets(lengths: Sequence[int], waste: float = 0.25) -> list[tuple[int, int]]:
+    """Groups [first, last) of consecutive unrolls (lengths descending) run as one padded call.
+
+    A group grows while the padding steps it adds stay within `waste` times its real steps.
+    """
+    buckets = []
+    first = 0
+    while first < len(lengths):
+        last = first + 1
+        while last < len(lengths):
+            real = sum(lengths[first : last + 1])
+            if lengths[first] * (last + 1 - first) - real > waste * real:
+                break
+            last += 1
+        buckets.append((first, last))
+        first = last
+    return buckets
 
 
 def create_branch(
