@@ -230,16 +230,21 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
     for column in ("artefact", "action", "size", "destination", "from"):
         table.add_column(column, no_wrap=column in ("artefact", "size"))
     announced: dict[str, int | None] = {}
+    refused = 0
     for step in steps:
         name = step.artefact.name
+        fetch = "fetch"
         if check_size and step.action == "fetch":
             try:
                 announced[name] = remote_size(step.urls[0], timeout_s=timeout)
             except DownloadError as error:
                 announced[name] = None
-                console.print(f"[yellow]{escape(error.message)}[/]", highlight=False)
+                refused += 1
+                fetch = "[yellow]fetch (the size check failed)[/]"
+                hint = f" {error.hint}" if error.hint else ""
+                console.print(f"[yellow]{escape(error.message + hint)}[/]", highlight=False)
         action = {
-            "fetch": "fetch",
+            "fetch": fetch,
             "skip": "[dim]skip (installed)[/]",
             "convert": "convert only",
             "blocked": f"[red]refused: {escape(step.detail)}[/]",
@@ -265,8 +270,12 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
             summary += f" + {unknown} of unknown size"
     elif unknown:
         summary += " of unknown size"
-    if unknown:
+    if unknown and not check_size:
         summary += " (--check-size asks the servers)"
+    if refused:
+        summary += (
+            f"; {refused} size check(s) failed (above): the download will likely fail the same way"
+        )
     console.print(summary + ".", highlight=False)
 
 
@@ -292,7 +301,13 @@ def run_downloads(
         report = install(
             steps, policy=RetryPolicy(retries=retries, timeout_s=timeout), on_event=view
         )
-    parts = [f"fetched {len(report.fetched)} ({decimal(report.downloaded_bytes)})"]
+    parts = []
+    if report.fetched or not (report.verified or report.skipped or report.recovered):
+        parts.append(f"fetched {len(report.fetched)} ({decimal(report.downloaded_bytes)})")
+    if report.verified:
+        parts.append(
+            f"{len(report.verified)} already downloaded by an earlier run, verified and installed"
+        )
     if report.skipped:
         parts.append(f"{len(report.skipped)} already installed")
     if report.converted:
