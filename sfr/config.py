@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from sfr.data.observation import ObservationGrid, ratio_label
 from sfr.data.timegrid import Sampling, TimeGrid, as_time
 from sfr.errors import ConfigError
+from sfr.files import missing_reason
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -483,7 +484,8 @@ def load_config(
         )
     if not path.is_file():
         raise ConfigError(
-            f"Config file {path} does not exist.", "Pass an existing TOML file to --config."
+            f"Config file {path} {missing_reason(path)}.",
+            "Pass an existing TOML file to --config.",
         )
     try:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))

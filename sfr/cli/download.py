@@ -26,6 +26,7 @@ from rich.table import Table
 
 from sfr.cli.common import console, fail, handles_user_errors
 from sfr.errors import SfrError
+from sfr.files import missing_reason
 from sfr.hub.addresses import public_address
 from sfr.hub.download import (
     DEFAULT_RETRIES,
@@ -631,6 +632,11 @@ def verify(
             hint="Pass --data DIR / --runs DIR, or download something first.",
         )
     for folder in folders:
+        if not folder.is_dir():
+            raise SfrError(
+                f"{folder} {missing_reason(folder, 'folder')}.",
+                hint="Pass the --data / --runs folder that sfr download installed into.",
+            )
         if not manifest_path(folder).is_file():
             raise SfrError(
                 f"{folder} has no download manifest ({manifest_path(folder).name}).",

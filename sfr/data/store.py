@@ -16,6 +16,7 @@ import lmdb
 import numpy as np
 
 from sfr.errors import DataError
+from sfr.files import missing_reason
 
 
 def frame_key(video: str, frame: int) -> str:
@@ -40,7 +41,7 @@ class FeatureStore:
             )
         if not data.is_file():
             raise DataError(
-                f"Feature store '{self.name}' not found: {data} does not exist.",
+                f"Feature store '{self.name}' not found: {data} {missing_reason(data)}.",
                 f"Put the {self.name} LMDB folder (data.mdb) of the features under the data folder, "
                 f"or fetch the public ones: sfr download features ek55|ek100|egtea --data DATA.",
             )

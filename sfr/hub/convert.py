@@ -37,7 +37,13 @@ from sfr.config import (
 )
 from sfr.data.timegrid import TimeGrid, as_time
 from sfr.errors import ConfigError, DataError, RunError, SfrError
-from sfr.files import atomic_write_text, sha256_file
+from sfr.files import (
+    atomic_write_text,
+    check_folder_path,
+    check_output_file,
+    refuse_existing,
+    sha256_file,
+)
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
 from sfr.models.architectures import leaf_label
 from sfr.models.tree import ModelTree, branch_spec
@@ -631,8 +637,12 @@ def convert_checkpoint(
             "Give either an output file or a runs folder to install into, not both or neither.",
             "sfr convert FILE OUT.safetensors, or sfr convert FILE --into RUNS.",
         )
-    if out is not None and Path(out).exists() and not force:
-        raise RunError(f"{out} already exists.", "Pass --force to replace it.")
+    if out is not None:
+        refuse_existing(
+            check_output_file(Path(out), "converted checkpoint"), "converted checkpoint", force
+        )
+    else:
+        check_folder_path(Path(into), "runs (--into)")  # type: ignore[arg-type]
     container = load_published_checkpoint(source)
     conversion = _convert_any(
         container,
@@ -805,7 +815,13 @@ def _write_run(
 ) -> None:
     """A finished run of a converted checkpoint: best.safetensors, config.json, status.json
     (`best`: the published measure, where it is this run's)."""
-    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(
+            f"The run folder {run.root} cannot be made: {error.strerror or error}.",
+            "Choose a runs folder you can write to (--into).",
+        ) from None
     save_checkpoint(run.best_path, tensors, metadata)
     atomic_write_text(run.config_path, json.dumps(metadata["config"], indent=2, sort_keys=True))
     epoch = metadata["epoch"]
