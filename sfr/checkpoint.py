@@ -78,8 +78,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError) as error:
-        raise RunError(f"Checkpoint {path} cannot be read: {error}.") from None
+    except SafetensorError as error:
+        raise _not_safetensors(Path(path), error) from None
+    except OSError as error:
+        raise RunError(f"Checkpoint {path} cannot be read: {error.strerror or error}.") from None
     if raw is None:
         raise RunError(f"{path} is a safetensors file without sfr metadata.")
     try:
@@ -94,6 +96,17 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return epochs_from_one(metadata)
 
 
+def _not_safetensors(path: Path, error: Exception) -> RunError:
+    """A file that safetensors cannot parse: empty, a PyTorch pickle, or another file."""
+    empty = path.is_file() and path.stat().st_size == 0
+    what = "is empty (0 bytes)" if empty else f"is not a safetensors checkpoint ({error})"
+    return RunError(
+        f"Checkpoint {path} {what}.",
+        "Pass a best.safetensors, a run folder or an exported bundle; a published .pth.tar "
+        "checkpoint is converted first: sfr convert FILE.pth.tar OUT.safetensors.",
+    )
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a checkpoint written by `save_checkpoint`."""
     path = Path(path)
@@ -102,8 +115,10 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     metadata = read_metadata(path)
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise RunError(f"Checkpoint {path} cannot be read: {error}.") from None
+    except SafetensorError as error:
+        raise _not_safetensors(path, error) from None
+    except OSError as error:
+        raise RunError(f"Checkpoint {path} cannot be read: {error.strerror or error}.") from None
     return tensors, metadata
 
 

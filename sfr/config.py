@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from sfr.data.observation import ObservationGrid, ratio_label
 from sfr.data.timegrid import Sampling, TimeGrid, as_time
 from sfr.errors import ConfigError
+from sfr.files import missing_reason
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -508,7 +509,7 @@ def load_config(
         )
     if not path.is_file():
         raise ConfigError(
-            f"Config file {path} does not exist.",
+            f"Config file {path} {missing_reason(path)}.",
             "Pass an existing TOML file to --config, or a published preset: "
             f"configs/<dataset>/<name>.toml, one of {_preset_names()}.",
         )

@@ -145,12 +145,20 @@ def check_output_file(path: Path, what: str) -> Path:
 
 
 def missing_reason(path: Path, want: str = "file") -> str:
-    """Why `path` is not the file (or folder, `want="folder"`) expected: for a message."""
+    """Why `path` is not the file (or folder, `want="folder"`) expected: for a message.
+
+    A path under a file (`--data` naming a file, so `DATA/actions.csv` cannot exist) says so.
+    """
     path = Path(path)
     if want == "file" and path.is_dir():
         return "is a folder, not a file"
     if want == "folder" and path.exists():
         return "is a file, not a folder"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"does not exist ({parent} is a file, not a folder)"
+            break
     return "does not exist"
 
 

@@ -502,6 +502,17 @@ def test_validate_an_installed_fusion(cli, golden_data: Path, tmp_path: Path) ->
     assert code == 0, f"{output}\n{error!r}"
     assert "rgb+flow+obj@0.25 (Architecture 2, whole model)" in output
     assert "29 of 30 segments" in output
+    whole = read_metadata(path)
+    for index, modality in enumerate(MODALITIES):  # its branches, each a finished fine-tuning
+        branch = sfr.load_model(runs / "ek55" / f"{modality}-a0.25-enc6-ant8" / "finetune")
+        assert branch.label == f"{modality}@0.25"
+        assert read_metadata(branch.source)["converted"]["part_of"] == whole["stage"]
+        assert torch.equal(
+            branch.module.branch.classifier.bias,
+            load_published_checkpoint(_checkpoint(FUSION_CASE))["state_dict"][
+                f"branches.{index}.classifier.1.bias"
+            ],
+        )
 
 
 # --- sfr convert ---------------------------------------------------------------------------------

@@ -356,12 +356,18 @@ def test_download_pretrained_sf_rulstm_from_a_folder(
     )
     assert code == 0, f"{output}\n{error!r}"
     fusion_dir = runs / "ek55" / "arch2-rgb+flow+obj-a0.125-enc12-ant16+a0.5-enc6-ant4"
-    installed = {
-        runs / "ek55" / "rgb-a0.125-enc24-ant16" / "finetune",
-        fusion_dir / "rgb+flow+obj@0.5",
-        fusion_dir / "rgb+flow+obj@0.125+0.5",
+    # the whole model brings every level and branch; the files of a unit or branch replace them
+    units = {
+        fusion_dir / u for u in ("rgb+flow+obj@0.125", "rgb+flow+obj@0.5", "rgb+flow+obj@0.125+0.5")
     }
-    assert {p.parent for p in runs.rglob("best.safetensors")} == installed
+    slugs = ("a0.125-enc24-ant16", "a0.5-enc6-ant4")
+    branches = {runs / "ek55" / f"{m}-{s}" / "finetune" for m in MODALITIES for s in slugs}
+    assert {p.parent for p in runs.rglob("best.safetensors")} == units | branches
+    for own in (
+        fusion_dir / "rgb+flow+obj@0.5",
+        runs / "ek55" / "rgb-a0.125-enc24-ant16" / "finetune",
+    ):
+        assert "part_of" not in read_metadata(own / "best.safetensors")["converted"]
     assert "Slow-Fast Architecture 2 whole model" in output
     assert "RULSTM-anticipation_0.125_12_16_fusion_best.pth.tar" in output  # named as missing
     code, output, error = cli("convert", _named("sf_arch1", tmp_path / "other"), "--into", runs)
@@ -429,3 +435,45 @@ def test_ru_lstm_layout_takes_grid_and_modality_from_a_published_name(tmp_path: 
     shutil.copy(GOLDEN / "rulstm_rgb_a0.125_24_16" / "checkpoint.pth.tar", branch)
     conversion = convert_checkpoint(branch, tmp_path / "b.safetensors")
     assert conversion.config.branch_dir == "ek55/flow-a0.125-enc24-ant16"
+
+
+def test_a_converted_whole_model_installs_every_level_and_branch(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    runs, published = tmp_path / "runs", tmp_path / "published"
+    code, output, error = cli("convert", _named("sf_branch_rgb_a0.125_24_16", published),
+                              "--into", runs)  # fmt: skip
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("convert", _named("sf_arch2", published), "--into", runs)
+    assert code == 0, f"{output}\n{error!r}"
+    folder = runs / "ek55" / "arch2-rgb+flow+obj-a0.125-enc12-ant16+a0.5-enc6-ant4"
+    whole = load_file(str(folder / "rgb+flow+obj@0.125+0.5" / "best.safetensors"))
+    for index, unit in enumerate(("rgb+flow+obj@0.125", "rgb+flow+obj@0.5")):
+        model = sfr.load_model(folder / unit)  # its own weights, loaded strictly
+        assert (model.stage, model.label) == (unit, unit)
+        for key, value in model.module.state_dict().items():
+            assert torch.equal(value, whole[f"inputs.{index}.{key}"])
+        status = json.loads((folder / unit / "status.json").read_text())
+        assert status["state"] == "finished"
+    # the branch converted on its own is kept; the other five come out of the whole model
+    assert "rgb@0.125: kept" in output and "holds the conversion of" in output
+    slugs = ("a0.125-enc24-ant16", "a0.5-enc6-ant4")
+    for modality, slug in [(m, s) for m in MODALITIES for s in slugs]:
+        model = sfr.load_model(runs / "ek55" / f"{modality}-{slug}" / "finetune")
+        assert (model.kind, model.stage) == ("branch", "finetune")
+        own = (modality, slug) == ("rgb", slugs[0])
+        case = "sf_branch_rgb_a0.125_24_16" if own else "sf_arch2"
+        assert read_metadata(model.source)["converted"]["source"] == PUBLISHED_NAME[case]
+    obj = sfr.load_model(runs / "ek55" / "obj-a0.5-enc6-ant4" / "finetune").module.branch
+    assert torch.equal(obj.classifier.weight, whole["inputs.1.inputs.2.branch.classifier.weight"])
+    code, output, error = cli(
+        "validate", folder, "--levels", "--data", golden_data, "--device", "cpu"
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    assert "[3] arch2 rgb+flow+obj@0.125+0.5" in output and "[2] arch2 rgb+flow+obj@0.5" in output
+    # converting a unit's own published file replaces the part taken out of the whole model
+    code, output, error = cli("convert", _named("sf_fusion_a0.5_6_4", published), "--into", runs)
+    assert code == 0, f"{output}\n{error!r}"
+    meta = read_metadata(folder / "rgb+flow+obj@0.5" / "best.safetensors")
+    assert meta["converted"]["source"] == PUBLISHED_NAME["sf_fusion_a0.5_6_4"]
+    assert "part_of" not in meta["converted"]

@@ -1314,3 +1314,65 @@ def test_a_registry_digest_is_required_and_recorded_as_such(server, policy, tmp_
     install(plan([thing], Folders(runs=tmp_path), base_url=server.mirror), policy=policy)
     entry = load_manifest(tmp_path).artefacts["thing"]
     assert entry.sha256 == sha(data) and entry.digest_from == "registry"
+
+
+@pytest.mark.parametrize(
+    ("status", "credentials", "needles"),
+    [
+        (401, "", ["needs credentials (HTTP 401 Unauthorized)", "USER:PASSWORD@HOST"]),
+        (401, "reader:s3cret@", ["refused the user name and password in the address"]),
+        (403, "reader:s3cret@", ["forbids access (HTTP 403 Forbidden)", "expired link"]),
+    ],
+)
+def test_a_size_check_refused_by_the_server_says_why(
+    cli, server, tmp_path, status, credentials, needles
+) -> None:
+    server.serve_mirrored(REGISTRY.get("tsn-rgb").url, payload(5, 2_000), fail_with=[status])
+    mirror = server.mirror.replace("http://", f"http://{credentials}")
+    code, output, _ = cli(
+        "download", "get", "tsn-rgb", "--runs", tmp_path, "--base-url", mirror,
+        "--dry-run", "--check-size",
+    )  # fmt: skip
+    assert code == 0, output
+    for needle in needles:
+        assert needle in output
+    assert f"{server.mirror}/iplab.dmi.unict.it/sharing/rulstm/TSN-rgb.pth.tar" in output
+    assert "s3cret" not in output and "--check-size asks" not in output
+    assert "1 size check(s) failed" in output
+
+
+def test_a_download_refused_for_credentials_says_so(cli, server, tmp_path) -> None:
+    server.serve_mirrored(REGISTRY.get("tsn-rgb").url, payload(5, 2_000), fail_with=[401])
+    mirror = server.mirror.replace("http://", "http://reader:s3cret@")
+    result = cli("download", "get", "tsn-rgb", "--runs", tmp_path, "--base-url", mirror)
+    assert_user_error(*result, "needs credentials (HTTP 401 Unauthorized)", "refused the user")
+    assert "s3cret" not in result[1]
+
+
+def test_a_file_already_whole_on_disk_is_counted_as_verified_not_fetched(
+    cli, server, tmp_path, monkeypatch
+) -> None:
+    data = payload(44, 5_000)
+    text = (
+        '[[artefact]]\nname = "thing"\ndescription = "a thing"\nkind = "backbone"\n'
+        'root = "runs"\ndest = "backbones/thing.bin"\n'
+        f'urls = ["https://example.org/thing.bin"]\nsha256 = "{sha(data)}"\n'
+    )
+    monkeypatch.setattr("sfr.cli.download.load_registry", lambda: parse_registry(text))
+    server.serve_mirrored("https://example.org/thing.bin", data)
+    (tmp_path / "backbones").mkdir()
+    (tmp_path / "backbones" / "thing.bin.part").write_bytes(data)  # an earlier run's, whole
+    code, output, _ = cli(
+        "download", "get", "thing", "--runs", tmp_path, "--base-url", server.mirror
+    )
+    assert code == 0, output
+    assert "Done: 1 already downloaded by an earlier run, verified and installed." in output
+    assert "fetched" not in output
+    assert (tmp_path / "backbones" / "thing.bin").read_bytes() == data
+    (tmp_path / "backbones" / "thing.bin").unlink()
+    (tmp_path / "backbones" / "thing.bin.part").write_bytes(data[:1_000])  # resumed: the rest
+    code, output, _ = cli(
+        "download", "get", "thing", "--runs", tmp_path, "--base-url", server.mirror, "--force"
+    )
+    assert code == 0, output
+    assert "Done: fetched 1 (4.0 kB)." in output

@@ -521,8 +521,26 @@ def test_ek100_without_an_id_list_names_the_file(
     (data / missing).unlink()
     with pytest.raises(DataError) as caught:
         evaluate([load_model(ek100.model)], data, settings=CPU)
-    assert str(data / missing) in caught.value.message
-    assert "missing" in caught.value.message
+    assert f"{data} lacks {missing}:" in caught.value.message
+    assert "sfr download annotations ek100" in (caught.value.hint or "")
+
+
+def test_ek100_lists_are_named_together_and_a_validation_submission_needs_none(
+    ek100: Ek100Data, tmp_path: Path
+) -> None:
+    """Every missing list is named at once; the challenge file is written without them (the
+    unseen / tail breakdown is the evaluation server's, from its own lists)."""
+    data = writable_copy(ek100.data, tmp_path / "data")
+    names = list(dict.fromkeys(EK100_LISTS.values()))
+    for name in names:
+        (data / name).unlink()
+    with pytest.raises(DataError) as caught:
+        evaluate([load_model(ek100.model)], data, settings=CPU)
+    assert f"{data} lacks {', '.join(names)}:" in caught.value.message
+    assert "unseen participants and tail classes" in caught.value.message
+    document = make_submission(load_model(ek100.model), data, "validation", device="cpu")
+    ids = [s.id for s in validation(data)]
+    assert check_challenge(document, "ek100", ids, NUM_CLASSES) == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -316,7 +316,7 @@ def test_check_returns_plain_json_data() -> None:
 def test_unwritable_out_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(SfrError, match=f"Cannot write the report to {re.escape(str(blocker))}"):
+    with pytest.raises(SfrError, match=f"report lies under the file {re.escape(str(blocker))}"):
         write_report(egtea_doc(), blocker / "report")
 
 

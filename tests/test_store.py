@@ -103,3 +103,58 @@ def test_truncated_store_is_refused_at_open_instead_of_a_bus_error(tmp_path) -> 
         handle.truncate(size // 3)
     with pytest.raises(DataError, match=r"truncated: data\.mdb holds \d+ bytes"):
         FeatureStore(tmp_path / "rgb", 64).read("P01_01", [1500])
+
+
+def test_a_store_already_open_in_this_process_is_not_called_damaged(tmp_path) -> None:
+    writer = FeatureStoreWriter(tmp_path / "rgb")
+    writer.put("P01_01", 1, np.zeros(4, np.float32))
+    writer.flush()
+    try:
+        with pytest.raises(DataError) as caught:
+            FeatureStore(tmp_path / "rgb", 4).read("P01_01", [1])
+    finally:
+        writer.close()
+    text = str(caught.value)
+    assert "already open in this process" in text and "Close the other handle" in text
+    assert "damaged" not in text
+    assert FeatureStore(tmp_path / "rgb", 4).read("P01_01", [1]).shape == (1, 4)  # once closed
+
+
+@pytest.mark.parametrize(
+    ("error", "cause", "hint"),
+    [
+        (lmdb.Error("s: Permission denied"), "permission denied", "readable by you"),
+        (lmdb.Error("s: Read-only file system"), "permission denied", "readable by you"),
+        (lmdb.Error("s: No such file or directory"), "a file of the store is missing", "lock.mdb"),
+        (lmdb.Error("s: No space left on device"), "the disk is full", "Free disk space"),
+        (lmdb.MapFullError("s: MDB_MAP_FULL"), "map size is used up", "free disk space"),
+        (lmdb.VersionMismatchError("s: MDB_VERSION_MISMATCH"), "incompatible LMDB", "mdb_dump"),
+        (lmdb.ReadersFullError("s: MDB_READERS_FULL"), "too many processes", "--workers"),
+        (lmdb.InvalidError("s: MDB_INVALID"), "damaged or not an LMDB file", "again"),
+        (lmdb.Error("s: Something new"), "LMDB says: s: Something new", "permissions"),
+    ],
+)
+def test_each_lmdb_failure_is_named_for_its_cause(tmp_path, monkeypatch, error, cause, hint):
+    data = tmp_path / "rgb"
+    with FeatureStoreWriter(data) as writer:
+        writer.put("P01_01", 1, np.zeros(4, np.float32))
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(lmdb, "open", refuse)
+    with pytest.raises(DataError) as caught:
+        FeatureStore(data, 4).read("P01_01", [1])
+    assert cause in caught.value.message and hint in (caught.value.hint or "")
+    if not isinstance(error, lmdb.InvalidError):
+        assert "damaged" not in caught.value.message
+
+
+def test_an_empty_data_file_or_a_folder_in_its_place_is_named(tmp_path) -> None:
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "rgb" / "data.mdb").write_bytes(b"")
+    with pytest.raises(DataError, match=r"data\.mdb is empty \(0 bytes\)"):
+        FeatureStore(tmp_path / "rgb", 4).read("P01_01", [1])
+    (tmp_path / "flow" / "data.mdb").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"data\.mdb is a folder, not the LMDB data file"):
+        FeatureStore(tmp_path / "flow", 4)

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from sfr.cli.common import console, force_option, user_errors
-from sfr.hub.convert import conversion_run, convert_checkpoint
+from sfr.config import FusionRunConfig
+from sfr.hub.convert import PartInstalled, conversion_run, convert_checkpoint
 from sfr.hub.slowfast import KIND_TEXT
 
 
@@ -123,6 +124,7 @@ def convert(
     sfr convert RULSTM-anticipation_0.25_6_8_rgb_best.pth.tar rgb.safetensors --modality rgb
     sfr convert RULSTM-anticipation_0.125_24_16_0.5_6_4_fusion_best.pth.tar --into runs
     """
+    parts: list[PartInstalled] = []
     conversion = convert_checkpoint(
         source,
         out,
@@ -136,6 +138,7 @@ def convert(
         task=task,
         sequence_completion=sequence_completion,
         force=force,
+        on_part=parts.append,
     )
     console.print(
         f"{source.name}: {describe(conversion.converted, conversion.stage)}", highlight=False
@@ -155,6 +158,18 @@ def convert(
             f"source recorded: {digest}…); sfr fuse, sfr pipeline and sfr validate use it.",
             highlight=False,
         )
+        for part in parts:
+            if part.kept is None:
+                console.print(f"  with {part.label} → {part.path.parent}", highlight=False)
+            else:
+                console.print(
+                    f"  [yellow]{part.label}: kept {part.path.parent} ({part.kept})[/]",
+                    highlight=False,
+                )
+        if isinstance(conversion.config, FusionRunConfig):
+            console.print(
+                f"sfr validate {run.root.parent} --levels scores every level.", highlight=False
+            )
         return
     console.print(
         f"Wrote {out} (sha256 of the source recorded: {digest}…); "

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from sfr.cli.common import console, fail, handles_user_errors
 from sfr.errors import SfrError
+from sfr.files import missing_reason
 from sfr.hub.addresses import public_address
 from sfr.hub.download import (
     DEFAULT_RETRIES,
@@ -230,16 +231,21 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
     for column in ("artefact", "action", "size", "destination", "from"):
         table.add_column(column, no_wrap=column in ("artefact", "size"))
     announced: dict[str, int | None] = {}
+    refused = 0
     for step in steps:
         name = step.artefact.name
+        fetch = "fetch"
         if check_size and step.action == "fetch":
             try:
                 announced[name] = remote_size(step.urls[0], timeout_s=timeout)
             except DownloadError as error:
                 announced[name] = None
-                console.print(f"[yellow]{escape(error.message)}[/]", highlight=False)
+                refused += 1
+                fetch = "[yellow]fetch (the size check failed)[/]"
+                hint = f" {error.hint}" if error.hint else ""
+                console.print(f"[yellow]{escape(error.message + hint)}[/]", highlight=False)
         action = {
-            "fetch": "fetch",
+            "fetch": fetch,
             "skip": "[dim]skip (installed)[/]",
             "convert": "convert only",
             "blocked": f"[red]refused: {escape(step.detail)}[/]",
@@ -265,8 +271,12 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
             summary += f" + {unknown} of unknown size"
     elif unknown:
         summary += " of unknown size"
-    if unknown:
+    if unknown and not check_size:
         summary += " (--check-size asks the servers)"
+    if refused:
+        summary += (
+            f"; {refused} size check(s) failed (above): the download will likely fail the same way"
+        )
     console.print(summary + ".", highlight=False)
 
 
@@ -292,7 +302,13 @@ def run_downloads(
         report = install(
             steps, policy=RetryPolicy(retries=retries, timeout_s=timeout), on_event=view
         )
-    parts = [f"fetched {len(report.fetched)} ({decimal(report.downloaded_bytes)})"]
+    parts = []
+    if report.fetched or not (report.verified or report.skipped or report.recovered):
+        parts.append(f"fetched {len(report.fetched)} ({decimal(report.downloaded_bytes)})")
+    if report.verified:
+        parts.append(
+            f"{len(report.verified)} already downloaded by an earlier run, verified and installed"
+        )
     if report.skipped:
         parts.append(f"{len(report.skipped)} already installed")
     if report.converted:
@@ -619,6 +635,11 @@ def verify(
             hint="Pass --data DIR / --runs DIR, or download something first.",
         )
     for folder in folders:
+        if not folder.is_dir():
+            raise SfrError(
+                f"{folder} {missing_reason(folder, 'folder')}.",
+                hint="Pass the --data / --runs folder that sfr download installed into.",
+            )
         if not manifest_path(folder).is_file():
             raise SfrError(
                 f"{folder} has no download manifest ({manifest_path(folder).name}).",

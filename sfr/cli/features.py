@@ -236,8 +236,9 @@ def _weights(value: str | None, runs: Path) -> tuple[Path | None, str | None]:
                 f"Fetch them: sfr download get {value} --runs {runs}",
             )
         return installed, value
+    what = "is a folder, not a file" if path.is_dir() else "no such file"
     raise ConfigError(
-        f"--weights {value}: no such file, and not a backbone name of `sfr download list`.",
+        f"--weights {value}: {what}, and not a backbone name of `sfr download list`.",
         "Pass the checkpoint file (TSN .pth.tar, SlowFast .pyth) or a name such as tsn-rgb.",
     )
 

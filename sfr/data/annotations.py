@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sfr.errors import DataError
+from sfr.files import missing_reason
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _rows(path: Path) -> Iterable[tuple[int, list[str]]]:
         )
     if not path.is_file():
         raise DataError(
-            f"Annotation file {path} does not exist.",
+            f"Annotation file {path} {missing_reason(path)}.",
             "Check --data: it should hold the dataset's annotation CSVs.",
         )
     line_number = 0
@@ -141,6 +142,11 @@ def read_segments(path: Path) -> list[Segment]:
         end = _int(cells[3], path, line, "end_frame")
         labels = [_int(c, path, line, n) for c, n in zip(cells[4:], ("verb", "noun", "action"))]
         segments.append(Segment(normalise_id(cells[0]), cells[1], start, end, *labels))
+    if not segments:
+        raise DataError(
+            f"{path} holds no segments (the file is empty).",
+            "Put the split's annotation CSV there (sfr download annotations DATASET).",
+        )
     ids = [s.id for s in segments]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)

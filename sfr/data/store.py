@@ -16,6 +16,7 @@ import lmdb
 import numpy as np
 
 from sfr.errors import DataError
+from sfr.files import missing_reason
 
 
 def frame_key(video: str, frame: int) -> str:
@@ -32,9 +33,15 @@ class FeatureStore:
         self.name = name or self.path.name
         self._env: lmdb.Environment | None = None
         self._pid: int | None = None
-        if not (self.path / "data.mdb").is_file():
+        data = self.path / "data.mdb"
+        if data.exists() and not data.is_file():
             raise DataError(
-                f"Feature store '{self.name}' not found: {self.path / 'data.mdb'} does not exist.",
+                f"Feature store '{self.name}': {data} is a folder, not the LMDB data file.",
+                f"Point the data folder at the one holding {self.name}/data.mdb.",
+            )
+        if not data.is_file():
+            raise DataError(
+                f"Feature store '{self.name}' not found: {data} {missing_reason(data)}.",
                 f"Put the {self.name} LMDB folder (data.mdb) of the features under the data folder, "
                 f"or fetch the public ones: sfr download features ek55|ek100|egtea --data DATA.",
             )
@@ -161,15 +168,19 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     for inherited in [k for k in _READERS if k[0] == key[0] and k[1] != key[1]]:
         _READERS.pop(inherited).close()
     if key not in _READERS:
+        size = (path / "data.mdb").stat().st_size
+        if size == 0:
+            raise DataError(
+                f"Feature store {path}: data.mdb is empty (0 bytes).",
+                "The file was not written or was cut short (an interrupted copy or download): "
+                "fetch or extract the store again.",
+            )
         try:
             env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=512)
             needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         except lmdb.Error as error:
-            raise DataError(
-                f"Cannot open feature store {path}: {error}",
-                "The data.mdb file is damaged: download or extract the store again.",
-            ) from None
-        size = (path / "data.mdb").stat().st_size
+            cause, hint = lmdb_problem(path, error)
+            raise DataError(f"Cannot open feature store {path}: {cause}.", hint) from None
         if size < needed:
             env.close()
             # Reading a page past the end of a memory-mapped file kills the process (SIGBUS).
@@ -236,3 +247,83 @@ class FeatureStoreWriter:
         trace: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def lmdb_problem(path: Path, error: lmdb.Error, *, writing: bool = False) -> tuple[str, str]:
+    """What an LMDB error on the store folder `path` means and what to do: (cause, hint).
+
+    LMDB reports most failures as a bare errno text; each is named for what it is (the store
+    already open in this process, permissions, a missing file, a full disk, a version mismatch)
+    so that only a real sign of damage is called damage.
+    """
+    text = str(error)
+    lowered = text.lower()
+    if "already open in this process" in lowered:
+        return (
+            "it is already open in this process (LMDB opens an environment once per process)",
+            "Close the other handle on this folder first (FeatureStoreWriter.close(), "
+            "env.close()) or read through it; separate processes may open it together.",
+        )
+    if isinstance(error, lmdb.ReadonlyError) or any(
+        words in lowered
+        for words in ("permission denied", "read-only file system", "operation not permitted")
+    ):
+        need = "writable" if writing else "readable"
+        return (
+            f"permission denied ({text})",
+            f"Make {path} and its files {need} by you, or copy the store to a folder you own.",
+        )
+    if "no such file or directory" in lowered:
+        return (
+            f"a file of the store is missing ({text})",
+            f"Check that {path} is the store folder holding data.mdb (and lock.mdb, if the "
+            "store was copied with its lock file).",
+        )
+    if isinstance(error, lmdb.MapFullError):
+        return (
+            f"its map size is used up ({text})",
+            "Run the same command again (sfr grows the map as it writes); if it keeps "
+            "failing, check the free disk space.",
+        )
+    if isinstance(error, lmdb.DiskError) or any(
+        words in lowered for words in ("no space left", "quota exceeded", "file too large")
+    ):
+        return (
+            f"the disk is full ({text})",
+            "Free disk space (or use another folder) and run the same command again.",
+        )
+    if isinstance(error, (lmdb.VersionMismatchError, lmdb.IncompatibleError)):
+        return (
+            f"it was written by an incompatible LMDB version or build ({text})",
+            "Copy it with the LMDB version that wrote it (mdb_dump / mdb_load), or fetch or "
+            "extract it again with this one.",
+        )
+    if isinstance(error, lmdb.ReadersFullError):
+        return (
+            f"too many processes read it at once ({text})",
+            "Use fewer DataLoader workers (--workers) or close other readers.",
+        )
+    if isinstance(error, lmdb.LockError) or "resource temporarily unavailable" in lowered:
+        return (
+            f"its lock file is held or unusable ({text})",
+            "Wait for the process that writes it to finish, or remove a stale lock.mdb.",
+        )
+    if isinstance(
+        error,
+        (
+            lmdb.InvalidError,
+            lmdb.CorruptedError,
+            lmdb.PanicError,
+            lmdb.PageNotFoundError,
+            lmdb.BadChecksumError,
+        ),
+    ):
+        return (
+            f"data.mdb is damaged or not an LMDB file ({text})",
+            "Download or extract the store again.",
+        )
+    return (
+        f"LMDB says: {text}",
+        "Check the folder and its files (path, permissions, free space); if data.mdb was cut "
+        "short or damaged, download or extract the store again.",
+    )

@@ -107,8 +107,16 @@ def split_csv(data: DataConfig, data_dir: Path, split: str) -> Path:
     return data_dir / f"{split}.csv"
 
 
-def load_benchmark(data: DataConfig, data_dir: Path, split: str, num_classes: int) -> Benchmark:
-    """Read a split and, for labelled validation splits, the lists its measures need."""
+def load_benchmark(
+    data: DataConfig, data_dir: Path, split: str, num_classes: int, *, measures: bool = True
+) -> Benchmark:
+    """Read a split and, for labelled validation splits, the lists its measures need.
+
+    EK55's many-shot lists and EK100's unseen-participant and tail-class id lists only select
+    the segments and classes of the benchmark's measures; `measures=False` (a challenge file,
+    which holds every segment's scores and no measure) does not read them. Missing lists are a
+    DataError naming every missing file and the command that fetches them.
+    """
     data_dir = Path(data_dir)
     csv = split_csv(data, data_dir, split)
     actions = read_actions(data_dir / data.actions_csv)
@@ -123,30 +131,50 @@ def load_benchmark(data: DataConfig, data_dir: Path, split: str, num_classes: in
     if not bench.labelled:
         return bench
     check_action_ids(segments, csv, num_classes)
+    if not measures:
+        return bench
     hint = DOWNLOAD_HINT.format(dataset=data.dataset, data=data_dir)
     if data.dataset == "ek55":
+        _require_lists(
+            data_dir,
+            [name for name, _ in MANY_SHOT.values()],
+            "EK55's mean top-5 recall is computed over many-shot classes",
+            hint,
+        )
         lists = {}
         for task, (name, column) in MANY_SHOT.items():
-            if not (data_dir / name).is_file():
-                raise DataError(
-                    f"{data_dir / name} is missing: EK55's mean top-5 recall is computed over "
-                    "many-shot classes.",
-                    hint,
-                )
             lists[task] = np.array(read_class_list(data_dir / name, column), dtype=np.int64)
         lists["action"] = many_shot_actions(actions, lists["verb"], lists["noun"])
         bench.many_shot = lists
     elif data.dataset == "ek100":
+        _require_lists(
+            data_dir,
+            list(
+                dict.fromkeys(name for files in EK100_SUBSETS.values() for name in files.values())
+            ),
+            "EK100's validation measures on unseen participants and tail classes select "
+            "their segments with these id lists",
+            hint,
+        )
         for group, files in EK100_SUBSETS.items():
-            for name in set(files.values()):
-                if not (data_dir / name).is_file():
-                    raise DataError(
-                        f"{data_dir / name} is missing: EK100 reports {group} measures.", hint
-                    )
             bench.subsets[group] = {
                 task: read_id_list(data_dir / name) for task, name in files.items()
             }
     return bench
+
+
+def _require_lists(data_dir: Path, names: list[str], why: str, hint: str) -> None:
+    """DataError naming every file of `names` missing from `data_dir` (a folder in the place of
+    one is named as such), saying `why` they are needed."""
+    missing = [name for name in names if not (data_dir / name).is_file()]
+    if not missing:
+        return
+    folders = [name for name in missing if (data_dir / name).exists()]
+    found = f" ({', '.join(folders)}: a folder, not a file)" if folders else ""
+    raise DataError(
+        f"{data_dir} lacks {', '.join(missing)}{found}: {why}.",
+        f"{hint} A challenge file (sfr export submission) does not need them.",
+    )
 
 
 def _percent(value: float | None) -> float | None:

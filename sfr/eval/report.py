@@ -27,6 +27,8 @@ from sfr.eval import plots
 from sfr.files import (
     atomic_write,
     atomic_write_text,
+    check_folder_path,
+    missing_reason,
     refuse_existing,
     remove_stale_temp_files,
 )
@@ -148,7 +150,7 @@ def read_report(path: Path) -> dict[str, Any]:
         path = path / "report.json"
     if not path.is_file():
         raise DataError(
-            f"Report {path} does not exist.",
+            f"Report {path} {missing_reason(path)}.",
             "Pass the report.json written by `sfr validate --report DIR` (or its folder).",
         )
     try:
@@ -387,11 +389,11 @@ def write_report(doc: Any, out_dir: Path) -> ReportFiles:
 
     Writes report.json, report.md, report.html and plots/*.png under `out_dir` (created).
     """
+    out_dir = check_folder_path(Path(out_dir), "report")  # before the rendering
     data = check_report(doc, "report")
     pngs = render_plots(data)
     markdown = render_markdown(data, {name: f"{PLOTS_DIR}/{name}" for name in pngs})
     page = render_html(data, pngs)
-    out_dir = Path(out_dir)
     files = ReportFiles(
         json=out_dir / "report.json",
         markdown=out_dir / "report.md",

@@ -376,6 +376,11 @@ def discover_detections(root: Path, *, names: Sequence[str] | None = None) -> li
     root = check_root(root, "detections")
     found: list[VideoInput] = []
     if root.is_file():
+        if root.suffix.lower() != ".npy":
+            raise DataError(
+                f"{root} is not a detections file (expected VIDEO.npy).",
+                "Give a detections file or a folder of them (P01_01.npy, ...).",
+            )
         found.append(VideoInput(root.stem, root, "detections"))
     else:
         for folder, _dirs, files in walk_folders(root):

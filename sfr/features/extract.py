@@ -34,7 +34,7 @@ from sfr.data.provenance import (
     read_record,
     write_record,
 )
-from sfr.data.store import FeatureStoreWriter
+from sfr.data.store import FeatureStoreWriter, lmdb_problem
 from sfr.errors import DataError, SfrError
 from sfr.features.encoder import Encoder
 from sfr.features.plan import FramePlan
@@ -488,10 +488,10 @@ def _clip_stride(encoder: Encoder) -> int:
 
 
 def _store_error(out: Path, error: lmdb.Error) -> DataError:
+    cause, hint = lmdb_problem(out, error, writing=True)
     return DataError(
-        f"The feature store {out} cannot be written: {error}.",
-        "Free disk space (or fix the folder's permissions) and run the same command again: "
-        "the vectors written so far are kept and skipped.",
+        f"The feature store {out} cannot be written: {cause}.",
+        f"{hint} The vectors written so far are kept: the next run skips them.",
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import lmdb
 
 from sfr.data.provenance import RECORD_NAME, StoreRecord, read_record, write_record
+from sfr.data.store import lmdb_problem
 from sfr.errors import DataError
 from sfr.files import check_writable_dir, remove_stale_temp_files
 
@@ -67,7 +68,8 @@ def merge_stores(
     try:
         target = lmdb.open(str(out), map_size=1 << 34, subdir=True)
     except lmdb.Error as error:
-        raise DataError(f"Cannot open the merged store {out}: {error}.") from None
+        cause, hint = lmdb_problem(out, error, writing=True)
+        raise DataError(f"Cannot open the merged store {out}: {cause}.", hint) from None
     try:
         for path, record in records:
             shard_copied, shard_present = _copy(path, target, out)
@@ -86,7 +88,8 @@ def _open_shard(path: Path) -> lmdb.Environment:
     try:
         return lmdb.open(str(path), readonly=True, lock=False, subdir=True)
     except lmdb.Error as error:
-        raise DataError(f"Cannot open the shard store {path}: {error}.") from None
+        cause, hint = lmdb_problem(path, error)
+        raise DataError(f"Cannot open the shard store {path}: {cause}.", hint) from None
 
 
 def _check_complete(path: Path, record: StoreRecord) -> None:
@@ -199,7 +202,8 @@ def _write(
             target.set_mapsize(target.info()["map_size"] * 2)
             copied = present = 0
         except lmdb.Error as error:
+            cause, hint = lmdb_problem(out, error, writing=True)
             raise DataError(
-                f"The merged store {out} cannot be written: {error}.",
-                "Free disk space and run the same merge again: it copies what is missing.",
+                f"The merged store {out} cannot be written: {cause}.",
+                f"{hint} The same merge run again copies only what is missing.",
             ) from None

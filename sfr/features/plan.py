@@ -21,6 +21,7 @@ from sfr.config import BranchRunConfig, FusionRunConfig, load_config
 from sfr.data.annotations import Segment, read_segments
 from sfr.data.timegrid import TimeGrid
 from sfr.errors import ConfigError
+from sfr.files import missing_reason
 
 T = TypeVar("T")
 
@@ -131,7 +132,10 @@ def action_starts(csvs: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     starts: dict[str, set[int]] = defaultdict(set)
     for path in csvs:
         if not Path(path).is_file():
-            raise ConfigError(f"--annotations {path}: no such file.")
+            raise ConfigError(
+                f"--annotations {path} {missing_reason(Path(path))}.",
+                "Pass the annotation CSV files (training.csv validation.csv ...).",
+            )
         segments: list[Segment] = read_segments(Path(path))
         for segment in segments:
             starts[segment.video].add(segment.start_frame)

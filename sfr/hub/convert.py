@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,10 +35,11 @@ from sfr.config import (
     build_config,
 )
 from sfr.data.timegrid import TimeGrid, as_time
-from sfr.errors import ConfigError, DataError, SfrError
+from sfr.errors import ConfigError, DataError, RunError, SfrError
 from sfr.files import (
     atomic_write_text,
     check_folder_path,
+    check_output_file,
     existing_output,
     refuse_existing,
     remove_stale_temp_files,
@@ -609,11 +610,13 @@ def convert_checkpoint(
     rates: Sequence[str] = (),
     into: Path | None = None,
     force: bool = False,
+    on_part: Callable[[PartInstalled], None] = lambda part: None,
 ) -> Conversion:
     """Convert a published RU-LSTM checkpoint into one sfr checkpoint file (`sfr.load_model` reads it).
 
     With `into` (a runs folder) instead of `out`, the conversion is installed as the finished stage
-    it is (`install_conversion`), where `sfr fuse`, `sfr pipeline` and `sfr validate` find it.
+    it is (`install_conversion`), where `sfr fuse`, `sfr pipeline` and `sfr validate` find it; a
+    fusion with every unit and branch below it (`on_part` is told of each).
 
     Checkpoints of the Slow-Fast RU-LSTM code are recognised by their layout and converted by
     `sfr.hub.slowfast` (`rates`: `ALPHA:S_ENC:S_ANT` each, where the file name does not state them).
@@ -636,7 +639,11 @@ def convert_checkpoint(
             "sfr convert FILE OUT.safetensors, or sfr convert FILE --into RUNS.",
         )
     if out is not None:
-        refuse_existing(Path(out), "checkpoint", force)
+        refuse_existing(
+            check_output_file(Path(out), "converted checkpoint"), "converted checkpoint", force
+        )
+    else:
+        check_folder_path(Path(into), "runs (--into)")  # type: ignore[arg-type]
     container = load_published_checkpoint(source)
     conversion = _convert_any(
         container,
@@ -653,7 +660,7 @@ def convert_checkpoint(
         source_sha256=source_sha256 or sha256_file(source),
     )
     if into is not None:
-        install_conversion(conversion, Path(into), force=force)
+        install_conversion(conversion, Path(into), force=force, on_part=on_part)
     else:
         save_checkpoint(Path(out), conversion.tensors, conversion.metadata)  # type: ignore[arg-type]
     return conversion
@@ -760,30 +767,150 @@ def conversion_run(conversion: Conversion, runs_dir: Path) -> RunDir:
     return RunDir(Path(runs_dir) / config.fusion_dir / conversion.stage)
 
 
-def install_conversion(conversion: Conversion, runs_dir: Path, *, force: bool = False) -> Path:
+@dataclass(frozen=True)
+class PartInstalled:
+    """A unit or branch below an installed fusion, written as its own finished run (`kept`
+    None), or not written because its run folder holds something else (`kept` says what)."""
+
+    label: str
+    path: Path
+    kept: str | None = None
+
+
+def install_conversion(
+    conversion: Conversion,
+    runs_dir: Path,
+    *,
+    force: bool = False,
+    on_part: Callable[[PartInstalled], None] = lambda part: None,
+) -> Path:
     """Place a conversion as the finished stage sfr's later stages read; its best checkpoint.
 
     A branch becomes `RUNS/<branch_dir>/<stage>/`, a fusion unit `RUNS/<fusion_dir>/<unit>/`
     (best.safetensors, config.json, status.json). A run already there is replaced only if it is
-    this same conversion (same source sha256), or with `force`.
+    this same conversion (same source sha256), a part an earlier conversion took out of a whole
+    model (below), or with `force`.
+
+    A fusion also places every unit and branch below it as the finished run `sfr pipeline`
+    would have left (a unit `RUNS/<fusion_dir>/<unit>/`, a branch its fine-tuning
+    `RUNS/<branch_dir>/finetune/`), each holding its own weights taken from the fusion, so that
+    `sfr validate --levels` scores every level of a converted whole model and `sfr pipeline`
+    continues from it. A part whose folder holds anything but a part of this same conversion
+    (a published branch converted on its own, a trained run) is kept as it is, also with
+    `force` (the fusion carries its own copy of those weights); `on_part` is told of each part.
     """
-    source_sha256 = conversion.converted["sha256"]
     run = conversion_run(conversion, runs_dir)
-    _make_room(run, source_sha256, force)
-    run.root.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(run.best_path, conversion.tensors, conversion.metadata)
-    atomic_write_text(
-        run.config_path, json.dumps(conversion.metadata["config"], indent=2, sort_keys=True)
-    )
-    epoch = conversion.metadata["epoch"] - 1  # set_status takes 0-based indexes
+    _make_room(run, conversion.converted["sha256"], force)
+    _write_run(run, conversion.tensors, conversion.metadata, conversion.converted["perf"])
+    if isinstance(conversion.config, FusionRunConfig):
+        for label, part_run, tensors, metadata in _parts(conversion, Path(runs_dir)):
+            kept = _occupied_by(part_run, conversion.converted["sha256"], force)
+            if kept is None:
+                _write_run(part_run, tensors, metadata, None)
+            on_part(PartInstalled(label, part_run.best_path, kept))
+    return run.best_path
+
+
+def _write_run(
+    run: RunDir, tensors: dict[str, Tensor], metadata: dict[str, Any], best: float | None
+) -> None:
+    """A finished run of a converted checkpoint: best.safetensors, config.json, status.json
+    (`best`: the published measure, where it is this run's)."""
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(
+            f"The run folder {run.root} cannot be made: {error.strerror or error}.",
+            "Choose a runs folder you can write to (--into).",
+        ) from None
+    save_checkpoint(run.best_path, tensors, metadata)
+    atomic_write_text(run.config_path, json.dumps(metadata["config"], indent=2, sort_keys=True))
+    epoch = metadata["epoch"] - 1  # set_status takes 0-based indexes
     run.set_status(
         "finished",
         epoch=epoch,
-        best=conversion.converted["perf"],
+        best=best,
         best_epoch=epoch,
-        converted_from=conversion.converted["source"],
+        converted_from=metadata["converted"]["source"],
     )
-    return run.best_path
+
+
+def _parts(
+    conversion: Conversion, runs_dir: Path
+) -> list[tuple[str, RunDir, dict[str, Tensor], dict[str, Any]]]:
+    """Every unit and branch below a converted fusion unit: (label, run, tensors, metadata).
+
+    The weights of input `i` of a unit are its tensors under `inputs.<i>.`; a branch's are those
+    under `inputs.<i>.branch.`. Parts record no measure (the published file scored only the
+    whole) and name what they were taken from (`converted.part_of`).
+    """
+    config = conversion.config
+    assert isinstance(config, FusionRunConfig)
+    tree = ModelTree(config)
+    num_classes = conversion.metadata["model"]["num_classes"]
+    converted = {**conversion.converted, "part_of": conversion.stage}
+    parts = []
+    pending = [(conversion.stage, "")]
+    while pending:
+        label, prefix = pending.pop(0)
+        for index, child in enumerate(tree.by_label[label].inputs):
+            inner = f"{prefix}inputs.{index}."
+            if child in tree.branch_rates:
+                modality, rate = tree.branch_rates[child]
+                branch = config.branch_config(modality, rate)
+                tensors = _under(conversion.tensors, inner + "branch.")
+                metadata = {
+                    "kind": "branch",
+                    "stage": "finetune",
+                    "config": branch.model_dump(mode="json"),
+                    "model": branch_spec(branch, num_classes),
+                    "selection": {"measure": branch.run.select, "time": branch.run.select_time},
+                }
+                run = RunDir(runs_dir / branch.branch_dir / "finetune")
+            else:
+                pending.append((child, inner))
+                tensors = _under(conversion.tensors, inner)
+                metadata = {
+                    **conversion.metadata,
+                    "stage": child,
+                    "model": tree.spec(child, num_classes),
+                }
+                run = RunDir(runs_dir / config.fusion_dir / child)
+            metadata.update(epoch=conversion.metadata["epoch"], metrics={}, converted=converted)
+            parts.append((child, run, tensors, metadata))
+    return parts
+
+
+def _under(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors under `prefix`, with the prefix removed."""
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _occupied_by(run: RunDir, source_sha256: str, force: bool) -> str | None:
+    """What keeps a part's run folder from being written (None: free, or a part sfr took out of
+    this same source, or with `force` out of another)."""
+    if not run.root.exists():
+        return None
+    converted = _converted_record(run.best_path)
+    if converted is not None and converted.get("part_of"):
+        if converted.get("sha256") == source_sha256 or force:
+            run.clear()
+            return None
+        return f"it holds a part of the conversion of {converted.get('source')}"
+    if converted:
+        return f"it holds the conversion of {converted.get('source')}"
+    return "it holds a run sfr trained (or files sfr did not write)"
+
+
+def _converted_record(best: Path) -> dict[str, Any] | None:
+    """The `converted` entry of a checkpoint; {} for a checkpoint without one (trained by sfr),
+    None where there is no readable checkpoint."""
+    if not best.is_file():
+        return None
+    try:
+        return read_metadata(best).get("converted") or {}
+    except SfrError:
+        return None
 
 
 def _make_room(run: RunDir, source_sha256: str, force: bool) -> None:
@@ -797,17 +924,15 @@ def _make_room(run: RunDir, source_sha256: str, force: bool) -> None:
     if not target.exists():
         return
     holds = "files sfr did not convert from this checkpoint"
-    if run.best_path.is_file():
-        try:
-            metadata = read_metadata(run.best_path)
-        except SfrError:
-            metadata = {}
-        converted = metadata.get("converted") or {}
+    converted = _converted_record(run.best_path)
+    if converted is not None:
         if converted.get("sha256") == source_sha256:
             return
-        if converted:
+        if converted.get("part_of"):
+            force = True  # a part sfr took out of a whole model: this direct conversion replaces it
+        elif converted:
             holds = f"a conversion of {converted.get('source')}"
-        elif metadata:
+        else:
             holds = "a model trained by sfr"
     if not force:
         raise existing_output(target, "run folder", holds)

@@ -34,9 +34,10 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -130,13 +131,16 @@ DownloadEvent = FileStarted | BytesReceived | RetryScheduled | FileFinished
 class FetchedFile:
     """A verified download: where it is, its size and digest, the address it came from.
 
-    `url` never carries user information (`user:password@`).
+    `url` never carries user information (`user:password@`). `received` counts the bytes this
+    call took from the network: 0 when the file was already whole on disk (a `.part` proven
+    complete) and only verified and put in place.
     """
 
     path: Path
     size: int
     sha256: str
     url: str
+    received: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,29 @@ class _DiskError(Exception):
         self.error = error
 
 
+@dataclass(frozen=True)
+class _Transfer:
+    """One file being fetched: its address, its `.part`, what is known of it, and how to try.
+
+    `digest` and `known` are updated in place as bytes arrive and the server answers.
+    """
+
+    url: str
+    part: Path
+    digest: _Digest
+    known: FileRecord
+    label: str
+    expected: Expected
+    policy: RetryPolicy
+    on_event: Callable[[DownloadEvent], None]
+    http: requests.Session
+
+    @property
+    def shown(self) -> str:
+        """The address without user information, for messages."""
+        return public_address(self.url)
+
+
 def part_path(dest: Path) -> Path:
     """Where the bytes of `dest` accumulate until they are verified."""
     return dest.with_name(dest.name + ".part")
@@ -213,6 +240,9 @@ def remote_size(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None
         )
     except (*_NETWORK_ERRORS, *_CLIENT_ERRORS) as error:
         raise DownloadError(f"HEAD {shown} failed: {scrub(str(error))}") from None
+    refusal = refusal_text(response.status_code, url)
+    if refusal is not None:
+        raise DownloadError(f"HEAD {refusal[0]}", hint=refusal[1])
     if response.status_code >= 400:
         raise DownloadError(f"HEAD {shown} answered HTTP {response.status_code}.")
     length = response.headers.get("Content-Length", "")
@@ -290,15 +320,25 @@ def fetch(
             known.forget()
             known.label = None
         digest = _Digest(part)
+        received = 0
+
+        def counting(event: DownloadEvent) -> None:
+            nonlocal received
+            if isinstance(event, BytesReceived):
+                received += event.count
+            on_event(event)
+
         http = session or requests.Session()
         try:
-            total = _attempts(url, part, digest, known, label, expected, policy, on_event, http)
+            transfer = _Transfer(url, part, digest, known, label, expected, policy, counting, http)
+            total = _attempts(transfer)
         finally:
             if session is None:
                 http.close()
-        return _verify_and_install(
+        fetched = _verify_and_install(
             shown, dest, part, digest, label, expected, total, on_event, before_install
         )
+        return replace(fetched, received=received)
     except _DiskError as error:
         raise DownloadError(
             f"Downloading {label} from {shown}: writing {error.path} failed: "
@@ -315,25 +355,15 @@ def fetch(
         ) from None
 
 
-def _attempts(
-    url: str,
-    part: Path,
-    digest: _Digest,
-    known: FileRecord,
-    label: str,
-    expected: Expected,
-    policy: RetryPolicy,
-    on_event: Callable[[DownloadEvent], None],
-    http: requests.Session,
-) -> int:
+def _attempts(transfer: _Transfer) -> int:
     """Request until the `.part` is proven complete; its size."""
-    shown = public_address(url)
+    part, digest, policy = transfer.part, transfer.digest, transfer.policy
     failures = 0
     furthest = os.lstat(part).st_size if check_regular(part) else 0
     while True:
         before = os.lstat(part).st_size if check_regular(part) else 0
         try:
-            proven = _attempt(url, part, digest, known, label, expected, policy, on_event, http)
+            proven = _attempt(transfer)
             if proven is not None:
                 return proven
             if digest.size > before:
@@ -343,8 +373,8 @@ def _attempts(
             reason = transient.reason
         except _CLIENT_ERRORS as error:  # not a network failure: retrying will not help
             raise UnreachableError(
-                f"Downloading {label} from {shown} failed: {type(error).__name__}: "
-                f"{scrub(str(error))}.",
+                f"Downloading {transfer.label} from {transfer.shown} failed: "
+                f"{type(error).__name__}: {scrub(str(error))}.",
                 hint="Check the address (--base-url, SFR_MIRROR); a server that answers like "
                 "this cannot deliver the file. Any bytes received are kept in "
                 f"{part} for the next run.",
@@ -355,27 +385,20 @@ def _attempts(
         if failures > policy.retries:
             kept = f" from the {reached:,} bytes kept in {part}" if reached else ""
             raise UnreachableError(
-                f"Downloading {label} from {shown} failed {failures} times in a row: {reason}.",
+                f"Downloading {transfer.label} from {transfer.shown} failed {failures} times in "
+                f"a row: {reason}.",
                 hint=f"Run the same command again to resume{kept}; --retries N tries "
                 "harder, --timeout S waits longer, --base-url uses a mirror.",
             ) from None
         delay = policy.delay(failures)
-        on_event(RetryScheduled(label, failures, policy.retries, reason, delay))
+        transfer.on_event(RetryScheduled(transfer.label, failures, policy.retries, reason, delay))
         policy.sleep(delay)
 
 
-def _attempt(
-    url: str,
-    part: Path,
-    digest: _Digest,
-    known: FileRecord,
-    label: str,
-    expected: Expected,
-    policy: RetryPolicy,
-    on_event: Callable[[DownloadEvent], None],
-    http: requests.Session,
-) -> int | None:
+def _attempt(transfer: _Transfer) -> int | None:
     """One GET: append to (or restart) the `.part`; its size once proven complete, else None."""
+    url, label, expected = transfer.url, transfer.label, transfer.expected
+    part, digest, known = transfer.part, transfer.digest, transfer.known
     digest.catch_up()
     have = digest.size
     if expected.size is not None and have == expected.size:
@@ -403,8 +426,9 @@ def _attempt(
         headers["Range"] = f"bytes={have}-"
         if known.if_range:
             headers["If-Range"] = known.if_range
+    timeouts = transfer.policy.timeouts
     try:
-        with http.get(url, headers=headers, stream=True, timeout=policy.timeouts) as response:
+        with transfer.http.get(url, headers=headers, stream=True, timeout=timeouts) as response:
             status = response.status_code
             if status == 416 and "Range" in headers:
                 return end_proven_by_416(response, known, have, expected.size)
@@ -424,7 +448,7 @@ def _attempt(
             known.ended = False
             size_hint = expected.size if expected.size is not None else total
             _check_free_space(part, (size_hint or 0) - start, label)
-            on_event(FileStarted(label, public_address(url), size_hint, start))
+            transfer.on_event(FileStarted(label, transfer.shown, size_hint, start))
             wanted = None if end is None else end - start + 1
             received = _stream(
                 response,
@@ -433,7 +457,7 @@ def _attempt(
                 label=label,
                 append=bool(start),
                 limit=wanted,
-                on_event=on_event,
+                on_event=transfer.on_event,
             )
     except Disagreement as disagreement:
         _restart(part, digest, known, disagreement.reason)
@@ -569,6 +593,9 @@ def _check_status(status: int, url: str, label: str) -> None:
             "SFR_MIRROR), it must hold <mirror>/<host>/<path> of the published address; "
             "`sfr download list --urls` prints every address.",
         )
+    refusal = refusal_text(status, url)
+    if refusal is not None:
+        raise UnreachableError(f"{label}: {refusal[0]}", hint=refusal[1])
     if status >= 400:
         raise UnreachableError(
             f"{label}: {shown} answered HTTP {status}.",
@@ -577,6 +604,32 @@ def _check_status(status: int, url: str, label: str) -> None:
         )
     if status not in (200, 206):
         raise UnreachableError(f"{label}: {shown} answered HTTP {status} instead of the file.")
+
+
+def refusal_text(status: int, url: str) -> tuple[str, str] | None:
+    """(message, hint) for an answer refusing access (401, 403), naming `url` without its user
+    information; None for any other status."""
+    shown = public_address(url)
+    given = urlsplit(url).username is not None
+    if status == 401:
+        if given:
+            return (
+                f"{shown} needs credentials (HTTP 401 Unauthorized) and refused the user name "
+                "and password in the address.",
+                "Check them, or use a mirror you can read (--base-url, SFR_MIRROR).",
+            )
+        return (
+            f"{shown} needs credentials (HTTP 401 Unauthorized).",
+            "Put them in the mirror address, https://USER:PASSWORD@HOST/PATH (sfr never prints "
+            "or records them), or use a mirror you can read (--base-url, SFR_MIRROR).",
+        )
+    if status == 403:
+        return (
+            f"{shown} forbids access (HTTP 403 Forbidden).",
+            "The server refuses this file to you (credentials, network or an expired link): "
+            "check the address, or use a mirror you can read (--base-url, SFR_MIRROR).",
+        )
+    return None
 
 
 def _check_free_space(part: Path, needed: int, label: str) -> None:

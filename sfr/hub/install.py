@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol
@@ -216,13 +216,19 @@ HubEvent = (
 
 @dataclass(frozen=True)
 class InstallReport:
-    """What `install` did, artefact names per outcome, and the bytes it downloaded."""
+    """What `install` did, artefact names per outcome, and the bytes it downloaded.
+
+    `fetched` took bytes from the network (`downloaded_bytes` counts them: for a resumed file,
+    only the rest); `verified` were already whole on disk from an earlier run (a complete
+    `.part` or staged archive) and were only verified and installed.
+    """
 
     fetched: list[str]
     skipped: list[str]
     converted: list[str]
     downloaded_bytes: int
-    recovered: list[str] | None = None
+    recovered: list[str] = field(default_factory=list)
+    verified: list[str] = field(default_factory=list)
 
 
 def plan(
@@ -358,7 +364,7 @@ def _install(
     session: requests.Session | None,
 ) -> InstallReport:
     """`install` without the translation of disk errors."""
-    fetched, skipped, converted, recovered = [], [], [], []
+    fetched, skipped, converted, recovered, verified = [], [], [], [], []
     downloaded = 0
     with ExitStack() as locks:
         held: set[Path] = set()
@@ -386,12 +392,12 @@ def _install(
                     step = replace(step, action="fetch")
             if step.action == "fetch":
                 entry, size = _fetch_and_record(step, policy, on_event, session)
-                fetched.append(name)
+                (fetched if size else verified).append(name)
                 downloaded += size
             if isinstance(step.artefact.post, Convert) and entry is not None:
                 _convert(step, entry, convert, on_event)
                 converted.append(name)
-    return InstallReport(fetched, skipped, converted, downloaded, recovered)
+    return InstallReport(fetched, skipped, converted, downloaded, recovered, verified)
 
 
 def _refuse_blocked(steps: Sequence[Step]) -> None:
@@ -474,7 +480,7 @@ def _fetch_and_record_unchecked(
             downloaded = 0
         else:
             fetched = _fetch_any(step, source, policy, on_event, session)
-            downloaded = fetched.size
+            downloaded = fetched.received
         on_event(ExtractionStarted(artefact.name, source, step.target))
         staging = step.folder / STAGING_DIR / f"{artefact.name}.extracting"
         # Files of an earlier extraction of the same artefact are sfr's to replace.
@@ -505,7 +511,7 @@ def _fetch_and_record_unchecked(
             record_pending(step.folder, entry_for(verified, files))
 
         fetched = _fetch_any(step, source, policy, on_event, session, before_install=pending)
-        downloaded = fetched.size
+        downloaded = fetched.received
         files = {artefact.dest: InstalledFile(size=fetched.size, sha256=fetched.sha256)}
         entry = entry_for(fetched, files)
     record(step.folder, entry, replaces=step.displaced)

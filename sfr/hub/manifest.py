@@ -36,7 +36,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sfr.errors import DataError
-from sfr.files import atomic_write_text, sha256_file
+from sfr.files import atomic_write_text, check_folder_path, sha256_file
 from sfr.hub.safefiles import DestinationLock, check_regular, open_regular
 
 MANIFEST_NAME = ".sfr-manifest.json"
@@ -105,7 +105,11 @@ def manifest_lock(folder: Path) -> DestinationLock:
 
 
 def load_manifest(folder: Path) -> Manifest:
-    """A folder's manifest; an empty one if it has none."""
+    """A folder's manifest; an empty one if it has none (or the folder does not exist yet).
+
+    DataError when `folder` is a file or lies under one (no folder can be installed into).
+    """
+    check_folder_path(folder, "download")
     path = manifest_path(folder)
     if not check_regular(path):
         return Manifest()

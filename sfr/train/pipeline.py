@@ -77,11 +77,13 @@ def finished_result(run: RunDir) -> FitResult:
     """The best result of a finished stage, read back from its best checkpoint."""
     meta = read_metadata(run.best_path)
     selection = meta["selection"]
+    metrics = meta.get("metrics") or {}
     return FitResult(
         str(run.root),
         meta["epoch"] - 1,  # FitResult counts from 0, checkpoints from 1
-        meta["metrics"][time_key(selection["measure"], selection["time"])],
-        meta["metrics"],
+        # a converted part of a published whole model records no measure of its own
+        metrics.get(time_key(selection["measure"], selection["time"]), float("nan")),
+        metrics,
     )
 
 

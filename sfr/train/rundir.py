@@ -121,7 +121,12 @@ def _read_json(path: Path, what: str) -> Any:
     """A JSON file of a run folder, or a RunError saying it is damaged and what to do."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except OSError as error:  # not damage: a folder in its place, no permission
+        raise RunError(
+            f"The {what} {path} cannot be read: {error.strerror or error}.",
+            f"Check {path} (it must be a file you can read).",
+        ) from None
+    except (UnicodeDecodeError, ValueError) as error:
         raise RunError(
             f"The {what} {path} cannot be read: {error}.",
             f"The run folder {path.parent} is damaged: pass --force to delete what sfr wrote "
