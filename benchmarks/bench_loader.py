@@ -6,7 +6,8 @@ segments spaced one second apart, as in EPIC-KITCHENS videos. The loader is the 
 uses (`create_loader`: per-worker LMDB handles, persistent workers, one read transaction per
 store and sample) and is measured on its own, without a model: a full pass over the segments
 after a warm-up pass, in batches of 128, for the fast branch (rgb at alpha 0.125) and for the
-three modalities that a fusion level reads.
+three modalities that a fusion level reads; each streamed from LMDB and preloaded (`--preload`:
+one in-memory table of the unique vectors, batches gathered from it).
 
     python benchmarks/bench_loader.py [--segments 1024]     or     from bench_loader import run
 """
@@ -77,7 +78,9 @@ def run(
     segment_count: int = SEGMENTS, workers: tuple[int, ...] = WORKERS, device: str = "cpu"
 ) -> dict[str, Any]:
     """Samples/s per consumer and worker count: {"loader": {"fast branch rgb@0.125":
-    {"0": ..., "2": ..., "4": ...}, "rgb+flow+obj@0.125": {...}}, "setup": {...}}.
+    {"0": ..., "2": ..., "4": ...}, "fast branch rgb@0.125, preloaded": {...},
+    "rgb+flow+obj@0.125": {...}, "rgb+flow+obj@0.125, preloaded": {...}}, "setup": {...}}
+    (`setup["table_bytes"]`: the preloaded tables' sizes).
 
     `device` "cuda" pins the batches in page-locked memory (as training on a GPU does)."""
     planned = segments(segment_count)
@@ -90,9 +93,14 @@ def run(
             "rgb+flow+obj@0.125": [Stream(m, GRID) for m in DIMS],
         }
         results: dict[str, dict[str, float]] = {}
+        table_bytes: dict[str, int] = {}
         for name, streams in consumers.items():
-            dataset = AnticipationDataset(planned, streams, stores)
-            results[name] = {str(w): samples_per_second(dataset, w, device) for w in workers}
+            for preload in (False, True):
+                dataset = AnticipationDataset(planned, streams, stores, preload=preload)
+                label = f"{name}, preloaded" if preload else name
+                results[label] = {str(w): samples_per_second(dataset, w, device) for w in workers}
+                if preload:
+                    table_bytes[label] = dataset.preloaded_bytes
     return {
         "loader": results,
         "setup": {
@@ -105,6 +113,7 @@ def run(
             "dims": DIMS,
             "cpus": os.cpu_count(),
             "device": device,
+            "table_bytes": table_bytes,
         },
     }
 
@@ -119,9 +128,11 @@ def main() -> None:
         f"Loader alone, {args.segments} segments, T = {GRID.steps}, batch {BATCH}, "
         f"{os.cpu_count()} CPUs, {'pinned' if args.device == 'cuda' else 'pageable'} (samples/s)"
     )
-    print(f"{'consumer':<26}" + "".join(f"{f'{w} workers':>12}" for w in WORKERS))
+    print(f"{'consumer':<38}" + "".join(f"{f'{w} workers':>12}" for w in WORKERS))
     for name, rates in result["loader"].items():
-        print(f"{name:<26}" + "".join(f"{rates[str(w)]:>12,.0f}" for w in WORKERS))
+        print(f"{name:<38}" + "".join(f"{rates[str(w)]:>12,.0f}" for w in WORKERS))
+    for name, size in result["setup"]["table_bytes"].items():
+        print(f"table of {name}: {size / 2**20:,.1f} MiB")
 
 
 if __name__ == "__main__":
