@@ -220,8 +220,8 @@ class AnticipationDataset(Dataset):
         Each stream's features are written straight into one (B, T, D) tensor: in shared memory
         inside a DataLoader worker (handing it to the main process copies nothing), else in
         memory recycled from batches no longer in use (`_BatchBuffers`).
-        Preloaded: one `index_select` per stream from the table. Otherwise: one LMDB
-        transaction per store and sample, no per-sample tensors, no stacking.
+        Preloaded: one gather per stream from the table (`FeatureTable.gather`). Otherwise: one
+        LMDB transaction per store and sample, no per-sample tensors, no stacking.
         """
         picked = torch.as_tensor(indices, dtype=torch.int64)
         shapes = [
@@ -234,11 +234,7 @@ class AnticipationDataset(Dataset):
             tensors = self._buffers.tensors(shapes)
         features = {stream.key: t for stream, t in zip(self.streams, tensors, strict=True)}
         if self.table is not None:
-            for stream in self.streams:
-                out = features[stream.key]
-                rows = self.table.rows[stream.key].index_select(0, picked).view(-1)
-                table = self.table.vectors[stream.modality]
-                torch.index_select(table, 0, rows, out=out.view(-1, out.shape[-1]))
+            self.table.gather(picked.numpy(), self.streams, features)
         else:
             arrays = {key: tensor.numpy() for key, tensor in features.items()}
             for row, index in enumerate(indices):
@@ -349,6 +345,23 @@ class FeatureTable:
 
     vectors: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor]
+
+    def gather(
+        self, samples: np.ndarray, streams: Sequence[Stream], out: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Write the steps of `samples` ((B,) int64 sample indices) into `out[stream key]`,
+        contiguous (B, T, D) float32 tensors: one gather of B·T rows per stream.
+
+        numpy's `take` copies the rows on the calling thread. torch's `index_select` would split
+        them over the intra-op threads, which on a busy machine (a trainer's threads, other
+        processes) was measured 3-4x slower than one thread: the copy is bound by memory
+        bandwidth, not by arithmetic. `mode="clip"` spares the buffered copy that `take` makes
+        of `out` in its checking mode; the rows are valid by construction, so nothing is clipped.
+        """
+        for stream in streams:
+            rows = self.rows[stream.key].numpy()[samples].reshape(-1)
+            target = out[stream.key].numpy().reshape(len(rows), -1)
+            np.take(self.vectors[stream.modality].numpy(), rows, axis=0, out=target, mode="clip")
 
     @property
     def nbytes(self) -> int:
