@@ -5,9 +5,9 @@ float32) holds the frames that the alpha 0.125 grid (24 + 16 = 40 steps) reads f
 segments spaced one second apart, as in EPIC-KITCHENS videos. The loader is the one training
 uses (`create_loader`: per-worker LMDB handles, persistent workers, one read transaction per
 store and sample) and is measured on its own, without a model: the fastest of three passes of
-4096 samples after a warm-up pass, in batches of 128, for the fast branch (rgb at alpha 0.125) and for the
-three modalities that a fusion level reads; each streamed from LMDB and preloaded (`--preload`:
-one in-memory table of the unique vectors, batches gathered from it).
+4096 samples after a warm-up pass, in batches of 128, for the fast branch (rgb at alpha 0.125)
+and for the three modalities that a fusion level reads; each streamed from LMDB and preloaded
+(`--preload`: one in-memory table of the unique vectors, batches gathered from it).
 
     python benchmarks/bench_loader.py [--segments 1024]     or     from bench_loader import run
 """
