@@ -353,9 +353,9 @@ class FeatureTable:
         contiguous (B, T, D) float32 tensors: one gather of B·T rows per stream.
 
         numpy's `take` copies the rows on the calling thread. torch's `index_select` would split
-        them over the intra-op threads, which on a busy machine (a trainer's threads, other
-        processes) was measured 3-4x slower than one thread: the copy is bound by memory
-        bandwidth, not by arithmetic. `mode="clip"` spares the buffered copy that `take` makes
+        them over the intra-op threads, which was measured 3-4x slower than one thread on the
+        2-core development machine with other jobs running: the copy is bound by memory
+        bandwidth, not by arithmetic, and waits for the slowest thread. `mode="clip"` spares the buffered copy that `take` makes
         of `out` in its checking mode; the rows are valid by construction, so nothing is clipped.
         """
         for stream in streams:

@@ -74,8 +74,7 @@ class FeatureStore:
             target = out
         width = 4 * self.dim
         raw = memoryview(target).cast("B")
-        prefix = f"{video}_frame_"
-        keys = [f"{prefix}{frame:010d}.jpg".encode() for frame in np.asarray(frames).tolist()]
+        keys = [frame_key(video, frame).encode() for frame in np.asarray(frames).tolist()]
         with self.env.begin(buffers=True) as txn:
             start = 0
             for key, value in zip(keys, map(txn.get, keys), strict=True):
