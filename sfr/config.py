@@ -98,7 +98,11 @@ class DataConfig(StrictModel):
         description="grid: every rate reads its own time grid; published: every rate takes its "
         "frames from one sequence on the finest grid, as the published Slow-Fast loader does",
     )
-    preload: bool = Field(False, description="read every sequence into memory once before training")
+    preload: bool = Field(
+        False,
+        description="read every unique feature vector the splits need into memory once before "
+        "training (one table per modality; refused if larger than the available memory)",
+    )
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
 
     @property

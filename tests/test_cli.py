@@ -291,6 +291,24 @@ def test_wrong_feature_dimension(cli, golden_data: Path, tmp_path: Path) -> None
     )
 
 
+def test_preload_larger_than_the_available_memory_is_refused(
+    cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sfr.data import dataset
+
+    monkeypatch.setattr(dataset, "available_memory", lambda: 2048)
+    config = write_config(tmp_path)
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "runs",
+        "--preload",
+    )  # fmt: skip
+    assert_user_error(code, output, error, "needs", "2.0 KiB available", "--no-preload")
+    assert re.search(
+        r"Preloading \d+ sequences needs [\d.]+ KiB of memory \(rgb \d+ vectors", output
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_typo_in_config_file_names_the_field_and_the_allowed_ones(
     cli, golden_data: Path, tmp_path: Path
 ) -> None:

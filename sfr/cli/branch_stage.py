@@ -83,7 +83,12 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         ] = None,
         preload: Annotated[
             bool | None,
-            _opt("--preload/--no-preload", "Read all sequences into memory first.", DataGroup),
+            _opt(
+                "--preload/--no-preload",
+                "Read every feature vector the splits need into memory first (refused if it "
+                "would not fit); then --workers 0 is fastest.",
+                DataGroup,
+            ),
         ] = None,
         num_workers: Annotated[int | None, WorkersOpt] = None,
         modality: Annotated[

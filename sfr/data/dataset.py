@@ -10,6 +10,9 @@ Segments for which some stream has no valid frame are set aside as `discarded` (
 
 from __future__ import annotations
 
+import itertools
+import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +61,12 @@ class AnticipationDataset(Dataset):
 
     Labels are -1 for unlabelled (test) segments. `discarded` lists the segments set aside.
     `sampling` chooses how the streams' frames are sampled (`sfr.data.timegrid.sampled_frames`).
-    With `preload`, every sequence is read once up front and served from memory.
+
+    With `preload`, every unique vector that the samples read is read once up front into a
+    `FeatureTable` (`table`; its size in bytes is `preloaded_bytes`), and batches are gathered
+    from it: the values are exactly those read from the stores. `progress(done, total)` is then
+    called as vectors are read (counted over all modalities). A table larger than the memory
+    available (`available_memory`) is refused before anything is read (DataError).
     """
 
     def __init__(
@@ -88,15 +96,76 @@ class AnticipationDataset(Dataset):
                 self.discarded.append(segment)
             else:
                 self.plans.append(plan)
-        self._cache: list[dict[str, np.ndarray]] | None = None
-        if preload:
-            total = len(self.plans)
-            cache = []
-            for index in range(total):
-                cache.append(self._read(index))
-                if progress is not None:
-                    progress(index + 1, total)
-            self._cache = cache
+        self._labels = {
+            task: torch.tensor(
+                [_label(getattr(plan.segment, task)) for plan in self.plans], dtype=torch.int64
+            )
+            for task in ("verb", "noun", "action")
+        }
+        self._buffers = _BatchBuffers()
+        self.table: FeatureTable | None = self._preload(progress) if preload else None
+
+    def __getstate__(self) -> dict:
+        """Pickled (for a spawned worker) without the recycled batch memory of this process."""
+        state = self.__dict__.copy()
+        state["_buffers"] = _BatchBuffers()
+        return state
+
+    @property
+    def preloaded_bytes(self) -> int:
+        """Bytes held in memory by the preloaded table (vectors and row indices); 0 without."""
+        return 0 if self.table is None else self.table.nbytes
+
+    def _preload(self, progress: Callable[[int, int], None] | None) -> FeatureTable:
+        """Read every unique (modality, video, frame) vector of the plans once into a table."""
+        layout = _TableLayout.of(self.plans, self.streams)
+        dims = {modality: self.stores[modality].dim for modality in layout.keys}
+        needed = layout.nbytes(dims)
+        available = available_memory()
+        if available is not None and needed > available:
+            sizes = ", ".join(
+                f"{modality} {len(keys):,} vectors × {dims[modality]}"
+                for modality, keys in layout.keys.items()
+            )
+            raise DataError(
+                f"Preloading {len(self.plans):,} sequences needs {_size(needed)} of memory "
+                f"({sizes} float32, plus row indices), but this machine has {_size(available)} "
+                "available (MemAvailable in /proc/meminfo).",
+                "Train without preloading (--no-preload, or data.preload = false): batches are "
+                "then read from the LMDB stores as training goes, with --workers processes.",
+            )
+        total = sum(len(keys) for keys in layout.keys.values())
+        done = 0
+        vectors: dict[str, torch.Tensor] = {}
+        for modality, keys in layout.keys.items():
+            table = torch.empty((len(keys), dims[modality]), dtype=torch.float32)
+            array = table.numpy()
+            codes, frames = np.divmod(keys, layout.span)
+            starts = [*np.flatnonzero(np.diff(codes, prepend=-1)).tolist(), len(keys)]
+            for first, end in itertools.pairwise(starts):
+                video = layout.videos[int(codes[first])]
+                for lo in range(first, end, _PRELOAD_CHUNK):
+                    hi = min(lo + _PRELOAD_CHUNK, end)
+                    self._read_table_rows(modality, video, frames[lo:hi], array[lo:hi])
+                    done += hi - lo
+                    if progress is not None:
+                        progress(done, total)
+            vectors[modality] = table
+        rows = {key: torch.from_numpy(index) for key, index in layout.rows.items()}
+        return FeatureTable(vectors, rows)
+
+    def _read_table_rows(
+        self, modality: str, video: str, frames: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Read `frames` of `video` into rows of the table; a store error names the sample
+        that needs the faulty vector, as the streamed read would."""
+        try:
+            self.stores[modality].read(video, frames, out=out)
+        except DataError:
+            for index, plan in enumerate(self.plans):
+                if plan.segment.video == video:
+                    self._read(index)
+            raise
 
     def _plan(self, segment: Segment) -> _Plan | None:
         if any(isinstance(stream.grid, ObservationGrid) for stream in self.streams):
@@ -148,33 +217,34 @@ class AnticipationDataset(Dataset):
         """A whole batch, as DataLoader's default collation would build it from the samples:
         `{"id": [...], "verb"/"noun"/"action": (B,) int64, "features": {key: (B, T, D)}}`.
 
-        Each stream's features are read straight into one (B, T, D) tensor (in shared memory
-        inside a DataLoader worker, so that handing it to the main process copies nothing):
-        one LMDB transaction per store and sample, no per-sample tensors, no stacking.
+        Each stream's features are written straight into one (B, T, D) tensor: in shared memory
+        inside a DataLoader worker (handing it to the main process copies nothing), else in
+        memory recycled from batches no longer in use (`_BatchBuffers`).
+        Preloaded: one gather per stream from the table (`FeatureTable.gather`). Otherwise: one
+        LMDB transaction per store and sample, no per-sample tensors, no stacking.
         """
-        rows = len(indices)
-        in_worker = torch.utils.data.get_worker_info() is not None
-        features: dict[str, torch.Tensor] = {}
-        for stream in self.streams:
-            dim = self.stores[stream.modality].dim
-            tensor = torch.empty((rows, stream.grid.steps, dim), dtype=torch.float32)
-            features[stream.key] = tensor.share_memory_() if in_worker else tensor
-        arrays = {key: tensor.numpy() for key, tensor in features.items()}
-        for row, index in enumerate(indices):
-            self._read_into(index, {key: array[row] for key, array in arrays.items()})
-        segments = [self.plans[index].segment for index in indices]
-        labels = {
-            task: torch.tensor([_label(getattr(s, task)) for s in segments], dtype=torch.int64)
-            for task in ("verb", "noun", "action")
-        }
-        return {BATCHED: True, "id": [s.id for s in segments], **labels, "features": features}
+        picked = torch.as_tensor(indices, dtype=torch.int64)
+        shapes = [
+            (len(indices), stream.grid.steps, self.stores[stream.modality].dim)
+            for stream in self.streams
+        ]
+        if torch.utils.data.get_worker_info() is not None:
+            tensors = [_shared_tensor(shape) for shape in shapes]
+        else:
+            tensors = self._buffers.tensors(shapes)
+        features = {stream.key: t for stream, t in zip(self.streams, tensors, strict=True)}
+        if self.table is not None:
+            self.table.gather(picked.numpy(), self.streams, features)
+        else:
+            arrays = {key: tensor.numpy() for key, tensor in features.items()}
+            for row, index in enumerate(indices):
+                self._read_into(index, {key: array[row] for key, array in arrays.items()})
+        labels = {task: self._labels[task].index_select(0, picked) for task in self._labels}
+        ids = [self.plans[index].segment.id for index in indices]
+        return {BATCHED: True, "id": ids, **labels, "features": features}
 
     def _read_into(self, index: int, out: dict[str, np.ndarray]) -> None:
-        """Sample `index`'s features into the (T, D) arrays `out` (by stream key)."""
-        if self._cache is not None:
-            for key, vectors in self._cache[index].items():
-                out[key][...] = vectors
-            return
+        """Sample `index`'s features, read from the stores, into the (T, D) arrays `out`."""
         plan = self.plans[index]
         segment = plan.segment
         for modality, frames in plan.frames.items():
@@ -191,13 +261,19 @@ class AnticipationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         segment = self.plans[index].segment
-        features = self._cache[index] if self._cache is not None else self._read(index)
+        if self.table is not None:
+            table = self.table
+            features = {
+                s.key: table.vectors[s.modality][table.rows[s.key][index]] for s in self.streams
+            }
+        else:
+            features = {key: torch.from_numpy(v) for key, v in self._read(index).items()}
         return {
             "id": segment.id,
             "verb": _label(segment.verb),
             "noun": _label(segment.noun),
             "action": _label(segment.action),
-            "features": {key: torch.from_numpy(value) for key, value in features.items()},
+            "features": features,
         }
 
 
@@ -206,6 +282,159 @@ BATCHED = "batched"  # key that marks a batch built whole by `__getitems__`
 
 def _label(value: int | None) -> int:
     return -1 if value is None else value
+
+
+def _shared_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory, created there directly (as DataLoader's
+    own collation does; `share_memory_()` would copy a fresh tensor into it)."""
+    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0).new(storage).view(shape)
+
+
+class _BatchBuffers:
+    """Memory for the batches built in this process, recycled once no tensor uses it.
+
+    A fresh allocation of a batch's size (tens of MiB) is a new memory mapping whose every page
+    faults on its first write, which costs more than gathering a preloaded batch. So each batch
+    is carved from an arena, and an arena is handed out again only when every array carved from
+    it has been freed (their weak references are dead): no tensor of that batch, nor any view
+    of one, is alive anywhere in this process. At most `keep` arenas are kept; past that, a
+    batch gets memory of its own. Used from one thread (the loader's).
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._arenas: list[tuple[np.ndarray, list[weakref.ref]]] = []
+
+    def tensors(self, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Uninitialised float32 tensors of `shapes`, carved from one recycled arena."""
+        sizes = [math.prod(shape) for shape in shapes]
+        arena, refs = self._arena(sum(sizes))
+        tensors, offset = [], 0
+        for shape, size in zip(shapes, sizes, strict=True):
+            array = arena[offset : offset + size].reshape(shape)
+            refs.append(weakref.ref(array))
+            tensors.append(torch.from_numpy(array))  # holds `array` until its storage dies
+            offset += size
+        return tensors
+
+    def _arena(self, size: int) -> tuple[np.ndarray, list[weakref.ref]]:
+        free = [i for i, (_, refs) in enumerate(self._arenas) if all(r() is None for r in refs)]
+        for i in free:
+            arena, refs = self._arenas[i]
+            if arena.size == size:
+                refs.clear()
+                return arena, refs
+        entry: tuple[np.ndarray, list[weakref.ref]] = (np.empty(size, np.float32), [])
+        if len(self._arenas) < self.keep:
+            self._arenas.append(entry)
+        elif free:
+            self._arenas[free[0]] = entry
+        return entry
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """The preloaded features of a dataset: every unique vector it reads, once.
+
+    `vectors[modality]` is a (N_unique, D) float32 tensor whose rows are the unique (video, frame)
+    vectors that the samples read from that modality's store, sorted by video then frame (slow
+    and fast streams, and overlapping segments, share rows); `rows[stream key]` is a
+    (N_samples, T) int64 tensor: sample i's step t is `vectors[modality][rows[key][i, t]]`.
+    """
+
+    vectors: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+
+    def gather(
+        self, samples: np.ndarray, streams: Sequence[Stream], out: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Write the steps of `samples` ((B,) int64 sample indices) into `out[stream key]`,
+        contiguous (B, T, D) float32 tensors: one gather of B·T rows per stream.
+
+        numpy's `take` copies the rows on the calling thread. torch's `index_select` would split
+        them over the intra-op threads, which was measured 3-4x slower than one thread on the
+        2-core development machine with other jobs running: the copy is bound by memory
+        bandwidth, not by arithmetic, and waits for the slowest thread. `mode="clip"` spares the buffered copy that `take` makes
+        of `out` in its checking mode; the rows are valid by construction, so nothing is clipped.
+        """
+        for stream in streams:
+            rows = self.rows[stream.key].numpy()[samples].reshape(-1)
+            target = out[stream.key].numpy().reshape(len(rows), -1)
+            np.take(self.vectors[stream.modality].numpy(), rows, axis=0, out=target, mode="clip")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the vectors and of the row indices."""
+        tensors = [*self.vectors.values(), *self.rows.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class _TableLayout:
+    """What a `FeatureTable` will hold, before anything is read.
+
+    `keys[modality]`: sorted unique `video code * span + frame` of that modality's vectors
+    (`videos[code]` names the video); `rows[stream key]`: (N_samples, T) int64 rows.
+    """
+
+    videos: list[str]
+    span: int
+    keys: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, plans: Sequence[_Plan], streams: Sequence[Stream]) -> _TableLayout:
+        videos = sorted({plan.segment.video for plan in plans})
+        code = {video: i for i, video in enumerate(videos)}
+        codes = np.array([code[plan.segment.video] for plan in plans], dtype=np.int64)[:, None]
+        frames = {
+            s.key: np.array(
+                [plan.frames[s.modality][plan.picks[s.key]] for plan in plans], dtype=np.int64
+            ).reshape(len(plans), s.grid.steps)
+            for s in streams
+        }
+        span = 1 + max((int(f.max()) for f in frames.values() if f.size), default=0)
+        keys: dict[str, np.ndarray] = {}
+        rows: dict[str, np.ndarray] = {}
+        for modality in dict.fromkeys(s.modality for s in streams):
+            mine = [s.key for s in streams if s.modality == modality]
+            combined = np.concatenate([codes * span + frames[key] for key in mine], axis=1)
+            unique, inverse = np.unique(combined.ravel(), return_inverse=True)
+            keys[modality] = unique
+            inverse = inverse.reshape(combined.shape)
+            edges = np.cumsum([0] + [frames[key].shape[1] for key in mine])
+            for key, lo, hi in zip(mine, edges[:-1], edges[1:], strict=True):
+                rows[key] = np.ascontiguousarray(inverse[:, lo:hi], dtype=np.int64)
+        return cls(videos, span, keys, rows)
+
+    def nbytes(self, dims: Mapping[str, int]) -> int:
+        """Bytes of the table that this layout describes (float32 vectors, int64 rows)."""
+        vectors = sum(4 * len(keys) * dims[modality] for modality, keys in self.keys.items())
+        return vectors + sum(rows.nbytes for rows in self.rows.values())
+
+
+_PRELOAD_CHUNK = 4096  # vectors per read transaction (and per progress report) when preloading
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: `MemAvailable` of /proc/meminfo
+    (Linux); None where that cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in binary units: GiB, MiB or KiB, whichever is the largest below the size."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
 
 
 def open_stores(data_dir: Path, dims: Mapping[str, int]) -> dict[str, FeatureStore]:

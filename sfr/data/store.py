@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 import lmdb
 import numpy as np
@@ -63,36 +64,32 @@ class FeatureStore:
     def read(
         self,
         video: str,
-        frames: Sequence[int],
+        frames: Sequence[int] | np.ndarray,
         sample_id: str = "?",
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Vectors of `frames` of `video` as a (len(frames), dim) float32 array, in one transaction.
 
-        `out`, a (len(frames), dim) float32 array (e.g. a row of a batch), receives the vectors
-        straight from LMDB's memory map, without an intermediate copy.
+        `out`, a (len(frames), dim) float32 array (e.g. a row of a batch, or a slice of a
+        preloaded table), receives the vectors straight from LMDB's memory map: each value is
+        copied once, as raw bytes, into its row. DataError if a key is missing, holds a vector of
+        another dimension, or holds NaN or infinite values (naming `sample_id`).
         """
-        if out is None:
-            out = np.empty((len(frames), self.dim), dtype=np.float32)
+        if out is None or not out.flags.c_contiguous:
+            target = np.empty((len(frames), self.dim), dtype=np.float32)
+        else:
+            target = out
+        width = 4 * self.dim
+        raw = memoryview(target).cast("B")
+        keys = [frame_key(video, frame).encode() for frame in np.asarray(frames).tolist()]
         with self.env.begin(buffers=True) as txn:
-            for row, frame in enumerate(frames):
-                key = frame_key(video, int(frame))
-                value = txn.get(key.encode("utf-8"))
-                if value is None:
-                    raise DataError(
-                        f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
-                        f"needed by annotation id {sample_id}.",
-                        self._missing_key_hint(video),
-                    )
-                found = len(value) // 4
-                if found != self.dim or len(value) % 4:
-                    raise DataError(
-                        f"Feature store '{self.name}' ({self.path}): key '{key}' holds a vector of "
-                        f"dimension {found}, expected {self.dim}.",
-                        "Set data.feature_dims for this modality to the store's dimension.",
-                    )
-                out[row] = np.frombuffer(value, dtype=np.float32)
-        finite = np.isfinite(out).all(axis=1)
+            start = 0
+            for key, value in zip(keys, map(txn.get, keys), strict=True):
+                if value is None or len(value) != width:
+                    self._refuse(key.decode(), value, sample_id, video)
+                raw[start : start + width] = value
+                start += width
+        finite = np.isfinite(target).all(axis=1)
         if not finite.all():
             key = frame_key(video, int(frames[int(np.argmin(finite))]))
             raise DataError(
@@ -100,7 +97,24 @@ class FeatureStore:
                 f"{sample_id}, holds a vector with NaN or infinite values.",
                 "Re-extract or re-download this store; its vectors must be finite.",
             )
-        return out
+        if out is not None and target is not out:
+            out[...] = target
+            return out
+        return target
+
+    def _refuse(self, key: str, value: memoryview | None, sample_id: str, video: str) -> NoReturn:
+        """The DataError of a missing key or of a vector of the wrong size."""
+        if value is None:
+            raise DataError(
+                f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
+                f"needed by annotation id {sample_id}.",
+                self._missing_key_hint(video),
+            )
+        raise DataError(
+            f"Feature store '{self.name}' ({self.path}): key '{key}' holds a vector of "
+            f"dimension {len(value) // 4}, expected {self.dim}.",
+            "Set data.feature_dims for this modality to the store's dimension.",
+        )
 
     def frame_range(self, video: str) -> tuple[int, int] | None:
         """First and last frame numbers the store holds for `video`; None if it holds none.
