@@ -355,8 +355,9 @@ class FeatureTable:
         numpy's `take` copies the rows on the calling thread. torch's `index_select` would split
         them over the intra-op threads, which was measured 3-4x slower than one thread on the
         2-core development machine with other jobs running: the copy is bound by memory
-        bandwidth, not by arithmetic, and waits for the slowest thread. `mode="clip"` spares the buffered copy that `take` makes
-        of `out` in its checking mode; the rows are valid by construction, so nothing is clipped.
+        bandwidth, not by arithmetic, and waits for the slowest thread. `mode="clip"` spares the
+        buffered copy that `take` makes of `out` in its checking mode; the rows are valid by
+        construction, so nothing is clipped.
         """
         for stream in streams:
             rows = self.rows[stream.key].numpy()[samples].reshape(-1)
