@@ -131,7 +131,12 @@ def _pair_row(
 
 
 def branch_multiply_adds(
-    branch: nn.Module, num_steps: int, steps: list[int], formulation: str, device: torch.device
+    branch: nn.Module,
+    num_steps: int,
+    steps: list[int],
+    formulation: str,
+    device: torch.device,
+    training: bool,
 ) -> int:
     """Multiply-adds of one branch's forward pass for ONE sample: LSTM gate products and the
     classifier (the pointwise gate arithmetic is left out, as are the backward passes, which
@@ -139,36 +144,50 @@ def branch_multiply_adds(
 
     plain: the published loops, every one of the `num_steps` steps rolled and unrolled (T - t + 1
     steps from step t), the fused LSTM computing each step's input product; efficient: the
-    requested `steps` only, as the default (`auto`, fused) kernel computes them on `device`: every
-    step computes its input product, and on the CPU the unrolls run padded to their group's
-    longest length (`length_buckets`).
+    requested `steps` only, as the default (`auto`) kernel computes them on `device`: the fused
+    kernel (CUDA, training) computes every step's input product, and on the CPU runs the unrolls
+    padded to their group's longest length (`length_buckets`); the loop (CPU evaluation)
+    computes the input products once per input (hoisted).
     """
     feat, hidden, classes = branch.feat_dim, branch.hidden, branch.num_classes
-    step = 4 * hidden * (feat + hidden)
+    gates = 4 * hidden
     extra = 0 if branch.sequence_completion else 1
+    head = hidden * classes
     if formulation == "plain":
         unrolled = sum(num_steps - t + extra for t in range(num_steps))
-        return (num_steps + unrolled) * step + num_steps * hidden * classes
+        return (num_steps + unrolled) * gates * (feat + hidden) + num_steps * head
     lengths = [num_steps - t + extra for t in steps]
+    rolled = steps[-1] + 1
+    if device.type != "cuda" and not training:  # the loop, input products hoisted
+        lstm = (num_steps + len(steps)) * gates * feat + (rolled + sum(lengths)) * gates * hidden
+        return lstm + len(steps) * head
     if device.type == "cpu":
         unrolled = sum(lengths[first] * (last - first) for first, last in length_buckets(lengths))
     else:
         unrolled = sum(lengths)
-    return (steps[-1] + 1 + unrolled) * step + len(steps) * hidden * classes
+    return (rolled + unrolled) * gates * (feat + hidden) + len(steps) * head
 
 
 def tree_multiply_adds(
-    node: nn.Module, times: tuple[float, ...], formulation: str, device: torch.device
+    node: nn.Module,
+    times: tuple[float, ...],
+    formulation: str,
+    device: torch.device,
+    training: bool,
 ) -> int:
     """`branch_multiply_adds` summed over a fusion tree's branches, plus its attention MLPs
     (computed at the requested times by both formulations)."""
     if hasattr(node, "branch"):
         steps = list(node.grid.steps_at(times))
-        return branch_multiply_adds(node.branch, node.grid.steps, steps, formulation, device)
+        return branch_multiply_adds(
+            node.branch, node.grid.steps, steps, formulation, device, training
+        )
     mlp = sum(
         m.in_features * m.out_features for m in node.attention.mlp if isinstance(m, nn.Linear)
     )
-    below = sum(tree_multiply_adds(child, times, formulation, device) for child in node.inputs)
+    below = sum(
+        tree_multiply_adds(child, times, formulation, device, training) for child in node.inputs
+    )
     return below + len(times) * mlp
 
 
@@ -190,8 +209,8 @@ class Workload:
             steps = list(range(s_enc, s_enc + s_ant))
             self.forwards["plain"] = lambda: plain_forward(branch, x).scores[:, s_enc:]
             self.forwards["efficient"] = lambda: branch(x, steps).scores
-            self.multiply_adds = lambda formulation: branch_multiply_adds(
-                branch, s_enc + s_ant, steps, formulation, device
+            self.multiply_adds = lambda formulation, training: branch_multiply_adds(
+                branch, s_enc + s_ant, steps, formulation, device, training
             )
         else:
             node = build_arch2(*PUBLISHED_DROPOUTS)
@@ -204,8 +223,8 @@ class Workload:
             }
             self.forwards["plain"] = lambda: plain_tree_forward(node, features, times).scores
             self.forwards["efficient"] = lambda: node(features, times).scores
-            self.multiply_adds = lambda formulation: tree_multiply_adds(
-                node, times, formulation, device
+            self.multiply_adds = lambda formulation, training: tree_multiply_adds(
+                node, times, formulation, device, training
             )
         self.labels = torch.randint(0, CLASSES, (batch,), device=device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-6, momentum=0.9)
@@ -243,7 +262,9 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
             row = _pair_row("efficient vs plain", f"{name} {mode}", "plain", "efficient", seconds)
             row["target"] = TARGETS.get((name, mode))
             # the speed-up if both formulations ran their products at the same rate
-            row["arithmetic_ratio"] = work.multiply_adds("plain") / work.multiply_adds("efficient")
+            row["arithmetic_ratio"] = work.multiply_adds("plain", training) / work.multiply_adds(
+                "efficient", training
+            )
             row["samples_per_s"] = args.batch / seconds["efficient"]["wall"]
             rows.append(row)
             print(_line(rows[-1]), file=sys.stderr, flush=True)

@@ -31,13 +31,11 @@ Two kernels compute the same function (`RULSTMBranch.kernel`):
   inputs are dropped out as one tensor, one mask element per unrolling step, input and unit: the
   published per-step masks.
 
-`auto` (the default) takes what measured fastest (`benchmarks/bench.py`,
-`benchmarks/check_training_gpu.py`): `fused` on every device, in training and in evaluation. On
-2 CPU threads the padded oneDNN calls beat the loop even where the loop's hoisted projection
-halves the unrolls' products (evaluation: 1.2-1.9x at hidden 1024), because the loop's gate
-arithmetic and copies cost a third of its time. The results of the two kernels agree to float
-rounding; oneDNN's inference and training kernels round differently, so compare outputs under
-the same grad mode.
+`auto` (the default) takes what measured fastest on the device (`benchmarks/bench.py`,
+`benchmarks/check_training_gpu.py`): `fused` on CUDA and in training with per-step dropout masks,
+else `loop`, where hoisting the input projection halves the unrolls' work (on 2 idle CPU threads
+the loop evaluates the T = 40 branch 1.4x faster than the padded fused calls, at batch 16 and
+128) and CPU evaluation stays bit-for-bit repeatable.
 """
 
 from __future__ import annotations
@@ -139,9 +137,15 @@ class RULSTMBranch(nn.Module):
     def fused_stages(self, device: torch.device) -> tuple[bool, bool]:
         """Whether the (rolling, unrolling) LSTMs run the fused kernel on `device`.
 
-        `fused` and `loop` apply to both; `auto` is `fused` (the module docstring says why).
+        `fused` and `loop` apply to both; `auto` is `fused` on CUDA and in training with per-step
+        masks, else `loop`: its hoisted projection halves the unrolls' work, and its results do
+        not depend on the grad mode or on which other steps are requested (oneDNN's inference
+        and training kernels round differently), so CPU evaluation stays bit-for-bit repeatable.
         """
-        fused = self.kernel != "loop"
+        if self.kernel != "auto":
+            fused = self.kernel == "fused"
+        else:
+            fused = device.type == "cuda" or self.per_step_masks
         return fused, fused
 
     def _roll_fused(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
