@@ -911,6 +911,7 @@ def test_the_same_option_has_the_same_name_and_wording_in_every_command() -> Non
     from sfr.cli.common import HIDDEN_ALIASES
 
     seen = dict.fromkeys(SHARED_HELP, 0)
+    seen_precision = 0
     for words, command in registered_commands():
         for option in visible_options(command):
             names = option.opts + option.secondary_opts
@@ -921,6 +922,9 @@ def test_the_same_option_has_the_same_name_and_wording_in_every_command() -> Non
                 if name in SHARED_HELP:
                     seen[name] += 1
                     assert (option.help or "").startswith(SHARED_HELP[name]), (words, option.help)
+                if name == "--precision":  # one set of choices, shown as such
+                    seen_precision += 1
+                    assert option.display_type_rich(None) == "fp32|bf16|fp16", words
                 if name in ("--epochs", "--lr"):
                     wanted = "raining epochs" if name == "--epochs" else "SGD learning rate"
                     assert wanted in (option.help or ""), (words, name, option.help)
@@ -931,6 +935,7 @@ def test_the_same_option_has_the_same_name_and_wording_in_every_command() -> Non
             assert output.display_type_rich(None) == "PATH", words
         assert not (outs and out_options), words  # an output is either --out or OUT
     assert all(count >= 2 for count in seen.values()), seen  # the rules still check something
+    assert seen_precision >= 5
 
 
 def test_older_spellings_are_still_accepted(cli: Cli, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from sfr.cli.common import (
     stage_table,
 )
 from sfr.config import BranchRunConfig, load_config, parse_override
+from sfr.data.loader import Precision  # one set of choices for every --precision
 from sfr.data.observation import position_label
 from sfr.train.stages import Stage, train_branch_stage
 
@@ -112,7 +113,7 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         device: Annotated[
             str | None, _opt("--device", "auto, cpu, cuda or cuda:N.", RunGroup)
         ] = None,
-        precision: Annotated[str | None, PrecisionOpt] = None,
+        precision: Annotated[Precision | None, PrecisionOpt] = None,
         select: Annotated[
             str | None,
             _opt(

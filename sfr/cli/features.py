@@ -24,6 +24,7 @@ from sfr.cli.common import (
     handles_user_errors,
     info_bars,
 )
+from sfr.data.loader import Precision
 from sfr.errors import ConfigError
 from sfr.features.encoder import resolve_device
 from sfr.features.extract import (
@@ -122,7 +123,7 @@ WorkersOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[
-    str,
+    Precision,
     typer.Option("--precision", help="fp32, or on CUDA bf16/fp16 (autocast; stored as float32)."),
 ]
 BackendOpt = Annotated[
@@ -359,7 +360,7 @@ def _run_backbone(
             batch_size=batch_size,
             workers=workers,
             device=resolve_device(device),
-            precision=_precision(precision),
+            precision=precision,
         )
     )
 
@@ -575,9 +576,3 @@ def merge(
         f"{result.present:,} already there, {result.videos} videos.",
         highlight=False,
     )
-
-
-def _precision(value: str) -> str:
-    if value not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision {value!r} is not fp32, bf16 or fp16.")
-    return value

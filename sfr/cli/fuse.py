@@ -10,6 +10,7 @@ import typer
 from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
 from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
+from sfr.data.loader import Precision
 from sfr.train.fusion import FusionPlan
 
 
@@ -48,7 +49,7 @@ def fuse(
     device: Annotated[
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
     ] = None,
-    precision: Annotated[str | None, PrecisionOpt] = None,
+    precision: Annotated[Precision | None, PrecisionOpt] = None,
     workers: Annotated[int | None, WorkersOpt] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     set_: SetOpt = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -20,7 +20,7 @@ from sfr.cli.common import (
     sample_bars,
     user_errors,
 )
-from sfr.data.loader import resolve_precision
+from sfr.data.loader import Precision, resolve_precision
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
 from sfr.eval.evaluation import (
@@ -207,7 +207,7 @@ def validate(
             "the published early-recognition fusion of rgb/flow/obj).",
         ),
     ] = "probabilities",
-    precision: Annotated[Literal["fp32", "bf16", "fp16"], PrecisionOpt] = "fp32",
+    precision: Annotated[Precision, PrecisionOpt] = "fp32",
     workers: Annotated[int | None, WorkersOpt] = None,
     force: Annotated[
         bool,
