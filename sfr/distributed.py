@@ -55,6 +55,16 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def local_world_size() -> int:
+    """Processes of the run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    if not launched():
+        return 1
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
 def is_main() -> bool:
     """Whether this process is rank 0, the one that writes files and prints."""
     return rank() == 0
@@ -66,9 +76,12 @@ def timeout() -> timedelta:
     try:
         seconds = float(text) if text else DEFAULT_TIMEOUT_S
     except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
         raise ConfigError(
-            f"{TIMEOUT_ENV} is '{text}', not a number of seconds.", f"Example: {TIMEOUT_ENV}=600"
-        ) from None
+            f"{TIMEOUT_ENV} is '{text}', not a positive number of seconds.",
+            f"Example: {TIMEOUT_ENV}=600",
+        )
     return timedelta(seconds=seconds)
 
 

@@ -318,3 +318,19 @@ def test_published_checkpoint_loads_only_numpy_scalars(tmp_path) -> None:
         match=r"refers to the Python object (builtins\.)?print, which sfr does not unpickle",
     ):
         load_published_checkpoint(path)
+
+
+def test_wrong_inputs_name_the_expected_shape_and_both_kernels_agree_on_them() -> None:
+    branch = _branch(False).eval()  # feat_dim 6
+    for kernel in ("loop", "fused"):
+        set_kernel(branch, kernel)
+        for shape in ((7, 6), (2, 5, 4), (0, 5, 6), (1, 2, 5, 6)):
+            with pytest.raises(ValueError, match=r"x must be a \(B, T, 6\) tensor"):
+                branch(torch.randn(*shape, dtype=torch.float64), [1])
+        x = torch.randn(2, 5, 6, dtype=torch.float64)
+        as_tensor = branch(x, torch.tensor([1, 3]))  # steps as a tensor: same as a list
+        assert torch.equal(as_tensor.scores, branch(x, [1, 3]).scores)
+    with pytest.raises(ValueError, match="kernel must be one of auto, fused, loop, not 'bogus'"):
+        branch.kernel = "bogus"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="Linear holds no RU-LSTM branch"):
+        set_kernel(torch.nn.Linear(2, 2), "fused")

@@ -159,7 +159,47 @@ def test_available_memory_reads_meminfo() -> None:
     if not meminfo.is_file():
         pytest.skip("no /proc/meminfo")
     line = next(x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:"))
-    assert abs(dataset_module.available_memory() - int(line.split()[1]) * 1024) < 1 << 30
+    available = dataset_module.available_memory()
+    assert available is not None and available < int(line.split()[1]) * 1024 + (1 << 30)
+
+
+def test_available_memory_stays_within_the_control_group_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not Path("/proc/meminfo").is_file():
+        pytest.skip("no /proc/meminfo")
+    v2 = (tmp_path / "memory.max", tmp_path / "memory.current")
+    v1 = (tmp_path / "limit_in_bytes", tmp_path / "usage_in_bytes")
+    monkeypatch.setattr(dataset_module, "CGROUP_LIMITS", (v2, v1))
+    unlimited = dataset_module.available_memory()
+    assert unlimited is not None and unlimited > 1 << 20  # no cgroup files: MemAvailable
+    v2[0].write_text("max\n")
+    v2[1].write_text("123\n")
+    assert dataset_module.available_memory() == pytest.approx(unlimited, rel=0.1)
+    v2[0].write_text(f"{600 << 20}\n")
+    v2[1].write_text(f"{100 << 20}\n")
+    assert dataset_module.available_memory() == 500 << 20  # a container's limit minus its use
+    v2[0].unlink()
+    v1[0].write_text(f"{300 << 20}\n")
+    v1[1].write_text(f"{50 << 20}\n")
+    assert dataset_module.available_memory() == 250 << 20  # cgroup v1
+
+
+def test_each_process_of_a_torchrun_job_on_the_machine_counts(
+    full_stores: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stores = open_stores(full_stores, DIMS)
+    table = AnticipationDataset(segments(), [Stream("rgb", FAST)], stores, preload=True).table
+    assert table is not None
+    monkeypatch.setattr(dataset_module, "available_memory", lambda: 3 * table.nbytes)
+    for copies in (1, 3):  # three tables fit
+        AnticipationDataset(
+            segments(), [Stream("rgb", FAST)], stores, preload=True, preload_copies=copies
+        )
+    with pytest.raises(DataError, match="in each of the 4 processes on this machine"):
+        AnticipationDataset(
+            segments(), [Stream("rgb", FAST)], stores, preload=True, preload_copies=4
+        )
 
 
 def test_missing_vector_in_a_preload_names_the_annotation(tmp_path: Path) -> None:

@@ -22,9 +22,11 @@ import torch
 from distributed_jobs import launch
 from safetensors.torch import load_file
 
+from sfr import distributed
 from sfr.checkpoint import read_metadata
 from sfr.config import BranchRunConfig, load_config
 from sfr.data.loader import ShardedBatchSampler
+from sfr.errors import ConfigError
 from sfr.train.stages import train_branch_stage
 
 pytestmark = pytest.mark.usefixtures("module_torch_thread")
@@ -329,3 +331,22 @@ def test_other_ranks_report_only_their_own_errors(
         assert exit.value.exit_code == 2
         output = capsys.readouterr().err
         assert (printed in output) if printed else output == "", output
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "inf", "nan", "abc"])
+def test_a_collective_timeout_must_be_a_positive_number_of_seconds(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+    with pytest.raises(ConfigError, match=f"SFR_DIST_TIMEOUT is '{text}', not a positive number"):
+        distributed.timeout()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "600")
+    assert distributed.timeout().total_seconds() == 600
+
+
+def test_local_world_size_counts_only_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.local_world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert distributed.local_world_size() == 4

@@ -1065,3 +1065,35 @@ def test_pipeline_takes_the_config_as_fuse_does(
     assert_user_error(code, output, error, "Give the fusion config once")
     code, output, error = cli("pipeline", "--data", tmp_path)
     assert_user_error(code, output, error, "Give the fusion config once")
+
+
+def test_sigterm_stops_training_with_its_resume_advice_and_the_run_continues(
+    cli: Cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler's (or torchrun's) SIGTERM: a message and exit 143, not a silent death; the
+    same command then continues the run."""
+    import os
+    import signal
+
+    from sfr.cli.common import TrainingView
+    from sfr.train.loop import EpochDone
+
+    original = TrainingView.__call__
+
+    def terminated(self: TrainingView, event: object) -> None:
+        original(self, event)
+        if isinstance(event, EpochDone):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TrainingView, "__call__", terminated)
+    args = branch_args(tmp_path, golden_data, "--epochs", "2")
+    code, output, _ = cli(*args)
+    assert code == 128 + signal.SIGTERM, output
+    assert "Stopped by SIGTERM." in output and "same command with --resume" in output
+    assert "Traceback" not in output
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed afterwards
+    monkeypatch.setattr(TrainingView, "__call__", original)
+    code, output, _ = cli(*args, "--resume")  # as the advice says
+    assert code == 0, output
+    root = next((tmp_path / "runs").rglob("status.json")).parent
+    assert json.loads((root / "status.json").read_text())["epoch"] == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal, TypeVar
@@ -45,6 +47,38 @@ def fail(message: str, hint: str | None = None) -> typer.Exit:
     return typer.Exit(USER_ERROR_EXIT)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received by the command's process: stop as Ctrl-C would."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` in this process while the block runs.
+
+    Job schedulers (SLURM preemption, `kill`) and torchrun (which stops every process of a run
+    when one fails) send SIGTERM; the command then stops with its resume advice instead of
+    dying silently. Processes forked meanwhile (DataLoader workers) die of it as before.
+    """
+    owner = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
     """Decorator: `SfrError` becomes a one-paragraph message and exit 2, never a traceback;
     Ctrl-C says how to continue (`resume_advice`) and exits 130."""
@@ -53,7 +87,8 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return command(*args, **kwargs)
+                with sigterm_as_interrupt():
+                    return command(*args, **kwargs)
             except SfrError as error:
                 if distributed.is_main():
                     raise fail(error.message, error.hint) from None
@@ -61,6 +96,16 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
                     raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
                 rank = f"rank {distributed.rank()}: "
                 raise fail(rank + error.message, error.hint) from None
+            except Terminated:
+                if distributed.is_main():
+                    cause = (
+                        " torchrun stops every process of a run when one fails or is killed: "
+                        "look for its message above."
+                        if distributed.launched()
+                        else ""
+                    )
+                    err_console.print(f"[yellow]Stopped by SIGTERM.[/]{cause} {resume_advice}")
+                raise typer.Exit(128 + signal.SIGTERM) from None
             except KeyboardInterrupt:
                 if distributed.is_main():  # torchrun interrupts every process: one message
                     err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")

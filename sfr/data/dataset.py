@@ -66,7 +66,9 @@ class AnticipationDataset(Dataset):
     `FeatureTable` (`table`; its size in bytes is `preloaded_bytes`), and batches are gathered
     from it: the values are exactly those read from the stores. `progress(done, total)` is then
     called as vectors are read (counted over all modalities). A table larger than the memory
-    available (`available_memory`) is refused before anything is read (DataError).
+    available (`available_memory`) is refused before anything is read (DataError); with
+    `preload_copies` N (the processes of a torchrun job on this machine, each of which holds its
+    own table), N tables must fit.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class AnticipationDataset(Dataset):
         preload: bool = False,
         sampling: Sampling = "grid",
         progress: Callable[[int, int], None] | None = None,
+        preload_copies: int = 1,
     ) -> None:
         keys = [s.key for s in streams]
         if len(set(keys)) != len(keys):
@@ -103,7 +106,9 @@ class AnticipationDataset(Dataset):
             for task in ("verb", "noun", "action")
         }
         self._buffers = _BatchBuffers()
-        self.table: FeatureTable | None = self._preload(progress) if preload else None
+        self.table: FeatureTable | None = (
+            self._preload(progress, preload_copies) if preload else None
+        )
 
     def __getstate__(self) -> dict:
         """Pickled (for a spawned worker) without the recycled batch memory of this process."""
@@ -116,23 +121,28 @@ class AnticipationDataset(Dataset):
         """Bytes held in memory by the preloaded table (vectors and row indices); 0 without."""
         return 0 if self.table is None else self.table.nbytes
 
-    def _preload(self, progress: Callable[[int, int], None] | None) -> FeatureTable:
+    def _preload(
+        self, progress: Callable[[int, int], None] | None, copies: int = 1
+    ) -> FeatureTable:
         """Read every unique (modality, video, frame) vector of the plans once into a table."""
         layout = _TableLayout.of(self.plans, self.streams)
         dims = {modality: self.stores[modality].dim for modality in layout.keys}
         needed = layout.nbytes(dims)
         available = available_memory()
-        if available is not None and needed > available:
+        if available is not None and needed * copies > available:
             sizes = ", ".join(
                 f"{modality} {len(keys):,} vectors × {dims[modality]}"
                 for modality, keys in layout.keys.items()
             )
+            each = f", in each of the {copies} processes on this machine" if copies > 1 else ""
             raise DataError(
                 f"Preloading {len(self.plans):,} sequences needs {_size(needed)} of memory "
-                f"({sizes} float32, plus row indices), but this machine has {_size(available)} "
-                "available (MemAvailable in /proc/meminfo).",
-                "Train without preloading (--no-preload, or data.preload = false): batches are "
-                "then read from the LMDB stores as training goes, with --workers processes.",
+                f"({sizes} float32, plus row indices){each}, but this machine has "
+                f"{_size(available)} available (MemAvailable in /proc/meminfo, within the "
+                "memory limit of this process's control group).",
+                "Train without preloading (train-branch/finetune --no-preload, or --set "
+                "data.preload=false in any command): batches are then read from the LMDB stores "
+                "as training goes, with --workers processes.",
             )
         total = sum(len(keys) for keys in layout.keys.values())
         done = 0
@@ -418,16 +428,39 @@ class _TableLayout:
 _PRELOAD_CHUNK = 4096  # vectors per read transaction (and per progress report) when preloading
 
 
+CGROUP_LIMITS = (  # (limit, usage) of cgroup v2 and v1, as a container or SLURM job sees them
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ),
+)
+
+
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation: `MemAvailable` of /proc/meminfo
-    (Linux); None where that cannot be read."""
+    """Bytes of memory available to a new allocation: `MemAvailable` of /proc/meminfo (Linux),
+    lowered to what the control group's memory limit leaves (cgroup v2 `memory.max` minus
+    `memory.current`, or v1 `memory.limit_in_bytes` minus `memory.usage_in_bytes`: containers
+    and SLURM jobs); None where /proc/meminfo cannot be read."""
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    if available is None:
+        return None
+    for limit_path, usage_path in CGROUP_LIMITS:
+        try:
+            limit_text = limit_path.read_text().strip()
+            if limit_text == "max":
+                break
+            left = int(limit_text) - int(usage_path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        return max(0, min(available, left))
+    return available
 
 
 def _size(nbytes: int) -> str:

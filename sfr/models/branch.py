@@ -94,8 +94,6 @@ class RULSTMBranch(nn.Module):
         kernel: Kernel = "auto",
     ) -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}.")
         self.kernel = kernel
         # fused unrolls as padded calls (`_unroll_fused_padded`) or one packed call; None: padded
         # on the CPU, where PyTorch runs packed LSTM batches step by step, packed elsewhere
@@ -111,10 +109,31 @@ class RULSTMBranch(nn.Module):
         self.head_dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_classes)
 
+    @property
+    def kernel(self) -> Kernel:
+        """How the LSTMs are computed: one of `KERNELS` (ValueError for any other name)."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: Kernel) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}.")
+        self._kernel = kernel
+
     def forward(self, x: Tensor, steps: Sequence[int] | None = None) -> BranchOutput:
-        """Scores and context at `steps` (ascending indices into x's T steps; None: every step)."""
+        """Scores (B, K, C) and context (B, K, 2H) at `steps` (K ascending indices into x's T
+        steps; None: every step) of x (B, T, F).
+
+        Raises ValueError for an x that is not (B ≥ 1, T, feat_dim), or steps that are not
+        ascending distinct indices in [0, T).
+        """
+        if x.dim() != 3 or x.shape[0] == 0 or x.shape[2] != self.feat_dim:
+            raise ValueError(
+                f"x must be a (B, T, {self.feat_dim}) tensor of at least one sequence (batch, "
+                f"steps, features), not {tuple(x.shape)}."
+            )
         num_steps = x.shape[1]  # x: (B, T, F)
-        steps = list(range(num_steps)) if steps is None else list(steps)
+        steps = list(range(num_steps)) if steps is None else [int(step) for step in steps]
         if not steps or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] >= num_steps:
             raise ValueError(
                 f"steps must be ascending distinct indices in [0, {num_steps}): {steps}"
@@ -358,10 +377,12 @@ def create_branch(
 def set_kernel(model: nn.Module, kernel: Kernel) -> None:
     """Run every RU-LSTM branch in `model` (a branch, a fusion tree) with `kernel`.
 
-    Raises ValueError for a name not in `KERNELS`.
+    Raises ValueError for a name not in `KERNELS`, or a model without any branch.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}.")
-    for module in model.modules():
-        if isinstance(module, RULSTMBranch):
-            module.kernel = kernel
+    branches = [module for module in model.modules() if isinstance(module, RULSTMBranch)]
+    if not branches:
+        raise ValueError(f"{type(model).__name__} holds no RU-LSTM branch to set the kernel of.")
+    for branch in branches:
+        branch.kernel = kernel

@@ -125,6 +125,7 @@ def load_stage_data(
             preload=data_config.preload,
             sampling=data_config.sampling,
             progress=progress,
+            preload_copies=distributed.local_world_size(),
         )
         if len(dataset) == 0:
             longest = max(streams, key=lambda stream: stream.grid.alpha * stream.grid.steps)
