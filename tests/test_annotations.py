@@ -74,3 +74,37 @@ def test_malformed_csvs_name_file_and_line(tmp_path, content: str, match: str) -
 def test_missing_csv(tmp_path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         read_segments(tmp_path / "training.csv")
+
+
+@pytest.mark.parametrize(
+    ("row", "frames"),
+    [
+        ("7, P01_01, 0000000200, 0000000100, 3, 1, 12", "200 to frame 100"),
+        ("8, P01_01, -5, 9, 3, 1, 12", "-5 to frame 9"),
+    ],
+)
+def test_a_segment_that_ends_before_it_starts_is_refused(tmp_path, row: str, frames: str) -> None:
+    path = tmp_path / "validation.csv"
+    path.write_text("1, P01_01, 0000000010, 0000000020, 3, 1, 12\n" + row + "\n")
+    with pytest.raises(DataError, match=f"line 2: segment .* runs from frame {frames}"):
+        read_segments(path)
+    path.write_text("1, P01_01, 0000000010, 0000000010, 3, 1, 12\n")  # one frame long: kept
+    assert read_segments(path)[0].end_frame == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [
+        ("id,action,verb,noun\n0,a,0,0\n1,b,1,0\n1,c,1,1\n", (4, 3)),
+        ("0, 0_0, Take\n1, 1_0, Put\n1, 1_1, Cut\n", (3, 2)),
+    ],
+    ids=["ek55", "egtea"],
+)
+def test_an_action_id_defined_twice_is_refused(tmp_path, text: str, lines: tuple) -> None:
+    path = tmp_path / "actions.csv"
+    path.write_text(text)
+    again, first = lines
+    with pytest.raises(
+        DataError, match=f"line {again}: action id 1 is already defined on line {first}"
+    ):
+        read_actions(path)

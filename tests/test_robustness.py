@@ -534,6 +534,16 @@ def test_the_python_api_names_the_expected_input_shape(trained_runs: TrainedRuns
         model({"rgb@0.25": torch.zeros(3, 6, 7)})
     with pytest.raises(DataError, match=r"needs the input 'rgb@0.25' \(a \(B, 6, 8\) tensor\)"):
         model({"rgb": torch.zeros(3, 6, 8)})
+    with pytest.raises(DataError, match=r"has no input 'rgb@0.5'; its inputs are rgb@0.25"):
+        model({"rgb@0.25": torch.zeros(3, 6, 8), "rgb@0.5": torch.zeros(3, 6, 8)})
+    with pytest.raises(DataError, match=r"shape \(0, 6, 8\), expected"):
+        model({"rgb@0.25": torch.zeros(0, 6, 8)})
+    with pytest.raises(DataError, match=r"takes a dict of .* keyed by stream .rgb@0\.25., not a"):
+        model(torch.zeros(3, 6, 8))  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"input .rgb@0\.25. is torch\.int64, not a float tensor"):
+        model({"rgb@0.25": torch.zeros(3, 6, 8, dtype=torch.int64)})
+    double = model({"rgb@0.25": torch.ones(3, 6, 8, dtype=torch.float64)}).scores
+    assert torch.equal(double, model({"rgb@0.25": torch.ones(3, 6, 8)}).scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1097,3 +1107,21 @@ def test_sigterm_stops_training_with_its_resume_advice_and_the_run_continues(
     assert code == 0, output
     root = next((tmp_path / "runs").rglob("status.json")).parent
     assert json.loads((root / "status.json").read_text())["epoch"] == 2
+
+
+def test_supervision_levels_outside_0_to_5_are_refused(cli: Cli, tmp_path: Path) -> None:
+    from sfr.errors import ConfigError
+    from sfr.eval.submission import SupervisionLevels
+
+    with pytest.raises(ConfigError, match="sls_pt is -1; supervision levels are 0 to 5"):
+        SupervisionLevels(pt=-1)
+    for value in ("-1", "6"):
+        code, output, _ = cli(
+            "export",
+            "submission",
+            tmp_path / "m.safetensors",
+            tmp_path / "s.json",
+            "--sls-tl",
+            value,
+        )
+        assert code == 2 and "--sls-tl" in output and "Traceback" not in output, output

@@ -50,9 +50,15 @@ def submission(
             "ratio (1 = the whole action, as published)."
         ),
     ] = 1.0,
-    sls_pt: Annotated[int, typer.Option(help="Supervision level: pre-training.")] = 1,
-    sls_tl: Annotated[int, typer.Option(help="Supervision level: training labels.")] = 4,
-    sls_td: Annotated[int, typer.Option(help="Supervision level: training data.")] = 3,
+    sls_pt: Annotated[
+        int, typer.Option(min=0, max=5, help="Supervision level: pre-training (0-5).")
+    ] = 1,
+    sls_tl: Annotated[
+        int, typer.Option(min=0, max=5, help="Supervision level: training labels (0-5).")
+    ] = 4,
+    sls_td: Annotated[
+        int, typer.Option(min=0, max=5, help="Supervision level: training data (0-5).")
+    ] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     sampling: SamplingOpt = None,

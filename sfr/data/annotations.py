@@ -140,6 +140,13 @@ def read_segments(path: Path) -> list[Segment]:
             )
         start = _int(cells[2], path, line, "start_frame")
         end = _int(cells[3], path, line, "end_frame")
+        if start < 0 or end < start:
+            raise DataError(
+                f"{path}, line {line}: segment {cells[0].strip()} runs from frame {start} to "
+                f"frame {end}; frames are counted from 0 and an action cannot end before it "
+                "starts.",
+                "Correct the start_frame / end_frame columns of that row.",
+            )
         labels = [_int(c, path, line, n) for c, n in zip(cells[4:], ("verb", "noun", "action"))]
         segments.append(Segment(normalise_id(cells[0]), cells[1], start, end, *labels))
     if not segments:
@@ -177,6 +184,7 @@ def read_actions(path: Path) -> ActionsTable:
         raise DataError(f"Actions table {path} is empty.")
     first = rows[0][1]
     entries: dict[int, tuple[int, int, str]] = {}
+    lines: dict[int, int] = {}  # action id -> the line that defines it
     if not first[0].isdigit():
         header = [c.lower() for c in first]
         missing = [c for c in ("id", "verb", "noun") if c not in header]
@@ -185,7 +193,9 @@ def read_actions(path: Path) -> ActionsTable:
         col = {name: header.index(name) for name in header}
         for line, cells in rows[1:]:
             name = _cell(cells, col["action"], path, line, "action") if "action" in col else ""
-            entries[_int(_cell(cells, col["id"], path, line, "id"), path, line, "id")] = (
+            action = _int(_cell(cells, col["id"], path, line, "id"), path, line, "id")
+            _unique_action(action, entries, lines, path, line)
+            entries[action] = (
                 _class_id(_cell(cells, col["verb"], path, line, "verb"), path, line, "verb"),
                 _class_id(_cell(cells, col["noun"], path, line, "noun"), path, line, "noun"),
                 name,
@@ -196,7 +206,9 @@ def read_actions(path: Path) -> ActionsTable:
                 raise DataError(f"{path}, line {line}: expected `id, verb_noun, name`.")
             verb, noun = cells[1].split("_", 1)
             name = cells[2] if len(cells) > 2 else cells[1]
-            entries[_int(cells[0], path, line, "id")] = (
+            action = _int(cells[0], path, line, "id")
+            _unique_action(action, entries, lines, path, line)
+            entries[action] = (
                 _class_id(verb, path, line, "verb"),
                 _class_id(noun, path, line, "noun"),
                 name,
@@ -209,6 +221,22 @@ def read_actions(path: Path) -> ActionsTable:
         nouns=np.array([e[1] for e in ordered], dtype=np.int64),
         names=tuple(e[2] for e in ordered),
     )
+
+
+def _unique_action(
+    action: int,
+    entries: dict[int, tuple[int, int, str]],
+    lines: dict[int, int],
+    path: Path,
+    line: int,
+) -> None:
+    """Refuse an action id defined twice (a second row would silently replace the first)."""
+    if action in entries:
+        raise DataError(
+            f"{path}, line {line}: action id {action} is already defined on line {lines[action]}.",
+            "Every action id must appear once: remove or renumber one of the two rows.",
+        )
+    lines[action] = line
 
 
 def read_class_list(path: Path, column: str) -> list[int]:

@@ -31,6 +31,12 @@ class SupervisionLevels:
     tl: int = 4
     td: int = 3
 
+    def __post_init__(self) -> None:
+        for name in ("pt", "tl", "td"):
+            level = getattr(self, name)
+            if not (isinstance(level, int) and 0 <= level <= 5):
+                raise ConfigError(f"sls_{name} is {level!r}; supervision levels are 0 to 5.")
+
 
 def challenge_counts(dataset: str) -> tuple[int, int]:
     """Verb and noun classes a challenge file lists for `dataset`; refuses EGTEA."""

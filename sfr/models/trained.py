@@ -108,9 +108,17 @@ class TrainedModel:
     def __call__(self, features: dict[str, Tensor]) -> NodeOutput:
         """Scores (B, K, classes), context and attention weights at every time of `times`.
 
-        `features` maps every key of `input_shapes()` to a (B, T, F) tensor; DataError naming
-        the key and the expected shape otherwise.
+        `features` maps every key of `input_shapes()` to a (B, T, F) floating-point tensor with
+        B ≥ 1 (other keys are refused: a misspelt key would otherwise pass unnoticed); DataError
+        naming the key and the expected shape or dtype otherwise. Inputs of another floating
+        dtype are computed in the model's (float32).
         """
+        if not isinstance(features, dict):
+            raise DataError(
+                f"{self.name} takes a dict of (B, T, F) tensors keyed by stream "
+                f"({', '.join(self.input_shapes())}), not a {type(features).__name__}."
+            )
+        dtype = next(self.module.parameters()).dtype
         batch = None
         for key, (steps, dim) in self.input_shapes().items():
             if key not in features:
@@ -118,15 +126,25 @@ class TrainedModel:
                     f"{self.name} needs the input '{key}' (a (B, {steps}, {dim}) tensor); "
                     f"given: {', '.join(sorted(features)) or 'none'}."
                 )
-            shape = tuple(features[key].shape)
+            value = features[key]
+            if not (isinstance(value, Tensor) and value.is_floating_point()):
+                kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise DataError(f"{self.name}: input '{key}' is {kind}, not a float tensor.")
+            shape = tuple(value.shape)
             batch = shape[0] if batch is None and len(shape) == 3 else batch
-            if len(shape) != 3 or shape[1:] != (steps, dim) or shape[0] != batch:
+            if len(shape) != 3 or shape[1:] != (steps, dim) or shape[0] != batch or not batch:
                 raise DataError(
                     f"{self.name}: input '{key}' has shape {shape}, expected "
                     f"({batch if batch is not None else 'B'}, {steps}, {dim}) = (batch, "
                     f"{steps} steps of {self.streams_by_key[key].grid.alpha:g} s, {dim} features)."
                 )
-        return self.module(features, self.times)
+        unknown = sorted(set(features) - set(self.input_shapes()))
+        if unknown:
+            raise DataError(
+                f"{self.name} has no input {', '.join(map(repr, unknown))}; its inputs are "
+                f"{', '.join(self.input_shapes())}."
+            )
+        return self.module({k: v.to(dtype) for k, v in features.items()}, self.times)
 
     @property
     def streams_by_key(self) -> dict[str, Stream]:
