@@ -125,24 +125,33 @@ def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -
         assert not all(torch.equal(first_unroll[0], m) for m in first_unroll[1:])
 
 
+def _fused_training_masks(
+    seq_comp: bool, shared: bool, padded: bool | None, batch: int, s_enc: int, s_ant: int
+) -> list[torch.Tensor]:
+    """The input dropout masks one training forward of the fused kernel draws, in order."""
+    branch = _branch(seq_comp)
+    set_kernel(branch, "fused")
+    assert branch.padded_unrolls is None  # the default: padded on the CPU
+    branch.padded_unrolls = padded
+    branch.shared_dropout_mask = shared
+    branch.train()
+    recorder = _RecordingDropout()
+    recorder.p = 0.5
+    branch.input_dropout = recorder
+    x = torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64)
+    branch(x, list(range(s_enc, s_enc + s_ant)))
+    return recorder.masks
+
+
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seq_comp", [False, True])
 def test_fused_kernel_draws_a_mask_per_unrolling_step_unless_shared(
     shared: bool, seq_comp: bool
 ) -> None:
     """The packed layout (one call, as on CUDA)."""
-    branch = _branch(seq_comp)
-    set_kernel(branch, "fused")
-    branch.padded_unrolls = False
-    branch.shared_dropout_mask = shared
-    branch.train()
-    recorder = _RecordingDropout()
-    recorder.p = 0.5
-    branch.input_dropout = recorder
     batch, s_enc, s_ant = 2, 3, 4
-    x = torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64)
-    branch(x, list(range(s_enc, s_enc + s_ant)))
-    rolling, unrolling = recorder.masks[0], recorder.masks[1:]
+    masks = _fused_training_masks(seq_comp, shared, False, batch, s_enc, s_ant)
+    rolling, unrolling = masks[0], masks[1:]
     assert rolling.shape == (batch, s_enc + s_ant, 6) and len(unrolling) == 1
     lengths = [s_ant + (0 if seq_comp else 1) - k for k in range(s_ant)]  # 5, 4, 3, 2 (+1)
     if shared:  # one mask per input: per unroll (anticipation) or per frame (completion)
@@ -162,18 +171,8 @@ def test_padded_fused_unrolls_draw_a_mask_per_step_unless_shared(
     shared: bool, seq_comp: bool
 ) -> None:
     """The padded layout (the CPU default): one call per group of similar lengths."""
-    branch = _branch(seq_comp)
-    set_kernel(branch, "fused")
-    assert branch.padded_unrolls is None  # padded on the CPU by default
-    branch.shared_dropout_mask = shared
-    branch.train()
-    recorder = _RecordingDropout()
-    recorder.p = 0.5
-    branch.input_dropout = recorder
     batch, s_enc, s_ant = 2, 3, 8
-    x = torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64)
-    branch(x, list(range(s_enc, s_enc + s_ant)))
-    unrolling = recorder.masks[1:]
+    unrolling = _fused_training_masks(seq_comp, shared, None, batch, s_enc, s_ant)[1:]
     lengths = [s_ant + (0 if seq_comp else 1) - k for k in range(s_ant)]
     buckets = length_buckets(lengths)
     assert 1 < len(buckets) < len(lengths)
