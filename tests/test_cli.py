@@ -137,6 +137,17 @@ def test_named_overrides_change_the_run_dir_and_resume_extends_a_run(
     lines = (root / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
+    # fewer --epochs than the run has: refused before any file is touched (issue 11)
+    files = {path.name: path.read_bytes() for path in root.iterdir()}
+    code, output, error = cli("train-branch", *common, *rate, "--epochs", "1", "--resume")
+    assert_user_error(code, output, error, "already has 2 epochs", "--epochs 2 or more")
+    assert {path.name: path.read_bytes() for path in root.iterdir()} == files
+    # as many: nothing to train, said so (not "resuming at epoch 3")
+    code, output, error = cli("train-branch", *common, *rate, "--epochs", "2", "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "is already finished" in output and "resuming" not in output
+    assert json.loads((root / "status.json").read_text())["epoch"] == 2
+
     code, output, error = cli("finetune", *common, *rate)
     assert code == 0, f"{output}\n{error!r}"
     assert str(runs / "ek55" / "rgb-a0.5-enc6-ant4" / "finetune") in output

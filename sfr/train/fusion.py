@@ -135,6 +135,7 @@ def train_fusion_unit(
             force=force,
             resume=resume,
             differences=lambda saved, current: plan.unit_differences(unit, saved, current),
+            epochs_key="fusion_optim.epochs",
         )
     )
     metadata = {

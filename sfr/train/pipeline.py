@@ -133,9 +133,8 @@ def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
         state = step.run.status()["state"]
         if state == "empty" or (state == "running" and not step.run.last_path.is_file()):
             continue
-        changed = step_differences(
-            step, plan, step.run.saved_config() or {}, step_config(step, plan)
-        )
+        current = step_config(step, plan)
+        changed = step_differences(step, plan, step.run.saved_config() or {}, current)
         if changed and state == "running":
             raise RunError(
                 f"Cannot resume {step.run.root}: its saved config differs in {', '.join(changed)}.",
@@ -148,6 +147,8 @@ def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
                 "Pass --force to retrain, or use another --runs folder (or run.name) for this "
                 "config.",
             )
+        section = "optim" if step.level == 0 else "fusion_optim"
+        step.run.check_epochs(current[section]["epochs"], f"{section}.epochs")
 
 
 def _finetuned(pretrain: PipelineStep, steps: list[PipelineStep], plan: FusionPlan) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sfr.checkpoint import read_metadata
 from sfr.errors import RunError
 from sfr.files import (
     atomic_write_text,
@@ -187,14 +188,16 @@ class RunDir:
         force: bool,
         resume: bool,
         differences: Callable[[dict[str, Any], dict[str, Any]], list[str]] = config_differences,
+        epochs_key: str = "optim.epochs",
     ) -> bool:
         """Make the folder ready for training; True if a saved state should be resumed.
 
         A finished or interrupted run is refused unless `force` (start over) or `resume`
         (continue it; its saved config must match in every field `differences` compares: by
-        default all but `RESUMABLE_CHANGES`). A run that
-        stopped before its first checkpoint holds nothing to keep: it is simply started again.
-        Temp files of checkpoint writes killed midway are deleted.
+        default all but `RESUMABLE_CHANGES`, and its `epochs_key` must ask for at least the
+        epochs it holds, see `check_epochs`). A run that stopped before its first checkpoint holds
+        nothing to keep: it is simply started again. Temp files of checkpoint writes killed midway
+        are deleted. Nothing is written before every check has passed.
         """
         check_folder_path(self.root, "run")  # --runs naming a file is refused, not a traceback
         if force:
@@ -220,9 +223,34 @@ class RunDir:
                     f"Cannot resume {self.root}: its saved config differs in {', '.join(changed)}.",
                     "Resume with the same settings, or pass --force to start over.",
                 )
+        if resume and not force:
+            section, field = epochs_key.split(".")
+            self.check_epochs(config[section][field], epochs_key)
         remove_stale_temp_files(self.root)
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True))
         return resume and self.last_path.is_file()
+
+    def trained_epochs(self) -> int | None:
+        """The number of epochs last.safetensors holds; None without a readable one (resuming
+        from a damaged one reports it)."""
+        if not self.last_path.is_file():
+            return None
+        try:
+            epoch = read_metadata(self.last_path).get("epoch")
+        except RunError:
+            return None
+        return epoch if isinstance(epoch, int) else None
+
+    def check_epochs(self, epochs: int, key: str) -> None:
+        """Refuse to resume towards fewer epochs than the run already holds (RunError naming
+        both and `key`, the config field of the epochs): training cannot take epochs back."""
+        done = self.trained_epochs()
+        if done is not None and epochs < done:
+            raise RunError(
+                f"Cannot resume {self.root} with {epochs} epochs ({key}): the run already has "
+                f"{done} epochs.",
+                f"Pass --epochs {done} or more to extend it, or --force to start over.",
+            )
 
     def set_status(self, state: str, **fields: Any) -> None:
         """Write status.json; `epoch` and `best_epoch` are 0-based here, 1-based in the file."""
