@@ -363,7 +363,7 @@ def test_interrupted_pipeline_resumes_to_the_same_result(
         i for i, s in enumerate(trained.result.steps) if (s.label, s.stage) == (label, stage)
     )
     crashed = runs / trained.result.steps[index].run.root.relative_to(trained.runs)
-    assert json.loads((crashed / "status.json").read_text())["state"] == "running"
+    assert json.loads((crashed / "status.json").read_text())["state"] == "interrupted"
     assert read_metadata(crashed / "last.safetensors")["epoch"] == 1
     later = trained.result.steps[index + 1 :]
     assert not any((runs / s.run.root.relative_to(trained.runs)).exists() for s in later)

@@ -2,7 +2,7 @@
 
     RUNS/<dataset>/<branch slug>/<stage>/    e.g. runs/ek55/rgb-a0.5-enc6-ant4/pretrain/
         config.json        resolved config of the run
-        status.json        {"state": "running" | "finished", "epoch": ..., "best": ...}
+        status.json        {"state": "running" | "interrupted" | "finished", "epoch": ..., ...}
         metrics.jsonl      one line per finished epoch
 
 Epochs in status.json and metrics.jsonl are numbered from 1, as on screen (`"epoch": 3` is the
@@ -31,6 +31,11 @@ from sfr.files import (
     remove_owned,
     remove_stale_temp_files,
 )
+
+# The states of a run that stopped, or is training, before its last epoch: --resume continues it.
+# "interrupted" is recorded when training stops (a kill, an error); a run killed too hard to record
+# it (SIGKILL, power loss) still says "running".
+UNFINISHED = ("running", "interrupted")
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = (
@@ -148,11 +153,12 @@ class RunDir:
     last_path = property(lambda self: self.root / "last.safetensors")
 
     def status(self) -> dict[str, Any]:
-        """`{"state": "empty" | "running" | "finished", ...}` as recorded in status.json."""
+        """`{"state": "empty" | "running" | "interrupted" | "finished", ...}` as recorded in
+        status.json (see `UNFINISHED`)."""
         if not self.status_path.is_file():
             return {"state": "empty"}
         status = _read_json(self.status_path, "run status")
-        if not isinstance(status, dict) or status.get("state") not in ("running", "finished"):
+        if not isinstance(status, dict) or status.get("state") not in (*UNFINISHED, "finished"):
             raise RunError(
                 f"The run status {self.status_path} is not one sfr writes: {status!r}.",
                 f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
@@ -203,7 +209,7 @@ class RunDir:
         if force:
             self.clear()
         state = self.status()["state"]
-        if state == "running" and not self.last_path.is_file():
+        if state in UNFINISHED and not self.last_path.is_file():
             self.clear()  # failed before its first epoch ended: nothing to resume or protect
             state = "empty"
         if state != "empty" and not resume:
@@ -251,6 +257,18 @@ class RunDir:
                 f"{done} epochs.",
                 f"Pass --epochs {done} or more to extend it, or --force to start over.",
             )
+
+    def mark_interrupted(self) -> None:
+        """Record that training stopped before finishing: a "running" status.json becomes
+        "interrupted", its other fields kept. Best effort (called while a failure propagates): a
+        status that cannot be read or written is left as it is; resuming works the same."""
+        try:
+            status = self.status()
+            if status["state"] == "running":
+                record = {**status, "state": "interrupted"}
+                atomic_write_text(self.status_path, json.dumps(record, sort_keys=True))
+        except RunError:
+            pass
 
     def set_status(self, state: str, **fields: Any) -> None:
         """Write status.json; `epoch` and `best_epoch` are 0-based here, 1-based in the file."""
