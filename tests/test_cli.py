@@ -205,6 +205,8 @@ def test_a_model_too_big_for_memory_is_a_message_and_leaves_no_run_folder(
     assert_user_error(
         code, output, error, "Out of memory", f"{count:,} parameters", "branch.hidden", "now 12"
     )
+    message = " ".join(output.split())  # as rich wraps it
+    assert "allocate 4297064448 bytes" in message and "alloc_cpu" not in message
     assert not runs.exists()
 
 

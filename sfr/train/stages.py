@@ -263,7 +263,9 @@ def allocation_failures(build: Callable[[], nn.Module], settings: str) -> Iterat
     except RuntimeError as error:
         if not is_allocation_failure(error):
             raise
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split()) or type(error).__name__
+        start = reason.find("DefaultCPUAllocator")  # after the C++ source location
+        reason = reason[max(start, 0) :][:300]
         raise RunError(
             f"Out of memory building or training the model ({model_size(build)}; training needs "
             f"about 3 times that for gradients and momentum, plus a batch's activations): {reason}",
