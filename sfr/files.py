@@ -189,14 +189,16 @@ def refuse_existing(path: Path, what: str, force: bool) -> None:
 
 def foreign_files(folder: Path, owned: Callable[[Path], bool]) -> list[Path]:
     """Files (and links) under `folder` that sfr did not write: those whose path relative to
-    `folder` `owned` does not claim, other than sfr's temp files. Folders are walked, links are
-    not followed."""
+    `folder` `owned` does not claim, other than sfr's temp files, and empty folders (sfr writes
+    none, so a user made them). Folders are walked, links are not followed."""
     folder = Path(folder)
     if not folder.is_dir() or folder.is_symlink():
         return [folder] if folder.exists() or folder.is_symlink() else []
     found = []
     for path in sorted(folder.rglob("*")):
         if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                found.append(path)
             continue
         ours = owned(path.relative_to(folder)) or _TEMP_NAME.match(path.name)
         if not (is_regular_file(path) and ours):
@@ -212,7 +214,7 @@ def refuse_foreign(folder: Path, what: str, foreign: list[Path]) -> None:
     shown = ", ".join(str(path) for path in foreign[:3])
     more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
     raise RunError(
-        f"The {what} {folder} holds files sfr did not write ({shown}{more}): --force deletes "
+        f"The {what} {folder} holds files or folders sfr did not write ({shown}{more}): --force deletes "
         "only what sfr wrote.",
         "Move them elsewhere, or choose another path.",
     )

@@ -15,6 +15,7 @@ from sfr.cli.common import USER_ERROR_EXIT
 from sfr.data.annotations import read_segments
 from sfr.data.store import frame_key
 from sfr.data.timegrid import TimeGrid
+from sfr.train import stages
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -137,6 +138,17 @@ def test_named_overrides_change_the_run_dir_and_resume_extends_a_run(
     lines = (root / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
+    # fewer --epochs than the run has: refused before any file is touched (issue 11)
+    files = {path.name: path.read_bytes() for path in root.iterdir()}
+    code, output, error = cli("train-branch", *common, *rate, "--epochs", "1", "--resume")
+    assert_user_error(code, output, error, "already has 2 epochs", "--epochs 2 or more")
+    assert {path.name: path.read_bytes() for path in root.iterdir()} == files
+    # as many: nothing to train, said so (not "resuming at epoch 3")
+    code, output, error = cli("train-branch", *common, *rate, "--epochs", "2", "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "is already finished" in output and "resuming" not in output
+    assert json.loads((root / "status.json").read_text())["epoch"] == 2
+
     code, output, error = cli("finetune", *common, *rate)
     assert code == 0, f"{output}\n{error!r}"
     assert str(runs / "ek55" / "rgb-a0.5-enc6-ant4" / "finetune") in output
@@ -165,6 +177,37 @@ def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Pa
     code, output, _ = cli("train-branch", *args, "--force")
     assert code == 0, output
     assert str(root) in output
+
+
+def test_a_model_too_big_for_memory_is_a_message_and_leaves_no_run_folder(
+    cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: torch's allocator failing to build the model names its size and branch.hidden
+    (exit 2, no traceback), and no run folder is left. The failure is simulated: building on the
+    meta device (which counts the parameters) still works."""
+    real = stages.create_branch
+
+    def starved(**kwargs: object) -> object:
+        if torch.get_default_device().type != "meta":
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 4297064448 bytes. Error code 12"
+            )
+        return real(**kwargs)
+
+    monkeypatch.setattr(stages, "create_branch", starved)
+    runs = tmp_path / "runs"
+    code, output, error = cli(
+        "train-branch", "--config", write_config(tmp_path), "--data", golden_data,
+        "--runs", runs, "--hidden", "12",
+    )  # fmt: skip
+    count = sum(p.numel() for p in real(feat_dim=16, hidden=12, num_classes=24).parameters())
+    assert_user_error(
+        code, output, error, "Out of memory", f"{count:,} parameters", "branch.hidden", "now 12"
+    )
+    message = " ".join(output.split())  # as rich wraps it
+    assert "allocate 4297064448 bytes" in message and "alloc_cpu" not in message
+    assert not runs.exists()
 
 
 def test_finetune_without_pretraining_says_how_to_create_it(

@@ -181,7 +181,7 @@ def test_a_killed_rank_fails_clearly_and_the_run_resumes_under_ddp(
     assert "--resume" in result["hint"] and str(runs / STAGE) in result["hint"]
     root = runs / STAGE
     assert read_metadata(root / "last.safetensors")["epoch"] == 1
-    assert json.loads((root / "status.json").read_text())["state"] == "running"
+    assert json.loads((root / "status.json").read_text())["state"] == "interrupted"
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
 
     report = tmp_path / "report-ddp"

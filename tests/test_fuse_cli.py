@@ -425,7 +425,7 @@ def test_an_interrupted_fusion_resumes_only_with_its_saved_config(
     assert code == 130, output
     assert "Interrupted." in output and "Traceback" not in output
     root = runs / ARCH2_DIR / LEVEL_1[0]
-    assert json.loads((root / "status.json").read_text())["state"] == "running"
+    assert json.loads((root / "status.json").read_text())["state"] == "interrupted"
     interrupt_in("no such step")
 
     code, output, error = cli(*args, "--lr", "0.05")

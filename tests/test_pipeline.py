@@ -363,7 +363,7 @@ def test_interrupted_pipeline_resumes_to_the_same_result(
         i for i, s in enumerate(trained.result.steps) if (s.label, s.stage) == (label, stage)
     )
     crashed = runs / trained.result.steps[index].run.root.relative_to(trained.runs)
-    assert json.loads((crashed / "status.json").read_text())["state"] == "running"
+    assert json.loads((crashed / "status.json").read_text())["state"] == "interrupted"
     assert read_metadata(crashed / "last.safetensors")["epoch"] == 1
     later = trained.result.steps[index + 1 :]
     assert not any((runs / s.run.root.relative_to(trained.runs)).exists() for s in later)
@@ -732,6 +732,17 @@ def test_an_interrupted_fusion_unit_resumes_with_more_epochs(
     # the finished unit is extended to the new epoch count too: its results are this config's
     assert [e.action for e in starts(events)] == ["resume", "resume"]
     assert [r["epoch"] for r in metrics_lines(unit_root(branches_only, label))] == [1, 2, 3]
+    # fewer epochs than the units hold: refused before any step runs (issue 11)
+    events.clear()
+    with pytest.raises(RunError, match=r"fusion_optim\.epochs\): the run already has 3 epochs"):
+        run_pipeline(
+            FusionPlan(fusion_config({"fusion_optim.epochs": 2}), branches_only),
+            synthetic_data,
+            levels=[1],
+            branches=False,
+            progress=events.append,
+        )
+    assert events == []
 
 
 def test_every_existing_stage_is_checked_before_any_training(

@@ -227,7 +227,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_simply_started_again(
     code, output, error = cli(*branch_args(tmp_path, golden_copy))
     assert_user_error(code, output, error, "has no key")
     root = tmp_path / "runs" / RUN
-    assert json.loads((root / "status.json").read_text())["state"] == "running"
+    assert json.loads((root / "status.json").read_text())["state"] == "interrupted"
     # the corrected data (the complete store), a changed setting, no --force or --resume
     code, output, _ = cli(*branch_args(tmp_path, golden_data, "--set", "optim.lr=0.05"))
     assert code == 0, output
@@ -1102,11 +1102,14 @@ def test_sigterm_stops_training_with_its_resume_advice_and_the_run_continues(
     assert "Stopped by SIGTERM." in output and "same command with --resume" in output
     assert "Traceback" not in output
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed afterwards
+    root = next((tmp_path / "runs").rglob("status.json")).parent
+    stopped = json.loads((root / "status.json").read_text())
+    assert (stopped["state"], stopped["epoch"]) == ("interrupted", 1)  # not "running" (issue 11)
     monkeypatch.setattr(TrainingView, "__call__", original)
     code, output, _ = cli(*args, "--resume")  # as the advice says
     assert code == 0, output
-    root = next((tmp_path / "runs").rglob("status.json")).parent
-    assert json.loads((root / "status.json").read_text())["epoch"] == 2
+    finished = json.loads((root / "status.json").read_text())
+    assert (finished["state"], finished["epoch"]) == ("finished", 2)
 
 
 def test_supervision_levels_outside_0_to_5_are_refused(cli: Cli, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sfr.data.annotations import Segment, read_actions, read_class_list, read_segments
+from sfr.data.presets import write_synthetic_presets
 from sfr.data.store import FeatureStore
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
 from sfr.data.timegrid import TimeGrid
@@ -176,6 +177,38 @@ def test_refuses_a_non_empty_folder_unless_forced(tmp_path: Path) -> None:
     summary = write_synthetic(out, SMALL, force=True)
     assert summary.path == out and (out / "training.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data.mine.tmp", "data"]
+
+
+def test_force_names_a_config_and_an_empty_folder_of_the_user_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Issue 11: only the preset names sfr writes under configs/ are its own, and a folder the
+    user made (even empty) is named too; --force then deletes nothing."""
+    out = tmp_path / "data"
+    summary = write_synthetic(out, SMALL)
+    presets = write_synthetic_presets(out, summary.num_actions, summary.dims)
+    assert presets  # the published presets are sfr's own: --force replaces them
+    mine = out / "configs" / "my_experiment.toml"
+    mine.write_text("my precious config")
+    (out / "rgb" / "scratch").mkdir()
+    with pytest.raises(RunError, match="did not write") as refused:
+        write_synthetic(out, SMALL, force=True)
+    assert str(mine) in str(refused.value) and str(out / "rgb" / "scratch") in str(refused.value)
+    assert mine.read_text() == "my precious config" and (out / "rgb" / "scratch").is_dir()
+    assert all(preset.is_file() for preset in presets)
+    mine.unlink()
+    (out / "rgb" / "scratch").rmdir()
+    write_synthetic(out, SMALL, force=True)
+    assert not (out / "configs").exists()
+
+
+def test_an_output_path_that_is_a_file_is_named_as_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    for force in (False, True):
+        with pytest.raises(DataError, match=re.escape(f"{out} is a file, not a folder")):
+            write_synthetic(out, SMALL, force=force)
+    assert out.read_text() == "mine"
 
 
 def test_writes_into_an_empty_folder_and_reports_progress(tmp_path: Path) -> None:

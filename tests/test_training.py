@@ -325,7 +325,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert (root / "last.safetensors").read_bytes() == saved["last"]
     assert read_metadata(root / "last.safetensors")["epoch"] == 1
     assert [r["epoch"] for r in metrics_lines(root)] == [1]
-    assert json.loads((root / "status.json").read_text())["state"] == "running"
+    assert json.loads((root / "status.json").read_text())["state"] == "interrupted"
     assert leftovers(root) == []
 
     # the interrupted run is refused without --resume, and --resume finishes it
@@ -349,7 +349,7 @@ def test_huge_learning_rate_raises_training_error(golden_data: Path, tmp_path: P
     assert not (root / "last.safetensors").exists()
     assert not (root / "best.safetensors").exists()
     assert leftovers(root) == []
-    assert json.loads((root / "status.json").read_text())["state"] == "running"
+    assert json.loads((root / "status.json").read_text())["state"] == "interrupted"
 
 
 @pytest.mark.parametrize(

@@ -280,7 +280,12 @@ class TrainingView:
             self.batch_task = self.bars.add_task(
                 "  batches", total=event.batches_per_epoch, info=""
             )
-            if event.start_epoch:
+            if event.start_epoch >= event.epochs:
+                self.bars.console.print(
+                    f"  {event.run_dir} is already finished: it has all {event.epochs} epochs, "
+                    "nothing to train (pass more --epochs to extend it)"
+                )
+            elif event.start_epoch:
                 self.bars.console.print(
                     f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
                 )

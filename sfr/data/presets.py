@@ -35,6 +35,12 @@ def adapt_preset(text: str, num_classes: int, dims: dict[str, int]) -> str:
     return _NUM_CLASSES_LINE.sub(lambda _: data, text)
 
 
+def preset_names(source: Path = PUBLISHED_PRESETS) -> frozenset[str]:
+    """The file names `write_synthetic_presets` writes under `DATA/configs/` (the published
+    presets' names; none without published presets)."""
+    return frozenset(p.name for p in source.glob("*.toml")) if source.is_dir() else frozenset()
+
+
 def write_synthetic_presets(
     data_dir: Path, num_classes: int, dims: dict[str, int], source: Path = PUBLISHED_PRESETS
 ) -> list[Path]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfr.data.presets import preset_names
 from sfr.data.store import FeatureStoreWriter
 from sfr.errors import ConfigError, DataError
 from sfr.files import existing_output, foreign_files, refuse_foreign
@@ -193,10 +194,13 @@ _SYNTHETIC_FILES = frozenset(
 
 
 def synthetic_file(relative: Path) -> bool:
-    """Whether a path inside a synthetic dataset is one sfr writes there (the `--force` rule)."""
+    """Whether a path inside a synthetic dataset is one sfr writes there (the `--force` rule):
+    its data files and `configs/<published preset name>.toml`, nothing else."""
     posix = relative.as_posix()
     return posix in _SYNTHETIC_FILES or (
-        len(relative.parts) == 2 and relative.parts[0] == "configs" and relative.suffix == ".toml"
+        len(relative.parts) == 2
+        and relative.parts[0] == "configs"
+        and relative.name in preset_names()
     )
 
 
@@ -207,6 +211,11 @@ def _check_target(out: Path, force: bool) -> None:
     occupied = out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))
     if not occupied:
         return
+    if out.exists() and not out.is_dir():
+        raise DataError(
+            f"The output path {out} is a file, not a folder.",
+            "Choose a new or empty folder for the dataset.",
+        )
     earlier = out.is_dir() and not out.is_symlink() and (out / "synthetic_meta.json").is_file()
     if not earlier:
         raise DataError(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sfr import distributed
 from sfr.config import FusionRunConfig
@@ -26,6 +26,7 @@ from sfr.train.loop import FitResult, Progress, Trainer
 from sfr.train.rundir import RunDir, config_differences
 from sfr.train.stages import (
     StageData,
+    allocation_failures,
     best_weights,
     fit_settings,
     load_stage_data,
@@ -125,31 +126,37 @@ def train_fusion_unit(
     run = plan.unit_dir(unit)
     data = data or load_fusion_data(plan, unit, data_dir)
     class_weights = stage_class_weights(config.fusion_optim, data_dir, data.num_classes)
-    torch.manual_seed(config.run.seed)
-    node = plan.build(unit.label, data.num_classes, config.model.freeze_branches)
-    if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written
-        plan.initialise(node, unit, data.num_classes, hint)
-    resuming = distributed.on_main(
-        lambda: run.prepare(
-            config.model_dump(mode="json"),
-            force=force,
-            resume=resume,
-            differences=lambda saved, current: plan.unit_differences(unit, saved, current),
+
+    def build() -> nn.Module:
+        return plan.build(unit.label, data.num_classes, config.model.freeze_branches)
+
+    with allocation_failures(build, f"model.hidden (now {config.model.hidden})"):
+        torch.manual_seed(config.run.seed)
+        node = build()
+        if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written
+            plan.initialise(node, unit, data.num_classes, hint)
+        resuming = distributed.on_main(
+            lambda: run.prepare(
+                config.model_dump(mode="json"),
+                force=force,
+                resume=resume,
+                differences=lambda saved, current: plan.unit_differences(unit, saved, current),
+                epochs_key="fusion_optim.epochs",
+            )
         )
-    )
-    metadata = {
-        "kind": "fusion",
-        "stage": unit.label,
-        "config": config.model_dump(mode="json"),
-        "model": plan.spec(unit.label, data.num_classes),
-    }
-    trainer = Trainer(
-        FusionTask(node),
-        data.train,
-        data.val,
-        run,
-        fit_settings(config, config.fusion_optim, class_weights),
-        metadata,
-        progress,
-    )
-    return trainer.fit(resuming)
+        metadata = {
+            "kind": "fusion",
+            "stage": unit.label,
+            "config": config.model_dump(mode="json"),
+            "model": plan.spec(unit.label, data.num_classes),
+        }
+        trainer = Trainer(
+            FusionTask(node),
+            data.train,
+            data.val,
+            run,
+            fit_settings(config, config.fusion_optim, class_weights),
+            metadata,
+            progress,
+        )
+        return trainer.fit(resuming)

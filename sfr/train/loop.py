@@ -263,69 +263,74 @@ class Trainer:
                 "running", epoch=start - 1, best=best, best_epoch=best_epoch
             )
         )
-        sampler, train_loader, val_loader = self._loaders()
-        model: nn.Module = _TaskScores(self.task)
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        self.progress(
-            StageStarted(
-                str(self.run_dir.root),
-                start,
-                self.settings.epochs,
-                len(self.train_set),
-                len(self.val_set),
-                len(sampler),
-            )
-        )
-        for epoch in range(start, self.settings.epochs):
-            began = time.perf_counter()
-            sampler.set_epoch(epoch)
-            with distributed.peer_failures(
-                f"Training stopped at epoch {epoch + 1}", self._resume_hint(epoch)
-            ):
-                train_loss = self._train_epoch(model, train_loader, sampler.weights(), epoch)
-                val_loss, metrics = self._validate(module, val_loader, epoch)
-            selection = metrics[time_key(self.settings.select, self.settings.select_time)]
-            is_best = selection > best
-            if is_best:
-                best, best_epoch = selection, epoch
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "selection": selection,
-                "best": best,
-                "is_best": is_best,
-                **metrics,
-            }
-            history.append(record)
-            with distributed.peer_failures(
-                f"Saving epoch {epoch + 1} failed", self._resume_hint(epoch)
-            ):
-                rng = distributed.gather_rows(torch.get_rng_state().numpy()[None])  # (W, S)
-                self._write(
-                    self._save_epoch, epoch, metrics, is_best, best, best_epoch, history, rng
-                )
+        try:
+            sampler, train_loader, val_loader = self._loaders()
+            model: nn.Module = _TaskScores(self.task)
+            if self.world > 1:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                model = DistributedDataParallel(model, device_ids=ids)
             self.progress(
-                EpochDone(
-                    epoch,
+                StageStarted(
+                    str(self.run_dir.root),
+                    start,
                     self.settings.epochs,
-                    train_loss,
-                    val_loss,
-                    metrics,
-                    selection,
-                    best,
-                    best_epoch,
-                    is_best,
-                    time.perf_counter() - began,
+                    len(self.train_set),
+                    len(self.val_set),
+                    len(sampler),
                 )
             )
-        self._write(
-            lambda: self.run_dir.set_status(
-                "finished", epoch=self.settings.epochs - 1, best=best, best_epoch=best_epoch
+            for epoch in range(start, self.settings.epochs):
+                began = time.perf_counter()
+                sampler.set_epoch(epoch)
+                with distributed.peer_failures(
+                    f"Training stopped at epoch {epoch + 1}", self._resume_hint(epoch)
+                ):
+                    train_loss = self._train_epoch(model, train_loader, sampler.weights(), epoch)
+                    val_loss, metrics = self._validate(module, val_loader, epoch)
+                selection = metrics[time_key(self.settings.select, self.settings.select_time)]
+                is_best = selection > best
+                if is_best:
+                    best, best_epoch = selection, epoch
+                record = {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "selection": selection,
+                    "best": best,
+                    "is_best": is_best,
+                    **metrics,
+                }
+                history.append(record)
+                with distributed.peer_failures(
+                    f"Saving epoch {epoch + 1} failed", self._resume_hint(epoch)
+                ):
+                    rng = distributed.gather_rows(torch.get_rng_state().numpy()[None])  # (W, S)
+                    self._write(
+                        self._save_epoch, epoch, metrics, is_best, best, best_epoch, history, rng
+                    )
+                self.progress(
+                    EpochDone(
+                        epoch,
+                        self.settings.epochs,
+                        train_loss,
+                        val_loss,
+                        metrics,
+                        selection,
+                        best,
+                        best_epoch,
+                        is_best,
+                        time.perf_counter() - began,
+                    )
+                )
+            self._write(
+                lambda: self.run_dir.set_status(
+                    "finished", epoch=self.settings.epochs - 1, best=best, best_epoch=best_epoch
+                )
             )
-        )
+        except BaseException:  # a kill (KeyboardInterrupt, SIGTERM) or an error: say it stopped
+            if distributed.is_main():
+                self.run_dir.mark_interrupted()
+            raise
         best_metrics = next((h for h in history if h["epoch"] == best_epoch), {})
         return FitResult(
             str(self.run_dir.root),

@@ -17,7 +17,7 @@ from sfr.data.dataset import open_stores
 from sfr.errors import RunError
 from sfr.train.fusion import FusionPlan, train_fusion_unit
 from sfr.train.loop import FitResult, ProgressEvent, time_key
-from sfr.train.rundir import RunDir, config_differences
+from sfr.train.rundir import UNFINISHED, RunDir, config_differences
 from sfr.train.stages import (
     STAGES,
     StageData,
@@ -131,12 +131,11 @@ def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
     """
     for step in steps:
         state = step.run.status()["state"]
-        if state == "empty" or (state == "running" and not step.run.last_path.is_file()):
+        if state == "empty" or (state in UNFINISHED and not step.run.last_path.is_file()):
             continue
-        changed = step_differences(
-            step, plan, step.run.saved_config() or {}, step_config(step, plan)
-        )
-        if changed and state == "running":
+        current = step_config(step, plan)
+        changed = step_differences(step, plan, step.run.saved_config() or {}, current)
+        if changed and state in UNFINISHED:
             raise RunError(
                 f"Cannot resume {step.run.root}: its saved config differs in {', '.join(changed)}.",
                 "Resume with the same settings, or pass --force to start over.",
@@ -148,6 +147,8 @@ def check_existing_steps(steps: list[PipelineStep], plan: FusionPlan) -> None:
                 "Pass --force to retrain, or use another --runs folder (or run.name) for this "
                 "config.",
             )
+        section = "optim" if step.level == 0 else "fusion_optim"
+        step.run.check_epochs(current[section]["epochs"], f"{section}.epochs")
 
 
 def _finetuned(pretrain: PipelineStep, steps: list[PipelineStep], plan: FusionPlan) -> bool:

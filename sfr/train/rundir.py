@@ -2,7 +2,7 @@
 
     RUNS/<dataset>/<branch slug>/<stage>/    e.g. runs/ek55/rgb-a0.5-enc6-ant4/pretrain/
         config.json        resolved config of the run
-        status.json        {"state": "running" | "finished", "epoch": ..., "best": ...}
+        status.json        {"state": "running" | "interrupted" | "finished", "epoch": ..., ...}
         metrics.jsonl      one line per finished epoch
 
 Epochs in status.json and metrics.jsonl are numbered from 1, as on screen (`"epoch": 3` is the
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sfr.checkpoint import read_metadata
 from sfr.errors import RunError
 from sfr.files import (
     atomic_write_text,
@@ -30,6 +31,11 @@ from sfr.files import (
     remove_owned,
     remove_stale_temp_files,
 )
+
+# The states of a run that stopped, or is training, before its last epoch: --resume continues it.
+# "interrupted" is recorded when training stops (a kill, an error); a run killed too hard to record
+# it (SIGKILL, power loss) still says "running".
+UNFINISHED = ("running", "interrupted")
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = (
@@ -147,11 +153,12 @@ class RunDir:
     last_path = property(lambda self: self.root / "last.safetensors")
 
     def status(self) -> dict[str, Any]:
-        """`{"state": "empty" | "running" | "finished", ...}` as recorded in status.json."""
+        """`{"state": "empty" | "running" | "interrupted" | "finished", ...}` as recorded in
+        status.json (see `UNFINISHED`)."""
         if not self.status_path.is_file():
             return {"state": "empty"}
         status = _read_json(self.status_path, "run status")
-        if not isinstance(status, dict) or status.get("state") not in ("running", "finished"):
+        if not isinstance(status, dict) or status.get("state") not in (*UNFINISHED, "finished"):
             raise RunError(
                 f"The run status {self.status_path} is not one sfr writes: {status!r}.",
                 f"Pass --force to delete what sfr wrote in {self.root} and train from scratch.",
@@ -187,20 +194,22 @@ class RunDir:
         force: bool,
         resume: bool,
         differences: Callable[[dict[str, Any], dict[str, Any]], list[str]] = config_differences,
+        epochs_key: str = "optim.epochs",
     ) -> bool:
         """Make the folder ready for training; True if a saved state should be resumed.
 
         A finished or interrupted run is refused unless `force` (start over) or `resume`
         (continue it; its saved config must match in every field `differences` compares: by
-        default all but `RESUMABLE_CHANGES`). A run that
-        stopped before its first checkpoint holds nothing to keep: it is simply started again.
-        Temp files of checkpoint writes killed midway are deleted.
+        default all but `RESUMABLE_CHANGES`, and its `epochs_key` must ask for at least the
+        epochs it holds, see `check_epochs`). A run that stopped before its first checkpoint holds
+        nothing to keep: it is simply started again. Temp files of checkpoint writes killed midway
+        are deleted. Nothing is written before every check has passed.
         """
         check_folder_path(self.root, "run")  # --runs naming a file is refused, not a traceback
         if force:
             self.clear()
         state = self.status()["state"]
-        if state == "running" and not self.last_path.is_file():
+        if state in UNFINISHED and not self.last_path.is_file():
             self.clear()  # failed before its first epoch ended: nothing to resume or protect
             state = "empty"
         if state != "empty" and not resume:
@@ -220,9 +229,46 @@ class RunDir:
                     f"Cannot resume {self.root}: its saved config differs in {', '.join(changed)}.",
                     "Resume with the same settings, or pass --force to start over.",
                 )
+        if resume and not force:
+            section, field = epochs_key.split(".")
+            self.check_epochs(config[section][field], epochs_key)
         remove_stale_temp_files(self.root)
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True))
         return resume and self.last_path.is_file()
+
+    def trained_epochs(self) -> int | None:
+        """The number of epochs last.safetensors holds; None without a readable one (resuming
+        from a damaged one reports it)."""
+        if not self.last_path.is_file():
+            return None
+        try:
+            epoch = read_metadata(self.last_path).get("epoch")
+        except RunError:
+            return None
+        return epoch if isinstance(epoch, int) else None
+
+    def check_epochs(self, epochs: int, key: str) -> None:
+        """Refuse to resume towards fewer epochs than the run already holds (RunError naming
+        both and `key`, the config field of the epochs): training cannot take epochs back."""
+        done = self.trained_epochs()
+        if done is not None and epochs < done:
+            raise RunError(
+                f"Cannot resume {self.root} with {epochs} epochs ({key}): the run already has "
+                f"{done} epochs.",
+                f"Pass --epochs {done} or more to extend it, or --force to start over.",
+            )
+
+    def mark_interrupted(self) -> None:
+        """Record that training stopped before finishing: a "running" status.json becomes
+        "interrupted", its other fields kept. Best effort (called while a failure propagates): a
+        status that cannot be read or written is left as it is; resuming works the same."""
+        try:
+            status = self.status()
+            if status["state"] == "running":
+                record = {**status, "state": "interrupted"}
+                atomic_write_text(self.status_path, json.dumps(record, sort_keys=True))
+        except RunError:
+            pass
 
     def set_status(self, state: str, **fields: Any) -> None:
         """Write status.json; `epoch` and `best_epoch` are 0-based here, 1-based in the file."""

@@ -9,13 +9,14 @@ Fine-tuning starts from the pre-training's best weights, found by that conventio
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sfr import distributed
 from sfr.checkpoint import load_checkpoint
@@ -225,6 +226,54 @@ def stage_class_weights(optim: OptimConfig, data_dir: Path, num_classes: int) ->
     return read_class_weights(path if path.is_absolute() else Path(data_dir) / path, num_classes)
 
 
+# What torch's CPU allocator says when malloc fails (DefaultCPUAllocator); devices raise OOM types.
+_CPU_ALLOCATION_FAILURE = "can't allocate memory"
+_OUT_OF_MEMORY = tuple(
+    kind
+    for kind in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError)
+    if isinstance(kind, type)
+)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether `error` is torch failing to allocate memory (host or device)."""
+    return isinstance(error, _OUT_OF_MEMORY) or (
+        isinstance(error, RuntimeError) and _CPU_ALLOCATION_FAILURE in str(error)
+    )
+
+
+def model_size(build: Callable[[], nn.Module]) -> str:
+    """`N parameters, B GB of fp32 weights` of the model `build` makes, counted by building it on
+    the meta device (which allocates no memory); "size unknown" if that fails."""
+    try:
+        with torch.device("meta"):
+            count = sum(parameter.numel() for parameter in build().parameters())
+    except Exception:  # only the message depends on it
+        return "size unknown"
+    return f"{count:,} parameters, {count * 4 / 1e9:.2f} GB of fp32 weights"
+
+
+@contextmanager
+def allocation_failures(build: Callable[[], nn.Module], settings: str) -> Iterator[None]:
+    """Turn torch's allocation failures (`is_allocation_failure`) inside the block, building or
+    training the model that `build` makes, into a RunError naming the model's size and the
+    config fields that set it (`settings`, e.g. "branch.hidden (--hidden, now 16384)")."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_allocation_failure(error):
+            raise
+        reason = " ".join(str(error).split()) or type(error).__name__
+        start = reason.find("DefaultCPUAllocator")  # after the C++ source location
+        reason = reason[max(start, 0) :][:300]
+        raise RunError(
+            f"Out of memory building or training the model ({model_size(build)}; training needs "
+            f"about 3 times that for gradients and momentum, plus a batch's activations): {reason}",
+            f"Choose a smaller {settings} or batch size (--batch-size), or a device with more "
+            "memory.",
+        ) from None
+
+
 def train_branch_stage(
     config: BranchRunConfig,
     stage: Stage,
@@ -256,29 +305,34 @@ def train_branch_stage(
             branch_metadata(config, "pretrain", data.num_classes)["model"],
             f"Create it first with the same config and overrides as this command: {command} ...",
         )
-    resuming = distributed.on_main(
-        lambda: run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
-    )
-    torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
-    branch = create_branch(
-        feat_dim=config.data.feature_dim(config.branch.modality),
-        hidden=config.branch.hidden,
-        num_classes=data.num_classes,
-        dropout=config.branch.dropout,
-        sequence_completion=stage == "pretrain",
-        shared_dropout_mask=config.branch.shared_dropout_mask,
-    )
-    if init is not None and not resuming:
-        branch.load_state_dict(init)
-    settings = fit_settings(config, config.optim, class_weights)
-    task = BranchTask(branch, branch_stream(config))
-    trainer = Trainer(
-        task,
-        data.train,
-        data.val,
-        run,
-        settings,
-        branch_metadata(config, stage, data.num_classes),
-        progress,
-    )
-    return trainer.fit(resuming)
+
+    def build() -> RULSTMBranch:
+        return create_branch(
+            feat_dim=config.data.feature_dim(config.branch.modality),
+            hidden=config.branch.hidden,
+            num_classes=data.num_classes,
+            dropout=config.branch.dropout,
+            sequence_completion=stage == "pretrain",
+            shared_dropout_mask=config.branch.shared_dropout_mask,
+        )
+
+    with allocation_failures(build, f"branch.hidden (--hidden, now {config.branch.hidden})"):
+        torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
+        branch = build()  # before the run folder is written: a model too big leaves nothing
+        resuming = distributed.on_main(
+            lambda: run.prepare(config.model_dump(mode="json"), force=force, resume=resume)
+        )
+        if init is not None and not resuming:
+            branch.load_state_dict(init)
+        settings = fit_settings(config, config.optim, class_weights)
+        task = BranchTask(branch, branch_stream(config))
+        trainer = Trainer(
+            task,
+            data.train,
+            data.val,
+            run,
+            settings,
+            branch_metadata(config, stage, data.num_classes),
+            progress,
+        )
+        return trainer.fit(resuming)
