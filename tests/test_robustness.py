@@ -400,6 +400,52 @@ def test_predict_past_the_last_frame_says_so(cli: Cli, trained_runs: TrainedRuns
     assert "sparse" not in output
 
 
+@pytest.mark.parametrize("where", ["unknown video", "past the end", "inside a sparse store"])
+def test_validate_names_a_segment_the_store_cannot_serve(
+    cli: Cli, trained_runs: TrainedRuns, synthetic_copy: Path, where: str
+) -> None:
+    """Issue 11: a CSV row of an unknown video or past a video's end is the annotation's fault,
+    named with its id and CSV line; only a frame missing inside the range hints at a sparse store."""
+    from sfr.data.store import FeatureStore, frame_key
+    from sfr.data.timegrid import TimeGrid
+
+    first, last = FeatureStore(trained_runs.data / "rgb", 8).frame_range("P01_03")
+    video, start = {
+        "unknown video": ("P99_99", 500),
+        "past the end": ("P01_03", last + 300),
+        "inside a sparse store": ("P01_03", last - 30),
+    }[where]
+    frames = TimeGrid(0.25, 2, 4).frames(start)
+    if where == "inside a sparse store":
+        env = lmdb.open(str(synthetic_copy / "rgb"))
+        with env.begin(write=True) as txn:
+            assert txn.delete(frame_key("P01_03", int(frames[-1])).encode())
+        env.close()
+    csv = synthetic_copy / "validation.csv"
+    rows = csv.read_text().splitlines()
+    csv.write_text(
+        "\n".join([*rows, f"00994, {video}, {start:010d}, {start + 100:010d}, 3, 1, 12"])
+    )
+    code, output, error = cli(
+        "validate", trained_runs.branch("rgb@0.25"), "--data", synthetic_copy, *CPU
+    )
+    needed = f"needed by annotation id 994 ({csv}, line {len(rows) + 1})"
+    if where == "unknown video":
+        assert_user_error(
+            code, output, error, "Video 'P99_99' is not in the rgb feature store", needed
+        )
+    elif where == "past the end":
+        key = frame_key("P01_03", int(frames.min()))
+        frame = f"(key '{key}') is past the last frame ({first}..{last}) of video P01_03"
+        assert_user_error(code, output, error, f"Frame {int(frames.min())} {frame}", needed)
+    else:
+        assert_user_error(
+            code, output, error, f"has no key '{frame_key('P01_03', int(frames[-1]))}'"
+        )
+        assert "sparse" in output
+    assert ("sparse" in output) == (where == "inside a sparse store")
+
+
 @pytest.mark.parametrize("at", ["nan", "inf", "-3"])
 def test_predict_at_must_be_a_finite_moment(cli: Cli, trained_runs: TrainedRuns, at: str) -> None:
     code, output, error = cli(

@@ -82,8 +82,9 @@ def check_video_covers(
         frames = stream.grid.frames(start)
         held = store.frame_range(video)
         if held is None:
-            raise DataError(
-                f"Video '{video}' is not in the {store.name} feature store ({store.path}).",
+            raise store.video_not_held(
+                video,
+                "",
                 "Check --video: ids are written as in the feature keys and the CSVs (P01_01).",
             )
         if frames is not None and int(frames.max()) > held[1]:
