@@ -274,6 +274,32 @@ def test_damaged_run_files_on_resume_are_messages(
     assert code == 0, output
 
 
+def test_truncated_checkpoints_are_called_damaged_with_the_way_to_remake_them(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Issue 11: a cut-short best/last checkpoint or bundle is damaged, not "not safetensors"
+    with advice to pass a run folder; each hint says how to make that file again."""
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+    root = tmp_path / "runs" / RUN
+    bundle = tmp_path / "bundle.safetensors"
+    code, output, _ = cli("export", "model", root, bundle)
+    assert code == 0, output
+    for name in ("best.safetensors", "last.safetensors"):
+        (root / name).write_bytes((root / name).read_bytes()[:5000])
+    bundle.write_bytes(bundle.read_bytes()[:5000])
+    damaged = "is damaged or cut short"
+    code, output, error = cli("validate", root, "--data", golden_data, *CPU)
+    assert_user_error(code, output, error, f"{root / 'best.safetensors'} {damaged}", "--force")
+    assert "Pass a best.safetensors" not in output
+    code, output, error = cli("validate", bundle, "--data", golden_data, *CPU)
+    assert_user_error(code, output, error, f"{bundle} {damaged}", "Export this bundle again")
+    code, output, error = cli(*branch_args(tmp_path, golden_data, "--resume", "--epochs", "2"))
+    assert_user_error(
+        code, output, error, f"{root / 'last.safetensors'} {damaged}", "start the stage again"
+    )
+
+
 def test_damaged_last_checkpoint_on_resume_is_a_message(
     cli: Cli, golden_data: Path, tmp_path: Path
 ) -> None:
