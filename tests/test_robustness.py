@@ -111,6 +111,25 @@ def test_validate_refuses_another_egtea_split_unless_forced(
     assert code == 0, output
 
 
+@pytest.mark.parametrize("split", ["validation7", "validation0", "validation3"])
+def test_validate_an_egtea_split_that_does_not_exist_says_so_before_cross_split(
+    cli: Cli, trained_runs: TrainedRuns, synthetic_copy: Path, tmp_path: Path, split: str
+) -> None:
+    """Issue 11: an unknown EGTEA split name, or one without its CSV, is named as such, not as
+    scoring a split-1 model on another split's validation segments."""
+    from conftest import relabel_checkpoint
+
+    best = trained_runs.branch("rgb@0.25") / "best.safetensors"
+    model = relabel_checkpoint(best, tmp_path / "egtea.safetensors", "egtea")
+    code, output, error = cli("validate", model, "--data", synthetic_copy, "--split", split, *CPU)
+    if split == "validation3":
+        needles = [f"{synthetic_copy / 'validation3.csv'} does not exist", "sfr download"]
+    else:
+        needles = [f"Split '{split}' does not exist for egtea", "validation1, validation2"]
+    assert_user_error(code, output, error, *needles)
+    assert "--other-split" not in output
+
+
 def test_validate_refuses_an_unlabelled_split_before_inference(
     cli: Cli, trained_runs: TrainedRuns, synthetic_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
