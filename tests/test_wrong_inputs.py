@@ -35,7 +35,7 @@ CASES = [
     ("export model {file} {dir}/bundle.safetensors", [NOT_SAFETENSORS]),
     (
         "validate {model} --data {file}",
-        ["{file}/actions.csv does not exist ({file} is a file, not a folder)"],
+        ["{file}/validation.csv does not exist ({file} is a file, not a folder)"],
     ),
     (
         "export submission {model} {dir}/s.json --data {file} --split validation",
