@@ -97,14 +97,56 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _not_safetensors(path: Path, error: Exception) -> RunError:
-    """A file that safetensors cannot parse: empty, a PyTorch pickle, or another file."""
-    empty = path.is_file() and path.stat().st_size == 0
-    what = "is empty (0 bytes)" if empty else f"is not a safetensors checkpoint ({error})"
+    """A file that safetensors cannot parse: empty, damaged or cut short, or another format.
+
+    A file that starts as safetensors do (an 8-byte little-endian header length, then the JSON
+    header's `{`) was a checkpoint until it was damaged or truncated: the hint says how to make
+    it again (`--force` for a run's best/last checkpoint, export or download for a bundle).
+    """
+    if path.is_file() and path.stat().st_size == 0:
+        what = "is empty (0 bytes)"
+    elif _has_safetensors_start(path):
+        return RunError(
+            f"Checkpoint {path} is damaged or cut short: it starts as a safetensors file but "
+            f"cannot be read ({error}).",
+            _damaged_hint(path),
+        )
+    else:
+        what = f"is not a safetensors checkpoint ({error})"
     return RunError(
         f"Checkpoint {path} {what}.",
         "Pass a best.safetensors, a run folder or an exported bundle; a published .pth.tar "
         "checkpoint is converted first: sfr convert FILE.pth.tar OUT.safetensors.",
     )
+
+
+def _has_safetensors_start(path: Path) -> bool:
+    """Whether `path` begins with a plausible safetensors header length followed by `{`."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(9)
+    except OSError:
+        return False
+    if len(start) < 9:
+        return False
+    length = int.from_bytes(start[:8], "little")
+    return 2 <= length <= 100_000_000 and start[8:9] == b"{"
+
+
+def _damaged_hint(path: Path) -> str:
+    """What to do about a damaged checkpoint, by the role its name gives it."""
+    if path.name == "last.safetensors":
+        return (
+            "This is the stage's resume checkpoint: start the stage again with --force "
+            "(or restore the file from a copy)."
+        )
+    if path.name == "best.safetensors":
+        return (
+            f"Train the stage of {path.parent} again with --force (sfr train-branch, finetune or "
+            "fuse, as it was made; a converted published checkpoint: sfr convert or sfr download "
+            "pretrained again), or restore the file from a copy."
+        )
+    return "Export this bundle again (sfr export model) or copy or download it again."
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -528,7 +528,26 @@ def load_config(
         raise ConfigError(f"Config file {path} cannot be read: {error.strerror}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    _refuse_other_kind(model, tree, path)
     return build_config(model, tree, overrides, source=str(path))
+
+
+def _refuse_other_kind(model: type[BaseModel], tree: Mapping[str, Any], path: Path) -> None:
+    """A fusion config given where a branch config is read, or the reverse: say which it is and
+    which commands take it (rather than listing an unknown field)."""
+    fields = model.model_fields
+    if "branch" in fields and "branch" not in tree and ("model" in tree or "fusion_optim" in tree):
+        raise ConfigError(
+            f"{path} is a fusion config ([model] section), not a branch config ([branch]).",
+            f"Train it with sfr pipeline {path} or sfr fuse ARCH --config {path}; "
+            "train-branch and finetune take a branch config, e.g. configs/ek55/rgb_a0.5.toml.",
+        )
+    if "model" in fields and "model" not in tree and "branch" in tree:
+        raise ConfigError(
+            f"{path} is a branch config ([branch] section), not a fusion config ([model]).",
+            f"Train it with sfr train-branch --config {path} (then sfr finetune); fuse and "
+            "pipeline take a fusion config, e.g. configs/ek55/sf_arch2.toml.",
+        )
 
 
 def config_json(config: BaseModel) -> str:

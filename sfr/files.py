@@ -132,13 +132,16 @@ def check_folder_path(folder: Path, what: str) -> Path:
     return folder
 
 
-def check_output_file(path: Path, what: str) -> Path:
-    """Refuse an output file path that is a folder or whose folder cannot be written, up front."""
+def check_output_file(path: Path, what: str, suffix: str) -> Path:
+    """Refuse an output file path that is a folder or whose folder cannot be written, up front.
+
+    `suffix` is the kind of file written (`.json`, `.safetensors`), for the example name.
+    """
     path = Path(path)
     if path.is_dir():
         raise RunError(
             f"The {what} {path} is a folder.",
-            f"Give a file name, e.g. {path / ('out' + (path.suffix or '.json'))}.",
+            f"Give a file name, e.g. {path / ('out' + suffix)}.",
         )
     check_writable_dir(path.parent, f"{what}'s")
     return path

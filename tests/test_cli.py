@@ -363,6 +363,30 @@ def test_typo_in_config_file_names_the_field_and_the_allowed_ones(
 
 
 @pytest.mark.parametrize(
+    ("command", "config", "needles"),
+    [
+        ("train-branch", "sf_arch2", ["is a fusion config", "sfr pipeline", "sfr fuse"]),
+        ("finetune", "sf_arch2", ["is a fusion config", "sfr pipeline", "sfr fuse"]),
+        ("fuse", "rgb_a0.5", ["is a branch config", "sfr train-branch"]),
+        ("pipeline", "rgb_a0.5", ["is a branch config", "sfr train-branch"]),
+    ],
+)
+def test_a_config_of_the_other_kind_names_the_commands_that_take_it(
+    cli, golden_data: Path, tmp_path: Path, command: str, config: str, needles: list[str]
+) -> None:
+    """Issue 11: a fusion config given to train-branch (or a branch config to fuse/pipeline) says
+    what it is and which commands take it, not "fusion_optim: unknown field"."""
+    path = Path("configs") / "ek55" / f"{config}.toml"
+    target = {"fuse": ["arch2", "--config", path], "pipeline": [path]}.get(
+        command, ["--config", path]
+    )
+    runs = tmp_path / "runs"
+    code, output, error = cli(command, *target, "--data", golden_data, "--runs", runs)
+    assert_user_error(code, output, error, str(path), *needles)
+    assert "unknown field" not in output and not runs.exists()
+
+
+@pytest.mark.parametrize(
     ("override", "needles"),
     [
         ("optim.learning_rate=0.1", ["optim.learning_rate: unknown field", "lr", "momentum"]),

@@ -381,6 +381,20 @@ def test_config_problems_name_the_field(
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("command", ["fuse", "pipeline"])
+def test_runs_naming_a_file_says_so(
+    cli, synthetic_data: Path, tmp_path: Path, command: str
+) -> None:
+    """Issue 11: --runs naming a file is named as such, not as an untrained stage."""
+    config = write_config(tmp_path)
+    runs = tmp_path / "afile"
+    runs.write_text("not a folder")
+    target = [config] if command == "pipeline" else ["arch2", "--config", config]
+    code, output, error = cli(command, *target, "--data", synthetic_data, "--runs", runs)
+    assert_user_error(code, output, error, f"The runs (--runs) folder {runs} is a file")
+    assert "has not been trained" not in output and runs.read_text() == "not a folder"
+
+
 def test_branches_of_another_config_are_refused(
     cli, runs: Path, synthetic_data: Path, tmp_path: Path
 ) -> None:

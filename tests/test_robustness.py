@@ -111,6 +111,25 @@ def test_validate_refuses_another_egtea_split_unless_forced(
     assert code == 0, output
 
 
+@pytest.mark.parametrize("split", ["validation7", "validation0", "validation3"])
+def test_validate_an_egtea_split_that_does_not_exist_says_so_before_cross_split(
+    cli: Cli, trained_runs: TrainedRuns, synthetic_copy: Path, tmp_path: Path, split: str
+) -> None:
+    """Issue 11: an unknown EGTEA split name, or one without its CSV, is named as such, not as
+    scoring a split-1 model on another split's validation segments."""
+    from conftest import relabel_checkpoint
+
+    best = trained_runs.branch("rgb@0.25") / "best.safetensors"
+    model = relabel_checkpoint(best, tmp_path / "egtea.safetensors", "egtea")
+    code, output, error = cli("validate", model, "--data", synthetic_copy, "--split", split, *CPU)
+    if split == "validation3":
+        needles = [f"{synthetic_copy / 'validation3.csv'} does not exist", "sfr download"]
+    else:
+        needles = [f"Split '{split}' does not exist for egtea", "validation1, validation2"]
+    assert_user_error(code, output, error, *needles)
+    assert "--other-split" not in output
+
+
 def test_validate_refuses_an_unlabelled_split_before_inference(
     cli: Cli, trained_runs: TrainedRuns, synthetic_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,6 +293,32 @@ def test_damaged_run_files_on_resume_are_messages(
     assert code == 0, output
 
 
+def test_truncated_checkpoints_are_called_damaged_with_the_way_to_remake_them(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Issue 11: a cut-short best/last checkpoint or bundle is damaged, not "not safetensors"
+    with advice to pass a run folder; each hint says how to make that file again."""
+    code, output, _ = cli(*branch_args(tmp_path, golden_data))
+    assert code == 0, output
+    root = tmp_path / "runs" / RUN
+    bundle = tmp_path / "bundle.safetensors"
+    code, output, _ = cli("export", "model", root, bundle)
+    assert code == 0, output
+    for name in ("best.safetensors", "last.safetensors"):
+        (root / name).write_bytes((root / name).read_bytes()[:5000])
+    bundle.write_bytes(bundle.read_bytes()[:5000])
+    damaged = "is damaged or cut short"
+    code, output, error = cli("validate", root, "--data", golden_data, *CPU)
+    assert_user_error(code, output, error, f"{root / 'best.safetensors'} {damaged}", "--force")
+    assert "Pass a best.safetensors" not in output
+    code, output, error = cli("validate", bundle, "--data", golden_data, *CPU)
+    assert_user_error(code, output, error, f"{bundle} {damaged}", "Export this bundle again")
+    code, output, error = cli(*branch_args(tmp_path, golden_data, "--resume", "--epochs", "2"))
+    assert_user_error(
+        code, output, error, f"{root / 'last.safetensors'} {damaged}", "start the stage again"
+    )
+
+
 def test_damaged_last_checkpoint_on_resume_is_a_message(
     cli: Cli, golden_data: Path, tmp_path: Path
 ) -> None:
@@ -398,6 +443,52 @@ def test_predict_past_the_last_frame_says_so(cli: Cli, trained_runs: TrainedRuns
     )  # fmt: skip
     assert_user_error(code, output, error, "is past its last feature frame", f"..{last} of it")
     assert "sparse" not in output
+
+
+@pytest.mark.parametrize("where", ["unknown video", "past the end", "inside a sparse store"])
+def test_validate_names_a_segment_the_store_cannot_serve(
+    cli: Cli, trained_runs: TrainedRuns, synthetic_copy: Path, where: str
+) -> None:
+    """Issue 11: a CSV row of an unknown video or past a video's end is the annotation's fault,
+    named with its id and CSV line; only a frame missing inside the range hints at a sparse store."""
+    from sfr.data.store import FeatureStore, frame_key
+    from sfr.data.timegrid import TimeGrid
+
+    first, last = FeatureStore(trained_runs.data / "rgb", 8).frame_range("P01_03")
+    video, start = {
+        "unknown video": ("P99_99", 500),
+        "past the end": ("P01_03", last + 300),
+        "inside a sparse store": ("P01_03", last - 30),
+    }[where]
+    frames = TimeGrid(0.25, 2, 4).frames(start)
+    if where == "inside a sparse store":
+        env = lmdb.open(str(synthetic_copy / "rgb"))
+        with env.begin(write=True) as txn:
+            assert txn.delete(frame_key("P01_03", int(frames[-1])).encode())
+        env.close()
+    csv = synthetic_copy / "validation.csv"
+    rows = csv.read_text().splitlines()
+    csv.write_text(
+        "\n".join([*rows, f"00994, {video}, {start:010d}, {start + 100:010d}, 3, 1, 12"])
+    )
+    code, output, error = cli(
+        "validate", trained_runs.branch("rgb@0.25"), "--data", synthetic_copy, *CPU
+    )
+    needed = f"needed by annotation id 994 ({csv}, line {len(rows) + 1})"
+    if where == "unknown video":
+        assert_user_error(
+            code, output, error, "Video 'P99_99' is not in the rgb feature store", needed
+        )
+    elif where == "past the end":
+        key = frame_key("P01_03", int(frames.min()))
+        frame = f"(key '{key}') is past the last frame ({first}..{last}) of video P01_03"
+        assert_user_error(code, output, error, f"Frame {int(frames.min())} {frame}", needed)
+    else:
+        assert_user_error(
+            code, output, error, f"has no key '{frame_key('P01_03', int(frames[-1]))}'"
+        )
+        assert "sparse" in output
+    assert ("sparse" in output) == (where == "inside a sparse store")
 
 
 @pytest.mark.parametrize("at", ["nan", "inf", "-3"])

@@ -437,6 +437,21 @@ def test_export_model_then_predict_prints_the_top_5_with_names(
     assert "names appear when" not in output
 
 
+@pytest.mark.parametrize(("top", "listed"), [(9, 9), (40, 32)])
+def test_predict_top_above_the_verbs_or_actions_lists_what_exists(
+    cli: Cli, trained_runs: TrainedRuns, top: int, listed: int
+) -> None:
+    """--top above the 8 verbs still lists 9 actions; above the 32 actions lists all 32."""
+    code, output, _ = cli(
+        "predict", trained_runs.branch("rgb@0.25"), "--data", trained_runs.data,
+        "--video", "P01_03", "--at", "20", "--top", top, *CPU,
+    )  # fmt: skip
+    assert code == 0, output
+    ranks = [int(m) for m in re.findall(r"^\s*(?:\d+(?:\.\d+)?s)?\s+(\d+)\s+\d+ ", output, re.M)]
+    assert ranks == list(range(1, listed + 1)) * 4
+    assert ("all 32 are listed" in output) == (top > 32)
+
+
 def test_predict_too_early_names_the_earliest_moment(cli: Cli, trained_runs: TrainedRuns) -> None:
     """`--at` inside the model's observation window is a user error with the earliest time."""
     code, output, error = cli(

@@ -20,7 +20,15 @@ NOT_SAFETENSORS = "is not a safetensors checkpoint"
 # {empty} an empty file, {model} a converted model, {data} the golden data folder.
 CASES = [
     ("convert {fusion} --into {file}", ["The runs (--into) folder {file} is a file"]),
-    ("convert {fusion} {dir}", ["The converted checkpoint {dir} is a folder"]),
+    (
+        "convert {fusion} {dir}",
+        ["The converted checkpoint {dir} is a folder", "e.g. {dir}/out.safetensors"],
+    ),
+    ("export model {model} {dir}", ["The output file {dir} is a folder", "{dir}/out.safetensors"]),
+    (
+        "export submission {model} {dir} --data {data} --split validation",
+        ["The output file {dir} is a folder", "e.g. {dir}/out.json"],
+    ),
     ("download list --data {file}", ["The download folder {file} is a file"]),
     (
         "download annotations ek55 --data {file}/sub --dry-run",
@@ -35,7 +43,7 @@ CASES = [
     ("export model {file} {dir}/bundle.safetensors", [NOT_SAFETENSORS]),
     (
         "validate {model} --data {file}",
-        ["{file}/actions.csv does not exist ({file} is a file, not a folder)"],
+        ["{file}/validation.csv does not exist ({file} is a file, not a folder)"],
     ),
     (
         "export submission {model} {dir}/s.json --data {file} --split validation",

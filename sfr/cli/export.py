@@ -83,7 +83,7 @@ def submission(
     """Write the EPIC-KITCHENS anticipation challenge JSON: one entry per id of the split."""
     if ensemble_of not in ("probabilities", "scores"):
         raise ConfigError(f"--ensemble-of {ensemble_of}: unknown.", "Pass probabilities or scores.")
-    check_output_file(out, "output file")
+    check_output_file(out, "output file", ".json")
     refuse_existing(out, "submission file", force)  # before the inference, not after it
     trained = load_model(model).use_sampling(sampling)
     split = split or challenge_split(trained.data.dataset)
@@ -127,7 +127,7 @@ def model_bundle(
     force: ForceOpt = False,
 ) -> None:
     """Write one file with every weight of every level and the config (`sfr.load_model` reads it)."""
-    check_output_file(out, "output file")
+    check_output_file(out, "output file", ".safetensors")
     refuse_existing(out, "bundle", force)
     trained = load_model(model)
     export_bundle(trained, out, __version__)

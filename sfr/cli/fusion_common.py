@@ -17,6 +17,7 @@ from sfr.cli.common import (
 from sfr.config import FusionRunConfig, load_config, parse_override
 from sfr.data.observation import position_label
 from sfr.data.provenance import fill_recorded_dims
+from sfr.files import check_folder_path
 from sfr.train.fusion import FusionPlan
 from sfr.train.pipeline import StepStarted, run_pipeline
 
@@ -41,6 +42,7 @@ def run_and_report(
     hint: str,
 ) -> None:
     """Run the requested steps with progress bars, then print the side-by-side table."""
+    check_folder_path(runs, "runs (--runs)")  # a file there is not "a stage not trained"
     resolved.data.feature_dims = fill_recorded_dims(
         resolved.data.feature_dims, data, resolved.model.modalities
     )

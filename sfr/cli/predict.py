@@ -46,6 +46,12 @@ def predict(
             )
         table.add_section()
     console.print(table)
+    listed = len(result.candidates[0]) if result.candidates else 0
+    if listed < result.requested:
+        console.print(
+            f"[dim]--top {result.requested} asks for more actions than the model knows: "
+            f"all {listed} are listed.[/]"
+        )
     if not result.names_from:
         console.print(
             "[dim]Verb and noun names appear when the EPIC class lists (EPIC_verb_classes.csv, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,16 @@ class Segment:
     verb: int | None = None
     noun: int | None = None
     action: int | None = None
+    source: str = field(default="", compare=False, repr=False)  # "PATH, line N" when read
 
     @property
     def labelled(self) -> bool:
         return self.action is not None
+
+    @property
+    def described(self) -> str:
+        """`id` with the CSV line it was read from, for messages: `994 (validation.csv, line 5)`."""
+        return f"{self.id} ({self.source})" if self.source else self.id
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,10 @@ def read_segments(path: Path) -> list[Segment]:
                 "Correct the start_frame / end_frame columns of that row.",
             )
         labels = [_int(c, path, line, n) for c, n in zip(cells[4:], ("verb", "noun", "action"))]
-        segments.append(Segment(normalise_id(cells[0]), cells[1], start, end, *labels))
+        source = f"{path}, line {line}"
+        segments.append(
+            Segment(normalise_id(cells[0]), cells[1], start, end, *labels, source=source)
+        )
     if not segments:
         raise DataError(
             f"{path} holds no segments (the file is empty).",

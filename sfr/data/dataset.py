@@ -214,7 +214,7 @@ class AnticipationDataset(Dataset):
         segment = plan.segment
         features: dict[str, np.ndarray] = {}
         for modality, frames in plan.frames.items():
-            vectors = self.stores[modality].read(segment.video, frames, sample_id=segment.id)
+            vectors = self.stores[modality].read(segment.video, frames, sample_id=segment.described)
             for stream in self.streams:
                 if stream.modality == modality:
                     features[stream.key] = vectors[plan.picks[stream.key]]
@@ -263,9 +263,9 @@ class AnticipationDataset(Dataset):
             direct = len(mine) == 1 and np.array_equal(picks, np.arange(len(frames)))
             store = self.stores[modality]
             if direct:  # the stream reads every frame once, in order: no gather needed
-                store.read(segment.video, frames, sample_id=segment.id, out=out[mine[0].key])
+                store.read(segment.video, frames, sample_id=segment.described, out=out[mine[0].key])
                 continue
-            vectors = store.read(segment.video, frames, sample_id=segment.id)
+            vectors = store.read(segment.video, frames, sample_id=segment.described)
             for stream in mine:
                 out[stream.key][...] = vectors[plan.picks[stream.key]]
 

@@ -11,13 +11,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import lmdb
 import numpy as np
 
 from sfr.errors import DataError
 from sfr.files import missing_reason
+
+if TYPE_CHECKING:
+    from sfr.data.provenance import StoreRecord
 
 
 def frame_key(video: str, frame: int) -> str:
@@ -81,12 +84,13 @@ class FeatureStore:
             target = out
         width = 4 * self.dim
         raw = memoryview(target).cast("B")
-        keys = [frame_key(video, frame).encode() for frame in np.asarray(frames).tolist()]
+        numbers = np.asarray(frames).tolist()
+        keys = [frame_key(video, frame).encode() for frame in numbers]
         with self.env.begin(buffers=True) as txn:
             start = 0
-            for key, value in zip(keys, map(txn.get, keys), strict=True):
+            for index, (key, value) in enumerate(zip(keys, map(txn.get, keys), strict=True)):
                 if value is None or len(value) != width:
-                    self._refuse(key.decode(), value, sample_id, video)
+                    self._refuse(key.decode(), value, sample_id, video, int(numbers[index]))
                 raw[start : start + width] = value
                 start += width
         finite = np.isfinite(target).all(axis=1)
@@ -102,18 +106,53 @@ class FeatureStore:
             return out
         return target
 
-    def _refuse(self, key: str, value: memoryview | None, sample_id: str, video: str) -> NoReturn:
-        """The DataError of a missing key or of a vector of the wrong size."""
+    def _refuse(
+        self, key: str, value: memoryview | None, sample_id: str, video: str, frame: int
+    ) -> NoReturn:
+        """The DataError of a missing key or of a vector of the wrong size.
+
+        A missing key of a video the store does not hold, or of a frame outside the video's
+        frames, is the annotation's fault and is named so; only a frame inside the range points
+        at the store (sparse, or an unfinished extraction).
+        """
         if value is None:
+            held = self.frame_range(video)
+            record = self._record()
+            done = record.videos.get(video) if record is not None else None
+            unfinished = record is not None and (
+                (done is None and held is not None) or (done is not None and not done.complete)
+            )
+            needed = f"needed by annotation id {sample_id}"
+            if held is None and not unfinished:
+                raise self.video_not_held(
+                    video,
+                    f", {needed}",
+                    "Check the segment's video id in the CSV (written as in the feature keys, "
+                    "P01_01), or point --data at the store that holds this video.",
+                )
+            if held is not None and not unfinished and not held[0] <= frame <= held[1]:
+                side = "past the last" if frame > held[1] else "before the first"
+                raise DataError(
+                    f"Frame {frame} (key '{key}') is {side} frame ({held[0]}..{held[1]}) of "
+                    f"video {video} in the {self.name} feature store ({self.path}), {needed}.",
+                    "Check the segment's start_frame and end_frame in the CSV against the "
+                    "video, or extract the store over the whole video.",
+                )
             raise DataError(
-                f"Feature store '{self.name}' ({self.path}) has no key '{key}', "
-                f"needed by annotation id {sample_id}.",
+                f"Feature store '{self.name}' ({self.path}) has no key '{key}', {needed}.",
                 self._missing_key_hint(video),
             )
         raise DataError(
             f"Feature store '{self.name}' ({self.path}): key '{key}' holds a vector of "
             f"dimension {len(value) // 4}, expected {self.dim}.",
             "Set data.feature_dims for this modality to the store's dimension.",
+        )
+
+    def video_not_held(self, video: str, needed_by: str, hint: str) -> DataError:
+        """The DataError of a video this store holds no frame of (`needed_by`: ", needed by …")."""
+        return DataError(
+            f"Video '{video}' is not in the {self.name} feature store ({self.path}){needed_by}.",
+            hint,
         )
 
     def frame_range(self, video: str) -> tuple[int, int] | None:
@@ -134,15 +173,19 @@ class FeatureStore:
             last = cursor.key()
         return _frame_of(first, prefix), _frame_of(last, prefix)
 
-    def _missing_key_hint(self, video: str) -> str:
-        """What to do about a missing key: finish the video's extraction, extract more frames
-        (own store) or fetch a full one."""
+    def _record(self) -> StoreRecord | None:
+        """The sfr features record of this store; None for another store or an unreadable one."""
         from sfr.data.provenance import read_record
 
         try:
-            record = read_record(self.path)
+            return read_record(self.path)
         except DataError:
-            record = None
+            return None
+
+    def _missing_key_hint(self, video: str) -> str:
+        """What to do about a missing key: finish the video's extraction, extract more frames
+        (own store) or fetch a full one."""
+        record = self._record()
         if record is not None:
             done = record.videos.get(video)
             if done is None or not done.complete:

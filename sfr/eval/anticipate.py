@@ -44,6 +44,7 @@ class Anticipation:
     times: tuple[float, ...]
     candidates: tuple[tuple[Candidate, ...], ...]  # one tuple per time, best first
     names_from: tuple[Path, ...]
+    requested: int  # the k asked for; more than the actions listed when the table has fewer
 
 
 def class_names(data_dir: Path) -> tuple[dict[str, dict[int, str]], tuple[Path, ...]]:
@@ -81,8 +82,9 @@ def check_video_covers(
         frames = stream.grid.frames(start)
         held = store.frame_range(video)
         if held is None:
-            raise DataError(
-                f"Video '{video}' is not in the {store.name} feature store ({store.path}).",
+            raise store.video_not_held(
+                video,
+                "",
                 "Check --video: ids are written as in the feature keys and the CSVs (P01_01).",
             )
         if frames is not None and int(frames.max()) > held[1]:
@@ -98,6 +100,8 @@ def anticipate(
     model: TrainedModel, data_dir: Path, video: str, at: float, k: int = 5, device: str = "auto"
 ) -> Anticipation:
     """Top-k anticipated actions at every anticipation time, for the moment `at` of `video`.
+
+    A `k` above the number of actions lists every action (`requested` keeps the k asked for).
 
     ConfigError for an early-recognition model: it observes an annotated action, not a moment.
     """
@@ -155,4 +159,4 @@ def anticipate(
                 )
             )
         per_time.append(tuple(row))
-    return Anticipation(video, at, predictions.times, tuple(per_time), used)
+    return Anticipation(video, at, predictions.times, tuple(per_time), used, k)

@@ -30,6 +30,7 @@ from sfr.data.annotations import (
 from sfr.errors import ConfigError, DataError
 from sfr.eval.metrics import class_mean, many_shot_actions, time_to_action
 from sfr.eval.runner import TASKS, SplitPredictions
+from sfr.files import missing_reason
 
 SPLITS = {
     "ek55": ("validation", "test_seen", "test_unseen"),
@@ -107,6 +108,17 @@ def split_csv(data: DataConfig, data_dir: Path, split: str) -> Path:
     return data_dir / f"{split}.csv"
 
 
+def existing_split_csv(data: DataConfig, data_dir: Path, split: str) -> Path:
+    """`split_csv`, and a DataError naming the file when it is not in the data folder."""
+    csv = split_csv(data, Path(data_dir), split)
+    if not csv.is_file():
+        raise DataError(
+            f"The {split} split's annotation file {csv} {missing_reason(csv)}.",
+            DOWNLOAD_HINT.format(dataset=data.dataset, data=data_dir),
+        )
+    return csv
+
+
 def load_benchmark(
     data: DataConfig, data_dir: Path, split: str, num_classes: int, *, measures: bool = True
 ) -> Benchmark:
@@ -118,7 +130,7 @@ def load_benchmark(
     DataError naming every missing file and the command that fetches them.
     """
     data_dir = Path(data_dir)
-    csv = split_csv(data, data_dir, split)
+    csv = existing_split_csv(data, data_dir, split)
     actions = read_actions(data_dir / data.actions_csv)
     if actions.num_actions != num_classes:
         raise DataError(

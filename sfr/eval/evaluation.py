@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sfr.errors import ConfigError
-from sfr.eval.benchmark import GROUP_NAMES, MEASURE_NAMES, Benchmark, load_benchmark, score
+from sfr.eval.benchmark import (
+    GROUP_NAMES,
+    MEASURE_NAMES,
+    Benchmark,
+    existing_split_csv,
+    load_benchmark,
+    score,
+)
 from sfr.eval.runner import AttentionMeans, Member, SplitPredictions, check_members, predict_split
 from sfr.models.trained import TrainedModel, load_model, model_checkpoints
 
@@ -179,6 +186,7 @@ def evaluate(
         check_members(members)
         jobs.append(("ensemble", members))
     first = models[0]
+    existing_split_csv(first.data, Path(data_dir), split)  # a wrong split before cross-split
     check_egtea_split(models, split, settings.other_split)
     bench = load_benchmark(first.data, Path(data_dir), split, first.num_classes)
     if not bench.labelled:  # before the inference, not after it

@@ -78,8 +78,8 @@ class SplitPredictions:
     labels: dict[str, np.ndarray]  # task -> (N,), -1 for unlabelled segments
     discarded: np.ndarray  # (N,) bool
     times: tuple[float, ...]
-    top_ids: dict[str, np.ndarray]  # task -> (N, K, k), best first; -1 on discarded rows
-    top_probs: dict[str, np.ndarray]  # task -> (N, K, k); 0 on discarded rows
+    top_ids: dict[str, np.ndarray]  # task -> (N, K, k_task), best first; -1 on discarded rows
+    top_probs: dict[str, np.ndarray]  # task -> (N, K, k_task); 0 on discarded rows
     attention: list[AttentionMeans] = field(default_factory=list)
     full: FullScores | None = None
 
@@ -195,6 +195,9 @@ def predict_split(
 ) -> SplitPredictions:
     """Run the (weighted) ensemble of `members` over `segments`, keeping the top-k of each task.
 
+    A task with fewer than `k` classes keeps all of them, best first: its `top_ids` has
+    `min(k, classes)` columns (e.g. 9 actions but all 8 verbs for k = 9).
+
     `full_at` also keeps every verb and noun probability and the 100 best actions at that time
     (for challenge submissions); `num_verbs`/`num_nouns` pad the verb/noun classes to the
     benchmark's counts.
@@ -260,8 +263,13 @@ def predict_split(
         "noun": max(num_nouns or 0, actions.num_nouns),
     }
     n, steps = len(segments), len(times)
-    top_ids = {t: np.full((n, steps, k), -1, dtype=np.int64) for t in TASKS}
-    top_probs = {t: np.zeros((n, steps, k), dtype=np.float32) for t in TASKS}
+    kept_k = {
+        "verb": min(k, counts["verb"]),
+        "noun": min(k, counts["noun"]),
+        "action": min(k, first.num_classes),
+    }
+    top_ids = {t: np.full((n, steps, kept_k[t]), -1, dtype=np.int64) for t in TASKS}
+    top_probs = {t: np.zeros((n, steps, kept_k[t]), dtype=np.float32) for t in TASKS}
     row_of = {segment.id: row for row, segment in enumerate(segments)}
     full_rows: dict[str, list[np.ndarray]] = {name: [] for name in ("verb", "noun", "ids", "probs")}
     local_rows: list[np.ndarray] = []
@@ -317,10 +325,10 @@ def predict_split(
     rows = distributed.gather_rows(_stack(local_rows, (0,), np.int64))
     for task in TASKS:
         top_ids[task][rows] = distributed.gather_rows(
-            _stack(local_ids[task], (0, steps, k), np.int64)
+            _stack(local_ids[task], (0, steps, kept_k[task]), np.int64)
         )
         top_probs[task][rows] = distributed.gather_rows(
-            _stack(local_probs[task], (0, steps, k), np.float32)
+            _stack(local_probs[task], (0, steps, kept_k[task]), np.float32)
         )
     discarded = np.array([segment.id not in kept_ids for segment in segments], dtype=bool)
     labels = {

@@ -640,7 +640,9 @@ def convert_checkpoint(
         )
     if out is not None:
         refuse_existing(
-            check_output_file(Path(out), "converted checkpoint"), "converted checkpoint", force
+            check_output_file(Path(out), "converted checkpoint", ".safetensors"),
+            "converted checkpoint",
+            force,
         )
     else:
         check_folder_path(Path(into), "runs (--into)")  # type: ignore[arg-type]
