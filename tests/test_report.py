@@ -444,3 +444,11 @@ def test_attention_plots_of_two_models_carry_different_titles(
     render_plots(doc)
     assert len(titles) == 4 and len(set(titles)) == 4
     assert titles[2].startswith("arch2 second: attention in rgb+flow+obj@0.125")
+
+
+def test_percentage_axes_stay_within_0_and_100() -> None:
+    from sfr.eval.plots import percent_limits
+
+    assert percent_limits(96.0, 104.0) == (96.0, 100.5)  # every value 100: no 104% on the axis
+    assert percent_limits(-3.0, 40.0) == (0.0, 40.0)
+    assert percent_limits(20.0, 80.0) == (20.0, 80.0)

@@ -92,6 +92,8 @@ def curves_png(
                 handles.setdefault(curve.label, line)
             ax.set_title(panel)
             _time_axis(ax, [t for curve in curves for t in curve.times], pad=0.05, task=task)
+            if "%" in ylabel:
+                ax.set_ylim(*percent_limits(*ax.get_ylim()))
         axes[0].set_ylabel(ylabel)
         axes[len(axes) // 2].set_xlabel(_axis_label(task))
         figure.suptitle(title)
@@ -136,6 +138,11 @@ def attention_png(
             areas, inputs, loc="outside lower center", ncols=min(len(inputs), 4), frameon=False
         )
         return _png(figure)
+
+
+def percent_limits(bottom: float, top: float) -> tuple[float, float]:
+    """Axis limits of a percentage kept within 0-100 (a little room above 100 for the markers)."""
+    return max(bottom, 0.0), min(top, 100.5)
 
 
 def require_matplotlib() -> Any:
