@@ -113,6 +113,8 @@ def _not_safetensors(path: Path, error: Exception) -> RunError:
         )
     else:
         what = f"is not a safetensors checkpoint ({error})"
+    if path.name in ("best.safetensors", "last.safetensors"):  # a run's own file: sfr wrote it
+        return RunError(f"Checkpoint {path} {what}: it is damaged.", _damaged_hint(path))
     return RunError(
         f"Checkpoint {path} {what}.",
         "Pass a best.safetensors, a run folder or an exported bundle; a published .pth.tar "

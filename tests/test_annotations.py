@@ -59,7 +59,7 @@ def test_egtea_actions_table_without_header(tmp_path) -> None:
         ("1, P01, x, 20, 1, 1, 1\n", "line 1: column 'start_frame'"),
         (
             "1, P01, 10, 20, 1, 1, 1\n01, P01, 30, 40, 1, 1, 1\n",
-            "segment id '1' appears more than once",
+            "line 2: segment id '1' is already used on line 1",
         ),
     ],
 )

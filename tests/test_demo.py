@@ -17,7 +17,7 @@ from sfr.checkpoint import read_metadata
 from sfr.cli.demo import demo_table, headline
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec
-from sfr.errors import DataError, RunError
+from sfr.errors import DataError, RunError, SfrError
 from sfr.train.demo import DemoDataReady, DemoPlan, DemoResult, demo_config, run_demo
 from sfr.train.fusion import FusionPlan
 from sfr.train.loop import FitResult
@@ -302,7 +302,9 @@ def test_demo_cli_refuses_a_foreign_folder(cli, tmp_path: Path) -> None:
 def test_demo_refuses_a_file(tmp_path: Path, tiny_spec: SyntheticSpec) -> None:
     target = tmp_path / "file.txt"
     target.write_text("keep")
-    with pytest.raises(DataError) as caught:
+    with pytest.raises(SfrError, match=re.escape(f"The demo (--out) folder {target} is a file")):
         run_demo(target, tiny_plan(tiny_spec))
-    assert str(target) in caught.value.message and "file" in caught.value.message
+    under = target / "x"  # a path under a file was a NotADirectoryError traceback
+    with pytest.raises(SfrError, match=re.escape(f"{under} lies under the file {target}")):
+        run_demo(under, tiny_plan(tiny_spec))
     assert target.read_text() == "keep"

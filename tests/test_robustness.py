@@ -317,6 +317,11 @@ def test_truncated_checkpoints_are_called_damaged_with_the_way_to_remake_them(
     assert_user_error(
         code, output, error, f"{root / 'last.safetensors'} {damaged}", "start the stage again"
     )
+    for size, what in ((0, "is empty (0 bytes)"), (7, "is not a safetensors checkpoint")):
+        (root / "best.safetensors").write_bytes(b"\x00" * size)  # a run's own file, cut short
+        code, output, error = cli("validate", root, "--data", golden_data, *CPU)
+        assert_user_error(code, output, error, what, "it is damaged", "again with --force")
+        assert "Pass a best.safetensors" not in output
 
 
 def test_damaged_last_checkpoint_on_resume_is_a_message(
@@ -627,8 +632,12 @@ def test_the_python_api_names_the_expected_input_shape(trained_runs: TrainedRuns
         model({"rgb": torch.zeros(3, 6, 8)})
     with pytest.raises(DataError, match=r"has no input 'rgb@0.5'; its inputs are rgb@0.25"):
         model({"rgb@0.25": torch.zeros(3, 6, 8), "rgb@0.5": torch.zeros(3, 6, 8)})
-    with pytest.raises(DataError, match=r"shape \(0, 6, 8\), expected"):
+    with pytest.raises(DataError, match=r"input 'rgb@0\.25' is an empty batch \(B = 0\)"):
         model({"rgb@0.25": torch.zeros(0, 6, 8)})
+    by_stream = model({model.streams[0]: torch.ones(3, 6, 8)}).scores  # a Stream as the key
+    assert torch.equal(by_stream, model({"rgb@0.25": torch.ones(3, 6, 8)}).scores)
+    with pytest.raises(DataError, match=r"keyed by stream \(rgb@0\.25\), not a key of type int"):
+        model({1: torch.ones(3, 6, 8)})  # type: ignore[dict-item]
     with pytest.raises(DataError, match=r"takes a dict of .* keyed by stream .rgb@0\.25., not a"):
         model(torch.zeros(3, 6, 8))  # type: ignore[arg-type]
     with pytest.raises(DataError, match=r"input .rgb@0\.25. is torch\.int64, not a float tensor"):

@@ -15,7 +15,7 @@ from sfr.data.presets import write_synthetic_presets
 from sfr.data.store import FeatureStore
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
 from sfr.data.timegrid import TimeGrid
-from sfr.errors import ConfigError, DataError, RunError
+from sfr.errors import ConfigError, DataError, RunError, SfrError
 
 SMALL = SyntheticSpec(num_videos=3, val_videos=2, actions_per_video=12, seed=3)
 # Enough segments for nearest-class-mean classifiers; still generated in well under a second.
@@ -206,8 +206,10 @@ def test_an_output_path_that_is_a_file_is_named_as_a_file(tmp_path: Path) -> Non
     out = tmp_path / "afile"
     out.write_text("mine")
     for force in (False, True):
-        with pytest.raises(DataError, match=re.escape(f"{out} is a file, not a folder")):
+        with pytest.raises(SfrError, match=re.escape(f"The output folder {out} is a file.")):
             write_synthetic(out, SMALL, force=force)
+        with pytest.raises(SfrError, match=re.escape(f"{out / 'sub'} lies under the file {out}")):
+            write_synthetic(out / "sub", SMALL, force=force)  # was a FileExistsError traceback
     assert out.read_text() == "mine"
 
 

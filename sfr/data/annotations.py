@@ -138,6 +138,7 @@ def read_segments(path: Path) -> list[Segment]:
     """Read a segment CSV (training, validation or test); ids must be unique."""
     path = Path(path)
     segments: list[Segment] = []
+    first_line: dict[str, int] = {}  # segment id -> its line
     for line, cells in _rows(path):
         if len(cells) not in (4, 7):
             raise DataError(
@@ -147,26 +148,32 @@ def read_segments(path: Path) -> list[Segment]:
         start = _int(cells[2], path, line, "start_frame")
         end = _int(cells[3], path, line, "end_frame")
         if start < 0 or end < start:
+            why = (
+                "frames are counted from 0"
+                if start < 0
+                else "an action cannot end before it starts"
+            )
             raise DataError(
                 f"{path}, line {line}: segment {cells[0].strip()} runs from frame {start} to "
-                f"frame {end}; frames are counted from 0 and an action cannot end before it "
-                "starts.",
+                f"frame {end}; {why}.",
                 "Correct the start_frame / end_frame columns of that row.",
             )
         labels = [_int(c, path, line, n) for c, n in zip(cells[4:], ("verb", "noun", "action"))]
         source = f"{path}, line {line}"
-        segments.append(
-            Segment(normalise_id(cells[0]), cells[1], start, end, *labels, source=source)
-        )
+        segment_id = normalise_id(cells[0])
+        if segment_id in first_line:
+            raise DataError(
+                f"{path}, line {line}: segment id {segment_id!r} is already used on line "
+                f"{first_line[segment_id]}.",
+                "Every segment id must appear once: remove the repeated row or renumber it.",
+            )
+        first_line[segment_id] = line
+        segments.append(Segment(segment_id, cells[1], start, end, *labels, source=source))
     if not segments:
         raise DataError(
             f"{path} holds no segments (the file is empty).",
             "Put the split's annotation CSV there (sfr download annotations DATASET).",
         )
-    ids = [s.id for s in segments]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"{path}: segment id {duplicate!r} appears more than once.")
     return segments
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from sfr.data.presets import preset_names
 from sfr.data.store import FeatureStoreWriter
 from sfr.errors import ConfigError, DataError
-from sfr.files import existing_output, foreign_files, refuse_foreign
+from sfr.files import check_folder_path, existing_output, foreign_files, refuse_foreign
 
 MODALITIES: tuple[str, ...] = ("rgb", "flow", "obj")
 VERB_NAMES: tuple[str, ...] = (
@@ -169,7 +169,7 @@ def write_synthetic(
     A non-empty `out` is refused with a DataError unless `force`, which replaces it. `progress`
     receives (videos written, videos in all).
     """
-    out = Path(out)
+    out = check_folder_path(Path(out), "output")
     _remove_stale_builds(out)
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -211,11 +211,6 @@ def _check_target(out: Path, force: bool) -> None:
     occupied = out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))
     if not occupied:
         return
-    if out.exists() and not out.is_dir():
-        raise DataError(
-            f"The output path {out} is a file, not a folder.",
-            "Choose a new or empty folder for the dataset.",
-        )
     earlier = out.is_dir() and not out.is_symlink() and (out / "synthetic_meta.json").is_file()
     if not earlier:
         raise DataError(

@@ -113,10 +113,20 @@ class TrainedModel:
         naming the key and the expected shape or dtype otherwise. Inputs of another floating
         dtype are computed in the model's (float32).
         """
-        if not isinstance(features, dict):
+        if isinstance(features, dict):  # a Stream of `streams` as a key means its `key`
+            features = {getattr(k, "key", k): v for k, v in features.items()}
+        given = (
+            f"a {type(features).__name__}"
+            if not isinstance(features, dict)
+            else next(
+                (f"a key of type {type(k).__name__}" for k in features if not isinstance(k, str)),
+                "",
+            )
+        )
+        if given:
             raise DataError(
                 f"{self.name} takes a dict of (B, T, F) tensors keyed by stream "
-                f"({', '.join(self.input_shapes())}), not a {type(features).__name__}."
+                f"({', '.join(self.input_shapes())}), not {given}."
             )
         dtype = next(self.module.parameters()).dtype
         batch = None
@@ -132,7 +142,9 @@ class TrainedModel:
                 raise DataError(f"{self.name}: input '{key}' is {kind}, not a float tensor.")
             shape = tuple(value.shape)
             batch = shape[0] if batch is None and len(shape) == 3 else batch
-            if len(shape) != 3 or shape[1:] != (steps, dim) or shape[0] != batch or not batch:
+            if len(shape) == 3 and shape[0] == 0:
+                raise DataError(f"{self.name}: input '{key}' is an empty batch (B = 0).")
+            if len(shape) != 3 or shape[1:] != (steps, dim) or shape[0] != batch:
                 raise DataError(
                     f"{self.name}: input '{key}' has shape {shape}, expected "
                     f"({batch if batch is not None else 'B'}, {steps}, {dim}) = (batch, "

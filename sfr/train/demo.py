@@ -17,7 +17,7 @@ from sfr.config import MODALITIES, FusionRunConfig, build_config
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
 from sfr.errors import DataError
-from sfr.files import existing_output, remove_owned
+from sfr.files import check_folder_path, existing_output, remove_owned
 from sfr.train.fusion import FusionPlan
 from sfr.train.loop import ProgressEvent
 from sfr.train.pipeline import PipelineResult, StepStarted, run_pipeline
@@ -111,9 +111,7 @@ def run_demo(
     (the one overwrite rule of sfr); RunError otherwise.
     """
     report = progress or (lambda event: None)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file, not a folder.", "Choose a folder with --out.")
+    out = check_folder_path(Path(out), "demo (--out)")
     if out.exists() and any(out.iterdir()) and not (out / "data" / "synthetic_meta.json").is_file():
         raise DataError(
             f"{out} is not empty and is not an earlier sfr demo folder.",
