@@ -158,10 +158,12 @@ def branch_multiply_adds(
         return (num_steps + unrolled) * gates * (feat + hidden) + num_steps * head
     lengths = [num_steps - t + extra for t in steps]
     rolled = steps[-1] + 1
-    if device.type != "cuda" and not training:  # the loop, input products hoisted
+    branch.train(training)
+    fused, _ = branch.fused_stages(device)  # what `auto` runs, by the branch's own rule
+    if not fused:  # the loop, input products hoisted
         lstm = (num_steps + len(steps)) * gates * feat + (rolled + sum(lengths)) * gates * hidden
         return lstm + len(steps) * head
-    if device.type == "cpu":
+    if branch.pads_unrolls(device):
         unrolled = sum(lengths[first] * (last - first) for first, last in length_buckets(lengths))
     else:
         unrolled = sum(lengths)

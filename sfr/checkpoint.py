@@ -113,7 +113,7 @@ def _not_safetensors(path: Path, error: Exception) -> RunError:
         )
     else:
         what = f"is not a safetensors checkpoint ({error})"
-    if path.name in ("best.safetensors", "last.safetensors"):  # a run's own file: sfr wrote it
+    if path.name in RUN_CHECKPOINTS:  # a run's own file: sfr wrote it
         return RunError(f"Checkpoint {path} {what}: it is damaged.", _damaged_hint(path))
     return RunError(
         f"Checkpoint {path} {what}.",
@@ -135,8 +135,12 @@ def _has_safetensors_start(path: Path) -> bool:
     return 2 <= length <= 100_000_000 and start[8:9] == b"{"
 
 
+RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors")  # a run folder's checkpoints
+
+
 def _damaged_hint(path: Path) -> str:
-    """What to do about a damaged checkpoint, by the role its name gives it."""
+    """What to do about a damaged checkpoint, by the role its name gives it (`RUN_CHECKPOINTS`,
+    else a bundle)."""
     if path.name == "last.safetensors":
         return (
             "This is the stage's resume checkpoint: start the stage again with --force "

@@ -167,6 +167,11 @@ class RULSTMBranch(nn.Module):
             fused = device.type == "cuda" or self.per_step_masks
         return fused, fused
 
+    def pads_unrolls(self, device: torch.device) -> bool:
+        """Whether the fused kernel runs the unrolls as padded calls grouped by length
+        (`padded_unrolls`; by default on the CPU) rather than as one packed call."""
+        return self.padded_unrolls if self.padded_unrolls is not None else device.type == "cpu"
+
     def _roll_fused(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """`_roll` with one fused call per stretch of steps that ends at a requested step.
 
@@ -207,8 +212,7 @@ class RULSTMBranch(nn.Module):
         num_steps = x.shape[1]
         extra = 0 if self.sequence_completion else 1
         lengths = [num_steps - t + extra for t in steps]
-        padded = self.padded_unrolls
-        if padded if padded is not None else x.device.type == "cpu":
+        if self.pads_unrolls(x.device):
             return self._unroll_fused_padded(x, steps, lengths, h0, c0)
         active = [sum(1 for n in lengths if n > j) for j in range(lengths[0])]
         x_steps = x.transpose(0, 1)  # (T, B, F)

@@ -113,6 +113,7 @@ class TrainedModel:
         naming the key and the expected shape or dtype otherwise. Inputs of another floating
         dtype are computed in the model's (float32).
         """
+        shapes = self.input_shapes()
         if isinstance(features, dict):  # a Stream of `streams` as a key means its `key`
             features = {getattr(k, "key", k): v for k, v in features.items()}
         given = (
@@ -126,11 +127,11 @@ class TrainedModel:
         if given:
             raise DataError(
                 f"{self.name} takes a dict of (B, T, F) tensors keyed by stream "
-                f"({', '.join(self.input_shapes())}), not {given}."
+                f"({', '.join(shapes)}), not {given}."
             )
         dtype = next(self.module.parameters()).dtype
         batch = None
-        for key, (steps, dim) in self.input_shapes().items():
+        for key, (steps, dim) in shapes.items():
             if key not in features:
                 raise DataError(
                     f"{self.name} needs the input '{key}' (a (B, {steps}, {dim}) tensor); "
@@ -150,11 +151,11 @@ class TrainedModel:
                     f"({batch if batch is not None else 'B'}, {steps}, {dim}) = (batch, "
                     f"{steps} steps of {self.streams_by_key[key].grid.alpha:g} s, {dim} features)."
                 )
-        unknown = sorted(set(features) - set(self.input_shapes()))
+        unknown = sorted(set(features) - set(shapes))
         if unknown:
             raise DataError(
                 f"{self.name} has no input {', '.join(map(repr, unknown))}; its inputs are "
-                f"{', '.join(self.input_shapes())}."
+                f"{', '.join(shapes)}."
             )
         return self.module({k: v.to(dtype) for k, v in features.items()}, self.times)
 
