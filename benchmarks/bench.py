@@ -145,9 +145,10 @@ def branch_multiply_adds(
     plain: the published loops, every one of the `num_steps` steps rolled and unrolled (T - t + 1
     steps from step t), the fused LSTM computing each step's input product; efficient: the
     requested `steps` only, as the default (`auto`) kernel computes them on `device`: the fused
-    kernel (CUDA, training) computes every step's input product, and on the CPU runs the unrolls
-    padded to their group's longest length (`length_buckets`); the loop (CPU evaluation)
-    computes the input products once per input (hoisted).
+    kernel (CUDA) computes every step's input product, and on the CPU runs the unrolls padded
+    to their group's longest length (`length_buckets`); the loop (CPU) computes the unrolls'
+    input products once per input (hoisted) unless every unrolling step draws its own dropout
+    mask (training), then once per step.
     """
     feat, hidden, classes = branch.feat_dim, branch.hidden, branch.num_classes
     gates = 4 * hidden
@@ -160,8 +161,9 @@ def branch_multiply_adds(
     rolled = steps[-1] + 1
     branch.train(training)
     fused, _ = branch.fused_stages(device)  # what `auto` runs, by the branch's own rule
-    if not fused:  # the loop, input products hoisted
-        lstm = (num_steps + len(steps)) * gates * feat + (rolled + sum(lengths)) * gates * hidden
+    if not fused:  # the loop, input products hoisted where no per-step mask applies
+        unroll_inputs = sum(lengths) if branch.per_step_masks else len(steps)
+        lstm = (num_steps + unroll_inputs) * gates * feat + (rolled + sum(lengths)) * gates * hidden
         return lstm + len(steps) * head
     if branch.pads_unrolls(device):
         unrolled = sum(lengths[first] * (last - first) for first, last in length_buckets(lengths))

@@ -106,9 +106,11 @@ def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -
     recorder.p = 0.5
     branch.input_dropout = recorder
     batch, s_enc, s_ant = 2, 3, 4
-    branch(
-        torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64), list(range(s_enc, s_enc + s_ant))
-    )
+    with torch.no_grad():  # the per-step loop; with gradients the loop packs (test below)
+        branch(
+            torch.randn(batch, s_enc + s_ant, 6, dtype=torch.float64),
+            list(range(s_enc, s_enc + s_ant)),
+        )
     rolling, unrolling = recorder.masks[0], recorder.masks[1:]
     assert rolling.shape == (batch, s_enc + s_ant, 6)
     if shared:
@@ -126,11 +128,17 @@ def test_training_dropout_masks_per_unrolling_step_unless_shared(shared: bool) -
 
 
 def _fused_training_masks(
-    seq_comp: bool, shared: bool, padded: bool | None, batch: int, s_enc: int, s_ant: int
+    seq_comp: bool,
+    shared: bool,
+    padded: bool | None,
+    batch: int,
+    s_enc: int,
+    s_ant: int,
+    kernel: str = "fused",
 ) -> list[torch.Tensor]:
-    """The input dropout masks one training forward of the fused kernel draws, in order."""
+    """The input dropout masks one training forward of `kernel` draws, in order."""
     branch = _branch(seq_comp)
-    set_kernel(branch, "fused")
+    set_kernel(branch, kernel)  # type: ignore[arg-type]
     assert branch.padded_unrolls is None  # the default: padded on the CPU
     branch.padded_unrolls = padded
     branch.shared_dropout_mask = shared
@@ -143,14 +151,15 @@ def _fused_training_masks(
     return recorder.masks
 
 
+@pytest.mark.parametrize("kernel", ["fused", "loop"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seq_comp", [False, True])
-def test_fused_kernel_draws_a_mask_per_unrolling_step_unless_shared(
-    shared: bool, seq_comp: bool
+def test_packed_unrolls_draw_a_mask_per_unrolling_step_unless_shared(
+    shared: bool, seq_comp: bool, kernel: str
 ) -> None:
-    """The packed layout (one call, as on CUDA)."""
+    """The packed layout: one fused call (as on CUDA), or the loop's `lstm_recurrence`."""
     batch, s_enc, s_ant = 2, 3, 4
-    masks = _fused_training_masks(seq_comp, shared, False, batch, s_enc, s_ant)
+    masks = _fused_training_masks(seq_comp, shared, False, batch, s_enc, s_ant, kernel)
     rolling, unrolling = masks[0], masks[1:]
     assert rolling.shape == (batch, s_enc + s_ant, 6) and len(unrolling) == 1
     lengths = [s_ant + (0 if seq_comp else 1) - k for k in range(s_ant)]  # 5, 4, 3, 2 (+1)
@@ -237,11 +246,11 @@ def test_fused_kernel_with_training_masks_matches_the_loop(
 def test_auto_kernel_rule_and_unknown_kernels() -> None:
     branch = _branch(False, dropout=0.8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert branch.train().fused_stages(cpu) == (True, True) == branch.fused_stages(cuda)
-    assert branch.eval().fused_stages(cpu) == (False, False)  # hoisted projection in the loop
-    assert branch.fused_stages(cuda) == (True, True)
-    branch.shared_dropout_mask = True
-    assert branch.train().fused_stages(cpu) == (False, False)
+    for training in (True, False):  # the loop on the CPU, the fused kernel on CUDA
+        assert branch.train(training).fused_stages(cpu) == (False, False)
+        assert branch.fused_stages(cuda) == (True, True)
+    set_kernel(branch, "fused")
+    assert branch.fused_stages(cpu) == (True, True)
     set_kernel(branch, "loop")
     assert branch.fused_stages(cuda) == (False, False)
     with pytest.raises(ValueError, match="kernel must be one of auto, fused, loop"):

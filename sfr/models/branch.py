@@ -20,8 +20,12 @@ formulation as the oracle this one is tested against.
 
 Two kernels compute the same function (`RULSTMBranch.kernel`):
 
-- `loop`: one Python-level step (`addmm` + gate arithmetic) per LSTM step, every unroll batched;
-  the only one that hoists the input projection of a constant unroll input.
+- `loop`: one Python-level step per LSTM step, every unroll batched; the only one that hoists
+  the input projection of a constant unroll input. Its recurrent products go through oneDNN's
+  matmul on the CPU (`sfr.models.matmul`: 1.3-2.8x the BLAS rate of PyTorch's `mm` at these
+  shapes); where a gradient is needed, the input projections of all steps are one product and
+  the recurrence runs `lstm_recurrence`, whose backward computes the recurrent weights' gradient
+  as one product and no input gradient that nothing needs (`sfr.models.recurrence`).
 - `fused`: PyTorch's fused LSTM (oneDNN on CPU, cuDNN on GPU) on the modules' own weights. The
   rolling LSTM runs as one `nn.LSTM` call per stretch between requested steps (a call returns the
   cell state of its last step only); on CUDA all unrolls run as ONE call over a packed batch of
@@ -32,10 +36,10 @@ Two kernels compute the same function (`RULSTMBranch.kernel`):
   published per-step masks.
 
 `auto` (the default) takes what measured fastest on the device (`benchmarks/bench.py`,
-`benchmarks/check_training_gpu.py`): `fused` on CUDA and in training with per-step dropout masks,
-else `loop`, where hoisting the input projection halves the unrolls' work (on 2 idle CPU threads
-the loop evaluates the T = 40 branch 1.4x faster than the padded fused calls, at batch 16 and
-128) and CPU evaluation stays bit-for-bit repeatable.
+`benchmarks/check_training_gpu.py`): `fused` on CUDA, `loop` elsewhere (on 2 CPU threads it
+trains the T = 40 branch 1.4x and evaluates it 1.5x faster than the fused calls, and its results
+do not depend on the grad mode, the batch's other samples or the other requested steps, so CPU
+evaluation is bit-for-bit repeatable).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from sfr.models.matmul import StepWeight
+from sfr.models.recurrence import lstm_recurrence
+
 Kernel = Literal["auto", "fused", "loop"]
 KERNELS: tuple[Kernel, ...] = ("auto", "fused", "loop")
 
@@ -59,18 +66,23 @@ class BranchOutput(NamedTuple):
     context: Tensor
 
 
-def lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor) -> tuple[Tensor, Tensor]:
-    """One LSTM step given the input projection `gates_x` (biases included), PyTorch gate order."""
-    gates = torch.addmm(gates_x, h, w_hh_t)  # (N, 4H)
+def lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh: StepWeight) -> tuple[Tensor, Tensor]:
+    """One LSTM step given the input projection `gates_x` (biases included), PyTorch gate order.
+
+    gates_x (N, 4H), h and c (N, H); w_hh: the recurrent weights (4H, H) prepared for the step
+    loop (`sfr.models.matmul`). Returns the new (h, c).
+    """
+    gates = w_hh.addmm(gates_x, h)  # (N, 4H)
     i, f, g, o = gates.chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
     return h, c
 
 
-def _lstm_params(lstm: nn.LSTM) -> tuple[Tensor, Tensor, Tensor]:
-    """Input weights, summed biases and transposed recurrent weights of a one-layer LSTM."""
-    return lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0, lstm.weight_hh_l0.t()
+def _lstm_params(lstm: nn.LSTM, rows: int) -> tuple[Tensor, Tensor, StepWeight]:
+    """Input weights, summed biases and recurrent weights (prepared for products by about
+    `rows` rows at a time) of a one-layer LSTM."""
+    return lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0, StepWeight(lstm.weight_hh_l0, rows)
 
 
 class RULSTMBranch(nn.Module):
@@ -156,15 +168,10 @@ class RULSTMBranch(nn.Module):
     def fused_stages(self, device: torch.device) -> tuple[bool, bool]:
         """Whether the (rolling, unrolling) LSTMs run the fused kernel on `device`.
 
-        `fused` and `loop` apply to both; `auto` is `fused` on CUDA and in training with per-step
-        masks, else `loop`: its hoisted projection halves the unrolls' work, and its results do
-        not depend on the grad mode or on which other steps are requested (oneDNN's inference
-        and training kernels round differently), so CPU evaluation stays bit-for-bit repeatable.
+        `fused` and `loop` apply to both; `auto` is `fused` on CUDA and `loop` elsewhere (module
+        docstring: what measured fastest, and bit-for-bit repeatable CPU evaluation).
         """
-        if self.kernel != "auto":
-            fused = self.kernel == "fused"
-        else:
-            fused = device.type == "cuda" or self.per_step_masks
+        fused = self.kernel == "fused" or (self.kernel == "auto" and device.type == "cuda")
         return fused, fused
 
     def pads_unrolls(self, device: torch.device) -> bool:
@@ -179,7 +186,7 @@ class RULSTMBranch(nn.Module):
         without the fused call's set-up cost, the input projections of all of them in one product.
         """
         dropped = self.input_dropout(x).transpose(0, 1)  # (T, B, F), one mask per input
-        w_ih, bias, w_hh_t = _lstm_params(self.rolling)
+        w_ih, bias, w_hh = _lstm_params(self.rolling, x.shape[0])
         single = [t for t, previous in zip(steps[1:], steps) if t == previous + 1]
         projected = dict(zip(single, F.linear(dropped[single], w_ih, bias))) if single else {}
         h = c = None  # (B, H) each, after the last computed step
@@ -187,7 +194,7 @@ class RULSTMBranch(nn.Module):
         begin = 0
         for t in steps:
             if h is not None and c is not None and t == begin:
-                h, c = lstm_step(projected[t], h, c, w_hh_t)
+                h, c = lstm_step(projected[t], h, c, w_hh)
             else:
                 # the state in the input's dtype: autocast may have lowered the steps before
                 state = (
@@ -214,16 +221,7 @@ class RULSTMBranch(nn.Module):
         lengths = [num_steps - t + extra for t in steps]
         if self.pads_unrolls(x.device):
             return self._unroll_fused_padded(x, steps, lengths, h0, c0)
-        active = [sum(1 for n in lengths if n > j) for j in range(lengths[0])]
-        x_steps = x.transpose(0, 1)  # (T, B, F)
-        start = torch.tensor(steps, device=x.device)
-        # the frame each (unrolling step j, unroll k) reads, time-major as a packed batch
-        unroll = torch.cat([torch.arange(a, device=x.device) for a in active])
-        if self.sequence_completion:
-            offset = torch.cat([torch.full((a,), j, device=x.device) for j, a in enumerate(active)])
-            source, index = x_steps, start[unroll] + offset
-        else:
-            source, index = x_steps[start], unroll  # (K, B, F): the current input of each unroll
+        active, source, index = self._packed_unroll_inputs(x, steps, lengths)
         if self.per_step_masks:
             data = self.input_dropout(source[index])  # a fresh mask for every step of every unroll
         else:
@@ -235,6 +233,24 @@ class RULSTMBranch(nn.Module):
         hx = (h0.reshape(1, -1, hidden).to(data.dtype), c0.reshape(1, -1, hidden).to(data.dtype))
         _, (h_n, _) = self.unrolling(packed, hx)  # h_n: each sequence's state at its own length
         return h_n.reshape(num_unrolls, batch, hidden)
+
+    def _packed_unroll_inputs(
+        self, x: Tensor, steps: list[int], lengths: list[int]
+    ) -> tuple[list[int], Tensor, Tensor]:
+        """The unrolls' inputs as a packed batch: (active unrolls at each unrolling step j,
+        source (T or K, B, F), index (P,)) such that `source[index]` (P, B, F) holds, time-major
+        and unroll-major within a step, the input each active unroll reads at each step.
+
+        Lengths descend with the steps, so the unrolls still running at step j are a prefix.
+        """
+        active = [sum(1 for n in lengths if n > j) for j in range(lengths[0])]
+        x_steps = x.transpose(0, 1)  # (T, B, F)
+        start = torch.tensor(steps, device=x.device)
+        unroll = torch.cat([torch.arange(a, device=x.device) for a in active])
+        if self.sequence_completion:  # step j of unroll k reads x_{t_k + j}
+            offset = torch.cat([torch.full((a,), j, device=x.device) for j, a in enumerate(active)])
+            return active, x_steps, start[unroll] + offset
+        return active, x_steps[start], unroll  # (K, B, F): the current input of each unroll
 
     def _unroll_fused_padded(
         self, x: Tensor, steps: list[int], lengths: list[int], h0: Tensor, c0: Tensor
@@ -278,14 +294,22 @@ class RULSTMBranch(nn.Module):
 
     def _roll(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """Rolling LSTM from a zero state up to the last requested step; states at `steps`."""
-        w_ih, bias, w_hh_t = _lstm_params(self.rolling)
+        w_ih, bias, w_hh = _lstm_params(self.rolling, x.shape[0])
         gates_x = F.linear(self.input_dropout(x), w_ih, bias)  # (B, T, 4H), one mask per input
+        if self._backward_by_recurrence(x):
+            count, batch = steps[-1] + 1, x.shape[0]
+            packed = gates_x.transpose(0, 1)[:count].reshape(count * batch, -1)  # (T·B, 4H)
+            zeros = x.new_zeros(batch, self.hidden)
+            hs, cs = lstm_recurrence(
+                packed, zeros, zeros, self.rolling.weight_hh_l0, [batch] * count
+            )
+            return hs.view(count, batch, -1)[steps], cs.view(count, batch, -1)[steps]
         h = x.new_zeros(x.shape[0], self.hidden)
         c = x.new_zeros(x.shape[0], self.hidden)
         wanted = set(steps)
         hs, cs = [], []
         for t in range(steps[-1] + 1):
-            h, c = lstm_step(gates_x[:, t], h, c, w_hh_t)
+            h, c = lstm_step(gates_x[:, t], h, c, w_hh)
             if t in wanted:
                 hs.append(h)
                 cs.append(c)
@@ -301,7 +325,9 @@ class RULSTMBranch(nn.Module):
         num_steps = x.shape[1]
         extra = 0 if self.sequence_completion else 1
         lengths = [num_steps - t + extra for t in steps]
-        w_ih, bias, w_hh_t = _lstm_params(self.unrolling)
+        w_ih, bias, w_hh = _lstm_params(self.unrolling, h0.shape[0] * h0.shape[1])
+        if self._backward_by_recurrence(x):
+            return self._unroll_recurrence(x, steps, lengths, h0, c0)
         start = torch.tensor(steps, device=x.device)
         x_steps = x.transpose(0, 1)  # (T, B, F)
 
@@ -330,11 +356,46 @@ class RULSTMBranch(nn.Module):
                 gates_x = F.linear(self.input_dropout(current[:rows]), w_ih, bias)
             else:
                 gates_x = proj[:rows]
-            h, c = lstm_step(gates_x, h[:rows], c[:rows], w_hh_t)
+            h, c = lstm_step(gates_x, h[:rows], c[:rows], w_hh)
             still = sum(1 for n in lengths if n > j + 1) * batch
             if still < rows:
                 finished.append(h[still:rows])
         return torch.cat(finished[::-1]).reshape(num_unrolls, batch, -1)
+
+    def _unroll_recurrence(
+        self, x: Tensor, steps: list[int], lengths: list[int], h0: Tensor, c0: Tensor
+    ) -> Tensor:
+        """`_unroll` for training: the input projections of every step of every unroll as one
+        product, the recurrence with its own backward (`lstm_recurrence`); same masks semantics.
+        """
+        num_unrolls, batch, hidden = h0.shape
+        w_ih, bias, _ = _lstm_params(self.unrolling, 1)
+        active, source, index = self._packed_unroll_inputs(x, steps, lengths)
+        if self.per_step_masks:  # a fresh mask for every step of every unroll
+            gates_x = F.linear(self.input_dropout(source[index]), w_ih, bias)  # (P, B, 4H)
+        else:  # one mask per input, shared by all the steps that read it; projected once
+            gates_x = F.linear(self.input_dropout(source), w_ih, bias)[index]
+        hs, _ = lstm_recurrence(
+            gates_x.reshape(-1, 4 * hidden),
+            h0.reshape(num_unrolls * batch, hidden),
+            c0.reshape(num_unrolls * batch, hidden),
+            self.unrolling.weight_hh_l0,
+            [count * batch for count in active],
+        )
+        # unroll k's last state: unroll-row k of its last step (rows are unroll-major in a step)
+        step_start = [sum(active[:j]) for j in range(len(active))]
+        last = torch.tensor([step_start[n - 1] + k for k, n in enumerate(lengths)], device=x.device)
+        rows = (last.unsqueeze(1) * batch + torch.arange(batch, device=x.device)).reshape(-1)
+        return hs[rows].reshape(num_unrolls, batch, hidden)
+
+    def _backward_by_recurrence(self, x: Tensor) -> bool:
+        """Whether the loop kernel computes a gradient and so runs `lstm_recurrence` (its
+        forward is the loop's, bit for bit; autocast keeps the per-step loop)."""
+        return (
+            torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
 
 def length_buckets(lengths: Sequence[int], waste: float = 0.25) -> list[tuple[int, int]]:

@@ -1,0 +1,118 @@
+"""Products by a weight that many LSTM steps reuse, through oneDNN's matmul on the CPU.
+
+PyTorch's CPU `mm` calls the BLAS it was built with (MKL in the official wheels). On the
+2-thread AMD EPYC (AVX-512) machine of `benchmarks/results.json`, MKL ran the recurrent product
+of one LSTM step, (16, 1024) @ (1024, 4096), at 71 GFLOPS and (256, 1024) @ (1024, 4096) at
+164; oneDNN's matmul (the library behind PyTorch's fused CPU LSTM), with the weight reordered
+once into its blocked layout, ran both at about 200. The step loop of `RULSTMBranch` and the
+backward of `lstm_recurrence` multiply by the same recurrent weights at every step, so they
+reorder them once per forward (or backward) pass and run every product there.
+
+`StepWeight` falls back to `torch.addmm` / `torch.mm` wherever oneDNN does not apply: not the
+CPU, not float32 (the float64 oracle tests), autograd recording the product, autocast active,
+a PyTorch built without oneDNN or without its matmul operators (a private API of
+`torch.ops.mkldnn`, probed once), or SFR_CPU_MATMUL=blas in the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+MATMUL_ENV = "SFR_CPU_MATMUL"
+MATMULS = ("onednn", "blas")
+
+
+def cpu_matmul() -> str:
+    """The CPU matmul of reused weights: SFR_CPU_MATMUL (onednn or blas; default onednn).
+
+    Raises ValueError for any other value.
+    """
+    value = os.environ.get(MATMUL_ENV, "onednn").strip().lower() or "onednn"
+    if value not in MATMULS:
+        raise ValueError(f"{MATMUL_ENV} must be one of {', '.join(MATMULS)}, not {value!r}.")
+    return value
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch runs float32 products through oneDNN's packed matmul, correctly."""
+    ops = torch.ops.mkldnn
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.linspace(-1, 1, 24).reshape(6, 4)
+        x = torch.linspace(-2, 2, 12).reshape(3, 4)
+        got = ops._linear_pointwise(x, ops._reorder_linear_weight(weight, 3), None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(got, x @ weight.t(), atol=1e-5))
+
+
+class StepWeight:
+    """A weight (N, K) prepared for many products by rows (M, K) → (M, N), as in `F.linear`.
+
+    `rows` is the typical M (oneDNN picks its layout for it; any M works). The products equal
+    those of `torch.addmm` up to float32 rounding; within one pass every product runs the same
+    way, so a step loop and `lstm_recurrence` give the same bits.
+    """
+
+    def __init__(self, weight: Tensor, rows: int, *, transpose: bool = False) -> None:
+        self.weight = weight
+        self.rows = max(1, rows)
+        self.transpose = transpose  # products by the weight itself, (M, N) @ (N, K) → (M, K)
+        self.onednn = (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and weight.requires_grad)
+            and not torch.is_autocast_enabled("cpu")
+            and cpu_matmul() == "onednn"
+            and onednn_available()
+        )
+        self._packed: Tensor | None = None
+
+    @property
+    def packed(self) -> Tensor | None:
+        """The weight in oneDNN's layout, reordered at the first product; None: BLAS.
+
+        Kept on the weight tensor and reused while it is unchanged (its version counter, which
+        every in-place update such as an optimizer step advances): evaluation reorders each
+        weight once, not once per batch.
+        """
+        if self.onednn and self._packed is None:
+            attribute = "_sfr_onednn_t" if self.transpose else "_sfr_onednn"
+            key = (self.weight._version, self.rows)
+            cached = getattr(self.weight, attribute, None)
+            if cached is not None and cached[0] == key:
+                self._packed = cached[1]
+            else:
+                weight = self.weight.detach()
+                weight = weight.t().contiguous() if self.transpose else weight
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.rows)
+                setattr(self.weight, attribute, (key, self._packed))
+        return self._packed
+
+    def _blas_operand(self) -> Tensor:
+        return self.weight if self.transpose else self.weight.t()
+
+    def addmm(self, bias: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """bias + x @ weightᵀ (x @ weight with `transpose`): bias (M, N), x (M, K); into `out`
+        (M, N) when given."""
+        if self.packed is None or x.dtype != torch.float32 or bias.dtype != torch.float32:
+            return torch.addmm(bias, x, self._blas_operand(), out=out)
+        product = torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), self.packed, None, "none", [], ""
+        )
+        return torch.add(product, bias, out=out) if out is not None else product.add_(bias)
+
+    def mm(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x @ weightᵀ (x @ weight with `transpose`): x (M, K) → (M, N); into `out` when given."""
+        if self.packed is None or x.dtype != torch.float32:
+            return torch.mm(x, self._blas_operand(), out=out)
+        product = torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), self.packed, None, "none", [], ""
+        )
+        return out.copy_(product) if out is not None else product

@@ -1,0 +1,93 @@
+"""`StepWeight`: products by a reused weight through oneDNN on the CPU, BLAS elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfr.models import matmul
+from sfr.models.matmul import StepWeight, cpu_matmul, onednn_available
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
+
+
+def _weight_and_rows(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(48, 32, generator=generator)
+    return weight, torch.randn(7, 32, generator=generator), torch.randn(7, 48, generator=generator)
+
+
+@needs_onednn
+@pytest.mark.parametrize("transpose", [False, True])
+def test_products_equal_blas_up_to_rounding(transpose: bool, monkeypatch) -> None:
+    weight, x, bias = _weight_and_rows()
+    if transpose:
+        x = torch.randn(7, 48)
+        bias = torch.randn(7, 32)
+    fast = StepWeight(weight, 7, transpose=transpose)
+    assert fast.packed is not None  # oneDNN, reordered once
+    expected = x @ (weight if transpose else weight.t())
+    assert (fast.mm(x) - expected).abs().max() <= 1e-4
+    assert (fast.addmm(bias, x) - (bias + expected)).abs().max() <= 1e-4
+    out = torch.empty_like(bias)
+    assert fast.addmm(bias, x, out=out) is out and torch.equal(out, fast.addmm(bias, x))
+    monkeypatch.setenv("SFR_CPU_MATMUL", "blas")
+    blas = StepWeight(weight, 7, transpose=transpose)
+    assert blas.packed is None and torch.equal(blas.mm(x), expected)
+
+
+@needs_onednn
+def test_a_changed_weight_is_reordered_again() -> None:
+    """The reordered copy is kept on the weight for evaluation, never used once it changed."""
+    weight, x, _ = _weight_and_rows(1)
+    first = StepWeight(weight, 7).mm(x)
+    again = StepWeight(weight, 7)
+    assert again.packed is StepWeight(weight, 7).packed  # reused while unchanged
+    weight.mul_(2.0)  # an optimizer step updates parameters in place
+    assert (StepWeight(weight, 7).mm(x) - 2 * first).abs().max() <= 1e-4
+    parameter = torch.nn.Parameter(weight.clone())
+    with torch.no_grad():
+        before = StepWeight(parameter, 7).mm(x)
+        parameter.add_(1.0)
+        after = StepWeight(parameter, 7).mm(x)
+    assert (after - before - x.sum(1, keepdim=True)).abs().max() <= 1e-3
+
+
+def test_blas_wherever_onednn_does_not_apply() -> None:
+    weight, x, _ = _weight_and_rows(2)
+    assert StepWeight(weight.double(), 7).packed is None  # float64: the oracle's precision
+    parameter = torch.nn.Parameter(weight)
+    recorded = StepWeight(parameter, 7)  # autograd records the product
+    assert recorded.packed is None
+    recorded.mm(x).sum().backward()
+    assert parameter.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert StepWeight(weight, 7).packed is None
+
+
+def test_the_environment_variable_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("SFR_CPU_MATMUL", raising=False)
+    assert cpu_matmul() == "onednn"
+    monkeypatch.setenv("SFR_CPU_MATMUL", " BLAS ")
+    assert cpu_matmul() == "blas"
+    monkeypatch.setenv("SFR_CPU_MATMUL", "mkl")
+    with pytest.raises(ValueError, match="SFR_CPU_MATMUL must be one of onednn, blas, not 'mkl'"):
+        StepWeight(torch.ones(2, 2), 1)
+
+
+def test_a_pytorch_without_the_operators_falls_back(monkeypatch) -> None:
+    onednn_available.cache_clear()
+    try:
+
+        class _NoOps:
+            def __getattr__(self, name: str):
+                raise AttributeError(name)
+
+        monkeypatch.setattr(matmul.torch.ops, "mkldnn", _NoOps())
+        assert not onednn_available()
+        weight, x, _ = _weight_and_rows(3)
+        product = StepWeight(weight, 7)
+        assert product.packed is None and torch.equal(product.mm(x), x @ weight.t())
+    finally:
+        monkeypatch.undo()
+        onednn_available.cache_clear()
