@@ -922,13 +922,15 @@ def test_synth_force_names_a_file_it_did_not_write_and_keeps_it(cli: Cli, tmp_pa
 
 
 def test_demo_follows_the_overwrite_rule(cli: Cli, tmp_path: Path) -> None:
-    """Refused before any work: an earlier demo without --force, and with --force a file of
-    one's own inside its data (never deleted)."""
+    """Refused before any work: an earlier demo that cannot be continued (its data record
+    damaged) without --force, and with --force a file of one's own inside its data (never
+    deleted). A demo that can be continued is (test_demo.py)."""
     out = tmp_path / "demo"
     (out / "data").mkdir(parents=True)
     (out / "data" / "synthetic_meta.json").write_text("{}")
     code, output, error = cli("demo", "--out", out)
-    assert_user_error(code, output, error, f"The demo folder {out} already holds a demo", "--force")
+    record = out / "data" / "synthetic_meta.json"
+    assert_user_error(code, output, error, f"{record} is damaged", "--force")
     (out / "data" / "notes.txt").write_text("mine")
     code, output, error = cli("demo", "--out", out, "--force")
     assert_user_error(code, output, error, str(out / "data" / "notes.txt"), "did not write")
