@@ -10,6 +10,7 @@ import importlib.resources
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -498,13 +499,21 @@ def _preset_names() -> str:
 
 
 def load_config(
-    model: type[StrictModelT], path: Path, overrides: Mapping[str, Any] = {}
+    model: type[StrictModelT],
+    path: Path,
+    overrides: Mapping[str, Any] = {},
+    *,
+    chosen: Mapping[str, Choice] = {},
 ) -> StrictModelT:
     """Read a TOML config file and validate it with overrides (see `build_config`).
 
     A relative `configs/<dataset>/<name>.toml` that does not exist is the published preset of
     that name shipped with sfr (`PRESETS`), so the README's commands run from any folder.
-    Raises ConfigError for a missing, unreadable or invalid file.
+    `chosen` holds the fields a required command-line choice sets (`sfr fuse ARCHITECTURE`):
+    applied last, but refused (ConfigError naming the file, both values and what to do) where
+    the file or a `--set` override in `overrides` states another value, so that an explicit
+    config is honoured or refused, never silently overridden; a file that leaves the field out
+    takes the choice. Raises ConfigError for a missing, unreadable or invalid file.
     """
     path = published_preset(Path(path))
     if path.is_dir():
@@ -529,7 +538,59 @@ def load_config(
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}.") from None
     _refuse_other_kind(model, tree, path)
-    return build_config(model, tree, overrides, source=str(path))
+    for dotted, choice in chosen.items():
+        _check_choice(tree, overrides, path, dotted, choice)
+    every = {**overrides, **{dotted: choice.value for dotted, choice in chosen.items()}}
+    return build_config(model, tree, every, source=str(path))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A config field's value chosen by a required command-line argument.
+
+    `given_as` names the argument for messages (`ARCHITECTURE`), `command` is how a user passes
+    another value of it (`sfr fuse {value} --config {path}`, formatted with both).
+    """
+
+    value: Any
+    given_as: str
+    command: str
+
+
+def _stated(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(whether the config tree states the dotted field, its value)."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _check_choice(
+    tree: Mapping[str, Any], overrides: Mapping[str, Any], path: Path, dotted: str, choice: Choice
+) -> None:
+    """ConfigError where the file, or a `--set` override of it, states another value than the
+    command-line `choice` of field `dotted`."""
+    section, _, field = dotted.rpartition(".")
+    if overrides.get(dotted) is not None:
+        if overrides[dotted] != choice.value:
+            raise ConfigError(
+                f"--set {dotted}={overrides[dotted]} contradicts the {choice.given_as} argument "
+                f"{choice.value}.",
+                f"Give the {field} once, as the {choice.given_as} argument.",
+            )
+        return  # the user overrides the file on purpose
+    present, stated = _stated(tree, dotted)
+    if not present or stated == choice.value:
+        return
+    keep = choice.command.format(value=stated, path=path)
+    raise ConfigError(
+        f"{path} declares {field} = {json.dumps(stated)} in [{section}], but the command line "
+        f"asks for {choice.value} (the {choice.given_as} argument).",
+        f"Run {keep} to use the config as written, or, to use {choice.value}, set "
+        f"{field} = {json.dumps(choice.value)} in [{section}] of {path} (or remove that line).",
+    )
 
 
 def _refuse_other_kind(model: type[BaseModel], tree: Mapping[str, Any], path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -13,14 +14,16 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+import sfr.cli.demo
 from sfr.checkpoint import read_metadata
+from sfr.cli.common import TrainingView
 from sfr.cli.demo import demo_table, headline
 from sfr.data.annotations import read_segments
 from sfr.data.synthetic import SyntheticSpec
 from sfr.errors import DataError, RunError, SfrError
 from sfr.train.demo import DemoDataReady, DemoPlan, DemoResult, demo_config, run_demo
 from sfr.train.fusion import FusionPlan
-from sfr.train.loop import FitResult
+from sfr.train.loop import EpochDone, FitResult, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted, pipeline_steps
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -237,14 +240,25 @@ def test_headline_compares_the_final_fusion_with_the_best_branch() -> None:
     assert "1 s" in line
 
 
-def test_demo_again_into_the_same_folder_replaces_it(demo_run, tmp_path: Path) -> None:
+def test_demo_again_into_the_same_folder_continues_it_or_with_force_replaces_it(
+    demo_run, tmp_path: Path, tiny_spec: SyntheticSpec
+) -> None:
     source, plan, first, _ = demo_run
     out = Path(shutil.copytree(source, tmp_path / "demo"))
     step_dir = step_roots(out / "runs")[("rgb+flow@0.5", "fusion")]
     (step_dir / "stray.txt").write_text("old")
+    # run again, a finished demo only reports its results (as `sfr pipeline` does)
     events: list[object] = []
-    with pytest.raises(RunError, match="already holds a demo"):  # one overwrite rule: --force
-        run_demo(out, plan)
+    kept = run_demo(out, plan, progress=events.append)
+    assert [e.action for e in events if isinstance(e, StepStarted)] == ["skip"] * 11
+    assert isinstance(events[0], DemoDataReady) and events[0].continued
+    for key in ("rgb@0.5", "finetune"), ("rgb+flow@0.25+0.5", "fusion"):
+        assert kept.pipeline.results[key].metrics == first.pipeline.results[key].metrics
+    # data of another spec is not continued: one overwrite rule, --force
+    other = tiny_plan(dataclasses.replace(tiny_spec, seed=1))
+    with pytest.raises(RunError, match="already holds a demo made with other data settings"):
+        run_demo(out, other)
+    events = []
     # --force deletes only what sfr wrote: a file of one's own in the data is named, not deleted
     (out / "data" / "stray.txt").write_text("old")
     with pytest.raises(RunError, match=re.escape(str(out / "data" / "stray.txt"))):
@@ -262,6 +276,48 @@ def test_demo_again_into_the_same_folder_replaces_it(demo_run, tmp_path: Path) -
     a = load_file(str(Path(first.pipeline.results[final].run_dir) / "best.safetensors"))
     b = load_file(str(Path(again.pipeline.results[final].run_dir) / "best.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_cli_run_again_resumes_an_interrupted_demo(
+    cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_spec: SyntheticSpec
+) -> None:
+    """Stopped midway, `sfr demo` said "run the same command again to continue", which then
+    asked for --force (deleting the finished stages): the same command now resumes it."""
+    monkeypatch.setattr(sfr.cli.demo, "DemoPlan", lambda: tiny_plan(tiny_spec))
+    out = tmp_path / "demo"
+    stale = out / f".data.{'0' * 32}.tmp"  # a demo killed while writing its data left this
+    stale.mkdir(parents=True)
+    (stale / "training.csv").write_text("half")
+    final = step_roots(out / "runs")[("rgb+flow@0.25+0.5", "fusion")]
+    original = TrainingView.__call__
+
+    def interrupting(self: TrainingView, event: object) -> None:
+        original(self, event)
+        if isinstance(event, StageStarted):
+            self.title = event.run_dir
+        if isinstance(event, EpochDone) and self.title == str(final):
+            raise KeyboardInterrupt  # Ctrl-C after the final fusion's first epoch
+
+    monkeypatch.setattr(TrainingView, "__call__", interrupting)
+    code, output, _ = cli("demo", "--out", out)
+    assert code == 130, output
+    assert "Interrupted." in output and "run the same command again" in output
+    assert not stale.exists()
+    assert json.loads((final / "status.json").read_text())["state"] == "interrupted"
+    finished = step_roots(out / "runs")[("rgb@0.25", "finetune")] / "best.safetensors"
+    before = finished.stat().st_mtime_ns
+
+    monkeypatch.setattr(TrainingView, "__call__", original)
+    code, output, error = cli("demo", "--out", out)
+    assert code == 0, f"{output}\n{error!r}"
+    assert f"Continuing the demo in {out}" in output
+    assert output.count("(finished, skipped)") == 10
+    assert "[11/11] fusion L2 rgb+flow@0.25+0.5 (resuming)" in output
+    assert f"resuming {final} at epoch 2" in output
+    lines = (final / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert finished.stat().st_mtime_ns == before  # finished work kept, not redone
+    assert list(table_rows(output)) == ROWS
 
 
 def test_demo_with_another_plan_leaves_no_runs_of_the_earlier_one(
@@ -297,6 +353,16 @@ def test_demo_cli_refuses_a_foreign_folder(cli, tmp_path: Path) -> None:
     assert "Traceback" not in output
     assert "Error:" in output and str(out) in output and "--out" in output
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_demo_with_a_damaged_data_record_names_it(demo_run, tmp_path: Path) -> None:
+    source, plan, _, _ = demo_run
+    out = Path(shutil.copytree(source, tmp_path / "demo"))
+    record = out / "data" / "synthetic_meta.json"
+    record.write_text("{")
+    with pytest.raises(DataError, match=re.escape(f"{record} is damaged")) as caught:
+        run_demo(out, plan)
+    assert "--force" in (caught.value.hint or "")
 
 
 def test_demo_refuses_a_file(tmp_path: Path, tiny_spec: SyntheticSpec) -> None:

@@ -247,10 +247,13 @@ def test_fuse_trains_level_1_then_level_2(
     assert_user_error(code, output, error, "--stage 3", "fusion level(s) 1, 2")
 
 
-def test_fuse_arch1_overrides_the_architecture_of_the_config(
+def test_fuse_arch1_trains_a_config_that_leaves_the_architecture_out(
     cli, runs: Path, synthetic_data: Path, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path)  # says architecture = "arch2"
+    config = write_config(tmp_path)
+    text = config.read_text()
+    config.write_text(text.replace('architecture = "arch2"\n', ""))
+    assert "architecture" not in config.read_text().split("[model]")[1].split("[optim]")[0]
     code, output, error = cli(
         "fuse", "arch1", "--config", config, "--data", synthetic_data, "--runs", runs
     )
@@ -289,6 +292,34 @@ def test_fuse_with_frozen_branches(cli, runs: Path, synthetic_data: Path, tmp_pa
 
 # --------------------------------------------------------------------------------------------
 # user errors: exit code 2, a message naming the culprit, no traceback
+
+
+@pytest.mark.parametrize(("argument", "declared"), [("arch1", "arch2"), ("arch2", "arch1")])
+def test_fuse_refuses_an_architecture_its_config_contradicts(
+    cli, synthetic_data: Path, tmp_path: Path, argument: str, declared: str
+) -> None:
+    """The positional architecture overrode the config's silently (an arch1 run from an arch2
+    config): an explicit config is honoured or refused, naming the file and both choices."""
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('"arch2"', f'"{declared}"'))
+    runs = tmp_path / "runs"
+    args = ["fuse", argument, "--config", config, "--data", synthetic_data, "--runs", runs]
+    code, output, error = cli(*args)
+    assert_user_error(
+        code, output, error, f'{config} declares architecture = "{declared}" in [model]',
+        f"the command line asks for {argument} (the ARCHITECTURE argument)",
+    )  # fmt: skip
+    hint = hint_of(output)
+    assert f"sfr fuse {declared} --config {config}" in hint
+    assert f'set architecture = "{argument}" in [model] of {config}' in hint
+    assert not runs.exists()  # refused before any work
+
+    # a --set of the field is the user overriding the file on purpose, and must agree too
+    code, output, error = cli(*args, "--set", f"model.architecture={declared}")
+    assert_user_error(code, output, error, f"--set model.architecture={declared} contradicts")
+    code, output, _ = cli(*args, "--set", f"model.architecture={argument}")
+    assert "contradicts" not in output and "declares" not in output
+    assert f"{argument} over rgb, flow, obj" in output  # then fails on the untrained branches
 
 
 def test_fuse_without_trained_branches_says_to_run_the_pipeline(

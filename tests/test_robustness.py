@@ -922,13 +922,15 @@ def test_synth_force_names_a_file_it_did_not_write_and_keeps_it(cli: Cli, tmp_pa
 
 
 def test_demo_follows_the_overwrite_rule(cli: Cli, tmp_path: Path) -> None:
-    """Refused before any work: an earlier demo without --force, and with --force a file of
-    one's own inside its data (never deleted)."""
+    """Refused before any work: an earlier demo that cannot be continued (its data record
+    damaged) without --force, and with --force a file of one's own inside its data (never
+    deleted). A demo that can be continued is (test_demo.py)."""
     out = tmp_path / "demo"
     (out / "data").mkdir(parents=True)
     (out / "data" / "synthetic_meta.json").write_text("{}")
     code, output, error = cli("demo", "--out", out)
-    assert_user_error(code, output, error, f"The demo folder {out} already holds a demo", "--force")
+    record = out / "data" / "synthetic_meta.json"
+    assert_user_error(code, output, error, f"{record} is damaged", "--force")
     (out / "data" / "notes.txt").write_text("mine")
     code, output, error = cli("demo", "--out", out, "--force")
     assert_user_error(code, output, error, str(out / "data" / "notes.txt"), "did not write")
@@ -1210,6 +1212,53 @@ def test_sigterm_stops_training_with_its_resume_advice_and_the_run_continues(
     assert code == 0, output
     finished = json.loads((root / "status.json").read_text())
     assert (finished["state"], finished["epoch"]) == ("finished", 2)
+
+
+def test_a_closed_stdout_stops_training_quietly_and_the_run_resumes(
+    cli: Cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """`sfr train-branch ... | head`: the reader closes the pipe after the first epoch line. The
+    run stopped with rich's silent exit 1 (or a BrokenPipeError traceback); now it stops as a
+    signal would: exit 141 (128 + SIGPIPE), no traceback, the resume advice on stderr, the run
+    recorded as interrupted, and --resume finishes it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_DIR
+
+    args = [str(a) for a in branch_args(tmp_path, golden_data, "--epochs", "30")]
+    env = {**os.environ, "PYTHONPATH": str(REPO_DIR), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sfr", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    try:
+        seen = [child.stdout.readline()]
+        while seen[-1] and "epoch   1/30" not in seen[-1]:
+            seen.append(child.stdout.readline())
+        child.stdout.close()  # as `head` does once it has its lines
+        stderr = child.stderr.read()
+        code = child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert "epoch   1/30" in seen[-1], "".join(seen) + stderr
+    assert code == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert "Output closed (broken pipe): stopped." in stderr
+    assert "same command with --resume" in stderr
+    status = json.loads((tmp_path / "runs" / RUN / "status.json").read_text())
+    assert status["state"] == "interrupted" and 1 <= status["epoch"] < 30
+    code, output, _ = cli(*args, "--resume")  # as the advice says
+    assert code == 0, output
+    assert f"resuming {tmp_path / 'runs' / RUN} at epoch {status['epoch'] + 1}" in output
+    finished = json.loads((tmp_path / "runs" / RUN / "status.json").read_text())
+    assert (finished["state"], finished["epoch"]) == ("finished", 30)
 
 
 def test_supervision_levels_outside_0_to_5_are_refused(cli: Cli, tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal, TypeVar
@@ -33,8 +36,20 @@ from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, Stage
 from sfr.train.pipeline import PipelineResult, StepStarted
 
 USER_ERROR_EXIT = 2
-console = Console()
-err_console = Console(stderr=True)
+
+
+class _Console(Console):
+    """rich's Console, except that a closed output raises BrokenPipeError, after the console
+    goes quiet, for `handles_user_errors` to stop the command and say how to continue (rich
+    would exit 1 at once, past it)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output closed it")
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
@@ -79,41 +94,78 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Exit status of a command whose output was closed by its reader: a process killed by SIGPIPE
+# (128 + 13), what a shell reports for `yes | head`.
+OUTPUT_CLOSED_EXIT = 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _output_closed(resume_advice: str) -> None:
+    """The reader of stdout is gone (`sfr ... | head`): point stdout at os.devnull so that nothing
+    written later fails again (the interpreter's last flush included), as Python's documentation
+    advises for BrokenPipeError ("Note on SIGPIPE", module `signal`), and say on stderr, when it
+    is still open, that the command stopped and how to continue."""
+    for stream in (sys.stdout, sys.__stdout__):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):  # no file descriptor (a test's capture)
+            pass
+    if not distributed.is_main():
+        return
+    with contextlib.suppress(OSError):  # stderr went to the same closed pipe (`2>&1 | head`)
+        err_console.print(f"[yellow]Output closed (broken pipe): stopped.[/] {resume_advice}")
+
+
 def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
     """Decorator: `SfrError` becomes a one-paragraph message and exit 2, never a traceback;
-    Ctrl-C says how to continue (`resume_advice`) and exits 130."""
+    Ctrl-C says how to continue (`resume_advice`) and exits 130, SIGTERM 143. A closed stdout
+    (`| head`) stops the command like a signal would, quietly: no traceback, a run stopped so is
+    recorded as interrupted (it resumes), the advice goes to stderr, exit 141."""
 
     def decorate(command: CommandT) -> CommandT:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                with sigterm_as_interrupt():
-                    return command(*args, **kwargs)
-            except SfrError as error:
-                if distributed.is_main():
-                    raise fail(error.message, error.hint) from None
-                if not (distributed.own_error(error) or isinstance(error, DistributedError)):
-                    raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
-                rank = f"rank {distributed.rank()}: "
-                raise fail(rank + error.message, error.hint) from None
-            except Terminated:
-                if distributed.is_main():
-                    cause = (
-                        " torchrun stops every process of a run when one fails or is killed: "
-                        "look for its message above."
-                        if distributed.launched()
-                        else ""
-                    )
-                    err_console.print(f"[yellow]Stopped by SIGTERM.[/]{cause} {resume_advice}")
-                raise typer.Exit(128 + signal.SIGTERM) from None
-            except KeyboardInterrupt:
-                if distributed.is_main():  # torchrun interrupts every process: one message
-                    err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
-                raise typer.Exit(130) from None
+            try:  # around the messages too: stderr may be the same closed pipe
+                return _rendering_errors(command, resume_advice, *args, **kwargs)
+            except BrokenPipeError:
+                _output_closed(resume_advice)
+                raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _rendering_errors(
+    command: Callable[..., Any], resume_advice: str, *args: Any, **kwargs: Any
+) -> Any:
+    """Run `command`; user errors, Ctrl-C and SIGTERM become messages and exit codes
+    (`handles_user_errors`)."""
+    try:
+        with sigterm_as_interrupt():
+            return command(*args, **kwargs)
+    except SfrError as error:
+        if distributed.is_main():
+            raise fail(error.message, error.hint) from None
+        if not (distributed.own_error(error) or isinstance(error, DistributedError)):
+            raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
+        rank = f"rank {distributed.rank()}: "
+        raise fail(rank + error.message, error.hint) from None
+    except Terminated:
+        if distributed.is_main():
+            cause = (
+                " torchrun stops every process of a run when one fails or is killed: "
+                "look for its message above."
+                if distributed.launched()
+                else ""
+            )
+            err_console.print(f"[yellow]Stopped by SIGTERM.[/]{cause} {resume_advice}")
+        raise typer.Exit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        if distributed.is_main():  # torchrun interrupts every process: one message
+            err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
+        raise typer.Exit(130) from None
 
 
 user_errors = handles_user_errors(

@@ -62,10 +62,15 @@ def demo(
         Path, typer.Option("--out", help="Folder for the synthetic data and runs.")
     ] = Path("sfr-demo"),
     force: Annotated[
-        bool, force_option("Replace an earlier demo in --out: its data and runs")
+        bool,
+        force_option("Replace an earlier demo in --out: new data, every stage trained again"),
     ] = False,
 ) -> None:
-    """Generate synthetic data, train every branch and both fusion levels, print the results."""
+    """Generate synthetic data, train every branch and both fusion levels, print the results.
+
+    Run again on the same --out, it continues: finished stages are skipped and interrupted ones
+    resumed, so an interrupted demo finishes without redoing work.
+    """
     plan = DemoPlan()
     torch.set_num_threads(plan.threads)
     began = time.perf_counter()
@@ -81,6 +86,12 @@ def demo(
                     f"{s.num_actions} actions)",
                     highlight=False,
                 )
+                if event.continued:
+                    view.bars.console.print(
+                        f"Continuing the demo in {out}: finished stages are skipped, interrupted "
+                        "ones resumed (--force starts over).",
+                        highlight=False,
+                    )
             elif isinstance(event, StepStarted):
                 view.bars.console.print(step_line(event), highlight=False)
             else:

@@ -10,6 +10,7 @@ import typer
 from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
 from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
+from sfr.config import Choice
 from sfr.data.loader import Precision
 from sfr.train.fusion import FusionPlan
 
@@ -62,7 +63,6 @@ def fuse(
     resolved = load_fusion_config(
         config,
         {
-            "model.architecture": architecture,
             "model.freeze_branches": freeze_branches,
             "fusion_optim.epochs": epochs,
             "fusion_optim.lr": lr,
@@ -73,6 +73,11 @@ def fuse(
             "run.seed": seed,
         },
         set_,
+        {
+            "model.architecture": Choice(
+                architecture, "ARCHITECTURE", "sfr fuse {value} --config {path}"
+            )
+        },
     )
     levels = FusionPlan(resolved, runs).levels
     if not levels:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from sfr.cli.common import (
     results_table,
     step_line,
 )
-from sfr.config import FusionRunConfig, load_config, parse_override
+from sfr.config import Choice, FusionRunConfig, load_config, parse_override
 from sfr.data.observation import position_label
 from sfr.data.provenance import fill_recorded_dims
 from sfr.files import check_folder_path
@@ -23,12 +23,16 @@ from sfr.train.pipeline import StepStarted, run_pipeline
 
 
 def load_fusion_config(
-    config: Path, named: dict[str, Any], set_: list[str] | None
+    config: Path,
+    named: dict[str, Any],
+    set_: list[str] | None,
+    chosen: Mapping[str, Choice] = {},
 ) -> FusionRunConfig:
-    """The config file with `--set` overrides, then the named options, on top."""
+    """The config file with `--set` overrides, then the named options, on top; `chosen` are the
+    required arguments, which must agree with the file (`load_config`)."""
     overrides = dict(parse_override(item) for item in set_ or [])
     overrides.update({k: v for k, v in named.items() if v is not None})
-    return load_config(FusionRunConfig, config, overrides)
+    return load_config(FusionRunConfig, config, overrides, chosen=chosen)
 
 
 def run_and_report(

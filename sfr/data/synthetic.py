@@ -33,6 +33,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,7 +171,7 @@ def write_synthetic(
     receives (videos written, videos in all).
     """
     out = check_folder_path(Path(out), "output")
-    _remove_stale_builds(out)
+    remove_stale_builds(out)
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
@@ -182,6 +183,38 @@ def write_synthetic(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dataclasses.replace(summary, path=out)
+
+
+def spec_record(spec: SyntheticSpec) -> dict[str, Any]:
+    """The spec as `synthetic_meta.json` records it (JSON: tuples become lists)."""
+    record: dict[str, Any] = json.loads(json.dumps(asdict(spec)))
+    return record
+
+
+def read_synthetic(folder: Path) -> tuple[SyntheticSummary, dict[str, Any]]:
+    """What an earlier `write_synthetic` recorded in `folder/synthetic_meta.json`: its summary
+    and its spec (`spec_record`). DataError naming the file when it is unreadable or damaged."""
+    path = Path(folder) / "synthetic_meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        summary = SyntheticSummary(
+            path=Path(folder),
+            rows={split: int(count) for split, count in meta["rows"].items()},
+            frames=int(meta["frames"]),
+            num_actions=int(meta["num_actions"]),
+            dims={modality: int(dim) for modality, dim in meta["dims"].items()},
+        )
+        spec = meta["spec"]
+        if not isinstance(spec, dict):
+            raise TypeError
+    except OSError as error:
+        raise DataError(f"{path} cannot be read: {error.strerror}.") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(
+            f"{path} is damaged: it is not the record sfr writes of a synthetic dataset.",
+            "Pass --force to generate the dataset again (sfr deletes only what it wrote).",
+        ) from None
+    return summary, spec
 
 
 # The files `write_synthetic` (and `sfr synth`'s presets) write, by path inside the dataset.
@@ -223,7 +256,7 @@ def _check_target(out: Path, force: bool) -> None:
     refuse_foreign(out, "output folder", foreign_files(out, synthetic_file))
 
 
-def _remove_stale_builds(out: Path) -> None:
+def remove_stale_builds(out: Path) -> None:
     """Delete the build folders a killed `write_synthetic` of `out` left beside it
     (`.OUT.<uuid>.tmp` being built, `.OUT.<uuid>.old` being replaced); nothing else."""
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.[0-9a-f]{{32}}\.(tmp|old)$")
@@ -299,7 +332,7 @@ def _generate(
     )
     meta = {
         "format": "ek55",
-        "spec": asdict(spec),
+        "spec": spec_record(spec),
         "rows": summary.rows,
         "frames": summary.frames,
         "videos": frames,

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from sfr.config import MODALITIES, FusionRunConfig, build_config
 from sfr.data.annotations import read_segments
-from sfr.data.synthetic import SyntheticSpec, SyntheticSummary, write_synthetic
+from sfr.data.synthetic import (
+    SyntheticSpec,
+    SyntheticSummary,
+    read_synthetic,
+    remove_stale_builds,
+    spec_record,
+    write_synthetic,
+)
 from sfr.errors import DataError
 from sfr.files import check_folder_path, existing_output, remove_owned
 from sfr.train.fusion import FusionPlan
@@ -45,7 +52,10 @@ class DemoPlan:
 
 @dataclass(frozen=True)
 class DemoDataReady:
+    """The demo's data is in place: written now, or kept from an earlier run it `continued`."""
+
     summary: SyntheticSummary
+    continued: bool = False
 
 
 @dataclass
@@ -107,31 +117,42 @@ def run_demo(
 ) -> DemoResult:
     """Generate the synthetic data under `out/data` and run the pipeline under `out/runs`.
 
-    `out` must be empty, absent, or an earlier demo folder, which is replaced only with `force`
-    (the one overwrite rule of sfr); RunError otherwise.
+    Run again on its folder, a demo continues as `sfr pipeline` does (`run_pipeline`): its data
+    is kept, finished stages are skipped and interrupted ones resumed, so an interrupted demo
+    finishes without redoing work (a finished one only reports its results again). `force`
+    starts over: new data, every stage retrained (sfr's one overwrite rule: only what sfr wrote
+    is deleted). `out` must be empty, absent or a demo folder (DataError otherwise); an earlier
+    demo whose data was made by another spec is replaced only with `force` (RunError).
     """
     report = progress or (lambda event: None)
     out = check_folder_path(Path(out), "demo (--out)")
-    if out.exists() and any(out.iterdir()) and not (out / "data" / "synthetic_meta.json").is_file():
+    data_dir, runs_dir = out / "data", out / "runs"
+    remove_stale_builds(data_dir)  # a demo killed while writing its data left its build folder
+    earlier = (data_dir / "synthetic_meta.json").is_file()
+    if out.exists() and any(out.iterdir()) and not earlier:
         raise DataError(
             f"{out} is not empty and is not an earlier sfr demo folder.",
             "Choose another folder with --out.",
         )
-    if (out / "data" / "synthetic_meta.json").is_file() and not force:
-        raise existing_output(
-            out,
-            "demo folder",
-            "a demo (its data and trained runs)",
-            "Pass --force to generate and train it again from scratch (sfr deletes only what it "
-            "wrote), or choose another --out.",
+    if earlier and not force:
+        summary, spec = read_synthetic(data_dir)
+        if spec != spec_record(plan.spec):
+            raise existing_output(
+                out,
+                "demo folder",
+                "a demo made with other data settings",
+                "Pass --force to generate and train it again from scratch (sfr deletes only "
+                "what it wrote), or choose another --out.",
+            )
+    else:
+        summary = write_synthetic(data_dir, plan.spec, force=True)
+        # the runs of an earlier demo, whatever its plan: only the files sfr wrote in run folders
+        remove_owned(
+            runs_dir, lambda relative: len(relative.parts) > 1 and relative.name in RUN_FILES
         )
-    data_dir, runs_dir = out / "data", out / "runs"
-    summary = write_synthetic(data_dir, plan.spec, force=True)
-    # the runs of an earlier demo, whatever its plan: only the files sfr wrote in run folders
-    remove_owned(runs_dir, lambda relative: len(relative.parts) > 1 and relative.name in RUN_FILES)
-    report(DemoDataReady(summary))
+    report(DemoDataReady(summary, continued=earlier and not force))
     fusion_plan = FusionPlan(demo_config(plan), runs_dir)
-    pipeline = run_pipeline(fusion_plan, data_dir, force=True, progress=report)
+    pipeline = run_pipeline(fusion_plan, data_dir, force=force, progress=report)
     return DemoResult(
         data_dir, runs_dir, summary.num_actions, frequency_prior_top5(data_dir), pipeline
     )
