@@ -9,11 +9,14 @@ Rows:
 - branch T = 14 (alpha 0.25, 6 + 8) and T = 40 (alpha 0.125, 24 + 16), training (forward +
   backward + SGD step, per-step dropout masks) and evaluation (no gradients): the plain
   formulation (`sfr.models.reference`, the published code's loops) against the efficient branch
-  with its default (`auto`) kernel;
+  with its default (`auto`) kernel; for evaluation also the ceiling: the plain run's wall
+  seconds over the efficient products' time at this machine's peak product rate (`peak_rate`),
+  the most any kernel of the efficient formulation could reach;
 - published Architecture 2 (rgb/flow/obj at alpha 0.125 and 0.5, fused at 2, 1.5, 1, 0.5 s),
   training and evaluation: every branch the plain way over all its steps (`tests/fusion_oracle.py`)
   against the fusion tree;
-- the fused LSTM kernel against the Python step loop (both efficient), training and evaluation;
+- the fused LSTM kernel against the Python step loop (both efficient), training and evaluation,
+  and the loop's recurrent products through BLAS against oneDNN (`sfr.models.matmul`);
 - validation of Architecture 2 over a split: model time against the time of each measure
   (softmax, verb/noun marginalisation, top-k lists, top-k accuracy, mean top-5 recall);
 - peak memory of one training step (resident set size growth, each in a fresh process, or CUDA
@@ -22,7 +25,7 @@ Rows:
   when present), against the recorded GPU training rate of the fast branch
   (`GPU_FAST_BRANCH_TRAINING`, target 10x) and against this machine's CPU training rate.
 
-    nox -s bench        or        python benchmarks/bench.py [--batch 32] [--repeats 1] [--quick]
+    nox -s bench        or        python benchmarks/bench.py [--batch 32] [--repeats 3] [--sections speed]
 
 Prints the table and writes `benchmarks/results.json` (`--out`). Needs only torch, numpy and
 `sfr.models` / `sfr.eval.metrics` (no LMDB, pydantic or video packages), so that it runs on a bare
@@ -60,6 +63,7 @@ from fusion_oracle import plain_tree_forward  # noqa: E402
 
 from sfr.eval import metrics  # noqa: E402
 from sfr.models.branch import create_branch, length_buckets, set_kernel  # noqa: E402
+from sfr.models.matmul import MATMUL_ENV, StepWeight, onednn_available  # noqa: E402
 from sfr.models.reference import plain_forward  # noqa: E402
 
 HIDDEN, FEATURES, CLASSES, VERBS, NOUNS = 1024, 1024, 2513, 125, 352
@@ -79,12 +83,14 @@ LONG_CALL = 5.0  # seconds: a first call this long is timed, not a warm-up
 def interleaved(
     runs: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None]
 ) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds of each run: {name: {"wall": s, "cpu": s}}.
+    """Fastest wall and CPU seconds of each run: {name: {"wall": s, "cpu": s}}.
 
     One warm-up each, then the repetitions interleaved. A first call longer than `LONG_CALL`
     seconds counts as a repetition: set-up costs (kernel selection, allocator growth) are
-    milliseconds, and the plain runs last minutes on 2 threads. CPU seconds (all threads of this
-    process) are what a shared machine's load leaves nearly unchanged; wall seconds are not.
+    milliseconds, and the plain runs last minutes on 2 threads. The fastest repetition is the
+    one least disturbed by other load (on the shared development machine a run of the same code
+    took 1.5x longer at some minutes than at others); CPU seconds (all threads of this process)
+    are what such load changes least.
     """
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
 
@@ -103,10 +109,7 @@ def interleaved(
             if len(times[name]) < repeats:
                 times[name].append(timed(run))
     return {
-        name: {
-            "wall": float(np.median([w for w, _ in values])),
-            "cpu": float(np.median([c for _, c in values])),
-        }
+        name: {"wall": min(w for w, _ in values), "cpu": min(c for _, c in values)}
         for name, values in times.items()
     }
 
@@ -253,7 +256,11 @@ class Workload:
         return train if training else evaluate
 
 
-def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -> list[dict]:
+def speed_rows(
+    args: argparse.Namespace, device: torch.device, sync: Callable, peak: float
+) -> list[dict]:
+    """Efficient vs plain (with the ceiling at `peak` multiply-adds/s for evaluation), fused
+    kernel vs step loop, and the loop's oneDNN vs BLAS products, at real dimensions."""
     rows = []
     names = ["branch T=14", "branch T=40", "Architecture 2"]
     for name in names:
@@ -270,6 +277,9 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
                 "efficient", training
             )
             row["samples_per_s"] = args.batch / seconds["efficient"]["wall"]
+            if not training:  # the plain run against the efficient products all at peak rate
+                at_peak = args.batch * work.multiply_adds("efficient", training) / peak
+                row["ceiling_ratio"] = seconds["plain"]["wall"] / at_peak
             rows.append(row)
             print(_line(rows[-1]), file=sys.stderr, flush=True)
         if name != "branch T=14":  # the fused kernel against the step loop
@@ -289,7 +299,65 @@ def speed_rows(args: argparse.Namespace, device: torch.device, sync: Callable) -
                 row["auto"] = _auto_stages(work.model, device, training)
                 rows.append(row)
                 print(_line(rows[-1]), file=sys.stderr, flush=True)
+            if device.type == "cpu" and onednn_available():  # where the loop's speed comes from
+                for mode in ("training", "evaluation"):
+                    step = _with_kernel(
+                        work.model, "loop", work.step("efficient", mode == "training")
+                    )
+                    seconds = interleaved(
+                        {m: _with_matmul(m, step) for m in ("blas", "onednn")}, args.repeats, sync
+                    )
+                    set_kernel(work.model, "auto")
+                    rows.append(
+                        _pair_row(
+                            "loop kernel: oneDNN vs BLAS products",
+                            f"{name} {mode}",
+                            "blas",
+                            "onednn",
+                            seconds,
+                        )
+                    )
+                    print(_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def _with_matmul(matmul: str, step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        previous = os.environ.get(MATMUL_ENV)
+        os.environ[MATMUL_ENV] = matmul
+        try:
+            step()
+        finally:
+            if previous is None:
+                os.environ.pop(MATMUL_ENV, None)
+            else:
+                os.environ[MATMUL_ENV] = previous
+
+    return run
+
+
+def peak_rate(device: torch.device, sync: Callable[[], None]) -> float:
+    """Multiply-adds per second of this machine's fastest product at an LSTM step's shape,
+    (256, 1024) @ (1024, 4096): the best of BLAS (`torch.mm`) and, on the CPU, oneDNN
+    (`StepWeight`), best of 5 after a warm-up. No formulation can run its products faster."""
+    weight = torch.randn(4 * HIDDEN, FEATURES, device=device)
+    x = torch.randn(256, FEATURES, device=device)
+    products = [lambda: torch.mm(x, weight.t())]
+    if device.type == "cpu":
+        with torch.no_grad():
+            prepared = StepWeight(weight, 256)
+            if prepared.packed is not None:
+                products.append(lambda: prepared.mm(x))
+    best = 0.0
+    for product in products:
+        product()
+        sync()
+        for _ in range(5):
+            began = time.perf_counter()
+            product()
+            sync()
+            best = max(best, 256 * FEATURES * 4 * HIDDEN / (time.perf_counter() - began))
+    return best
 
 
 def _with_kernel(model: nn.Module, kernel: str, step: Callable[[], None]) -> Callable[[], None]:
@@ -504,15 +572,19 @@ def _line(row: dict) -> str:
     )
     wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
     arithmetic = f"{row['arithmetic_ratio']:.2f}x" if row.get("arithmetic_ratio") else "-"
-    return f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}{arithmetic:>8}"
+    ceiling = f"{row['ceiling_ratio']:.2f}x" if row.get("ceiling_ratio") else "-"
+    return (
+        f"{row['row']:<52}{shown:>30}{shown_ratio:>8}{target:>7}{ok:>5}{wall:>8}{arithmetic:>8}"
+        f"{ceiling:>9}"
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The table of a results.json as Markdown (the README's performance section)."""
     lines = [
         "| group | row | baseline | candidate | ratio | target | met | wall-clock ratio "
-        "| multiply-adds ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| multiply-adds ratio | ceiling at peak rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = list(dict.fromkeys(row["group"] for row in results["rows"]))
     for row in sorted(results["rows"], key=lambda r: order.index(r["group"])):
@@ -539,9 +611,10 @@ def markdown(results: dict[str, Any]) -> str:
             cand_text = f"{row['candidate']} {cand:.3g} {unit}"
         wall = f"{row['wall_ratio']:.2f}x" if row.get("wall_ratio") else "-"
         arithmetic = f"{row['arithmetic_ratio']:.2f}x" if row.get("arithmetic_ratio") else "-"
+        ceiling = f"{row['ceiling_ratio']:.2f}x" if row.get("ceiling_ratio") else "-"
         lines.append(
             f"| {row['group']} | {row['row']} | {base_text} | {cand_text} | {shown_ratio} | "
-            f"{shown_target} | {met} | {wall} | {arithmetic} |"
+            f"{shown_target} | {met} | {wall} | {arithmetic} | {ceiling} |"
         )
     return "\n".join(lines)
 
@@ -572,7 +645,7 @@ def machine(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1, help="timed repetitions after warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--split", type=int, default=256, help="validation samples")
     parser.add_argument("--device", default="cpu")
@@ -598,7 +671,8 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sections = set(args.sections.split(","))
-    rows = speed_rows(args, device, sync) if "speed" in sections else []
+    peak = peak_rate(device, sync)
+    rows = speed_rows(args, device, sync, peak) if "speed" in sections else []
     if "validation" in sections:
         rows += validation_rows(args, device, sync)
     if "memory" in sections and not args.skip_memory:
@@ -610,22 +684,25 @@ def main() -> None:
     loader, note = loader_rows(fast) if "loader" in sections else ([], None)
     rows += loader
     info = machine(args, device)
+    info["peak_multiply_adds_per_s"] = peak
     args.out.write_text(
         json.dumps({"machine": info, "rows": rows, "notes": [note] if note else []}, indent=2)
         + "\n"
     )
     print(
         f"sfr benchmark: {info['cpu']}, {info['threads']} threads, {info['device']}, torch "
-        f"{info['torch']}, batch {args.batch}, hidden {HIDDEN}, {CLASSES} classes, median of "
+        f"{info['torch']}, batch {args.batch}, hidden {HIDDEN}, {CLASSES} classes, fastest of "
         f"{args.repeats} (after a warm-up for calls under {LONG_CALL:g} s)"
     )
     print(
         f"{'row':<52}{'baseline':>10}{'candidate':>10} {'unit':<9}{'ratio':>8}{'target':>7}{'met':>5}"
-        f"{'wall':>8}{'madds':>8}"
+        f"{'wall':>8}{'madds':>8}{'ceiling':>9}"
     )
     print(
         "(ratio: CPU seconds, baseline / candidate; wall: wall-clock seconds; madds: multiply-adds"
-        " of the baseline / the candidate's, the ratio if both computed at the same rate)"
+        " of the baseline / the candidate's, the ratio if both computed at the same rate; ceiling:"
+        " the baseline's wall seconds / the candidate's products at this machine's peak rate,"
+        f" {info['peak_multiply_adds_per_s'] / 1e9:.0f} G/s, the most any kernel could reach)"
     )
     order = list(dict.fromkeys(row["group"] for row in rows))
     group = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfr.models import matmul
-from sfr.models.matmul import StepWeight, cpu_matmul, onednn_available
+from sfr.models.matmul import StepWeight, cpu_matmul, linear, onednn_available
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
 
@@ -91,3 +91,40 @@ def test_a_pytorch_without_the_operators_falls_back(monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         onednn_available.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_linear_equals_f_linear_with_gradients(x_grad: bool) -> None:
+    """3-D input, bias, gradients of weight, bias (and input): against `F.linear` in float64."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 32, generator=generator).requires_grad_(x_grad)
+    weight = torch.randn(48, 32, generator=generator, requires_grad=True)
+    bias = torch.randn(48, generator=generator, requires_grad=True)
+    out = linear(x, weight, bias)
+    assert out.grad_fn is not None and "Linear" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        assert torch.equal(linear(x, weight, bias), out.detach())  # the same bits without autograd
+    upstream = torch.randn(3, 5, 48, generator=generator)
+    inputs = [weight, bias, *([x] if x_grad else [])]
+    grads = torch.autograd.grad(out, inputs, upstream)
+    exact = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    reference = torch.nn.functional.linear(*exact)
+    assert (out.double() - reference).abs().max() <= 1e-4
+    exact_inputs = [exact[1], exact[2], *([exact[0]] if x_grad else [])]
+    for mine, oracle in zip(
+        grads, torch.autograd.grad(reference, exact_inputs, upstream.double()), strict=True
+    ):
+        assert (mine.double() - oracle).abs().max() <= 1e-4 * max(1.0, oracle.abs().max())
+
+
+def test_linear_falls_back_to_f_linear(monkeypatch) -> None:
+    x, weight, bias = (
+        torch.randn(4, 6).double(),
+        torch.randn(3, 6).double(),
+        torch.randn(3).double(),
+    )
+    assert torch.equal(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    monkeypatch.setenv("SFR_CPU_MATMUL", "blas")
+    x, weight = x.float(), weight.float()
+    assert torch.equal(linear(x, weight), torch.nn.functional.linear(x, weight))

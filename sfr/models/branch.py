@@ -49,10 +49,9 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from sfr.models.matmul import StepWeight
+from sfr.models.matmul import StepWeight, linear
 from sfr.models.recurrence import lstm_recurrence
 
 Kernel = Literal["auto", "fused", "loop"]
@@ -156,7 +155,8 @@ class RULSTMBranch(nn.Module):
         h_roll, c_roll = roll(x, steps)  # (K, B, H) each
         h_last = unroll(x, steps, h_roll, c_roll)  # (K, B, H)
         h_last = h_last.transpose(0, 1)  # (B, K, H)
-        scores = self.classifier(self.head_dropout(h_last))  # (B, K, C)
+        classifier = self.classifier
+        scores = linear(self.head_dropout(h_last), classifier.weight, classifier.bias)  # (B, K, C)
         context = torch.cat([h_last, c_roll.transpose(0, 1)], dim=2)  # (B, K, 2H)
         return BranchOutput(scores, context)
 
@@ -188,7 +188,7 @@ class RULSTMBranch(nn.Module):
         dropped = self.input_dropout(x).transpose(0, 1)  # (T, B, F), one mask per input
         w_ih, bias, w_hh = _lstm_params(self.rolling, x.shape[0])
         single = [t for t, previous in zip(steps[1:], steps) if t == previous + 1]
-        projected = dict(zip(single, F.linear(dropped[single], w_ih, bias))) if single else {}
+        projected = dict(zip(single, linear(dropped[single], w_ih, bias))) if single else {}
         h = c = None  # (B, H) each, after the last computed step
         hs, cs = [], []
         begin = 0
@@ -295,7 +295,9 @@ class RULSTMBranch(nn.Module):
     def _roll(self, x: Tensor, steps: list[int]) -> tuple[Tensor, Tensor]:
         """Rolling LSTM from a zero state up to the last requested step; states at `steps`."""
         w_ih, bias, w_hh = _lstm_params(self.rolling, x.shape[0])
-        gates_x = F.linear(self.input_dropout(x), w_ih, bias)  # (B, T, 4H), one mask per input
+        # one mask per input (drawn for all T: the same random stream whatever the steps)
+        dropped = self.input_dropout(x)[:, : steps[-1] + 1]
+        gates_x = linear(dropped, w_ih, bias)  # (B, steps[-1] + 1, 4H)
         if self._backward_by_recurrence(x):
             count, batch = steps[-1] + 1, x.shape[0]
             packed = gates_x.transpose(0, 1)[:count].reshape(count * batch, -1)  # (T·B, 4H)
@@ -334,11 +336,11 @@ class RULSTMBranch(nn.Module):
         per_step_masks = self.per_step_masks
         if self.sequence_completion:
             shared = x_steps if per_step_masks else self.input_dropout(x_steps)
-            proj = None if per_step_masks else F.linear(shared, w_ih, bias)  # (T, B, 4H)
+            proj = None if per_step_masks else linear(shared, w_ih, bias)  # (T, B, 4H)
         else:
             current = x_steps[start].reshape(num_unrolls * batch, -1)  # (K*B, F)
             # (K*B, 4H), computed once where no per-step dropout applies
-            proj = None if per_step_masks else F.linear(self.input_dropout(current), w_ih, bias)
+            proj = None if per_step_masks else linear(self.input_dropout(current), w_ih, bias)
 
         h = h0.reshape(num_unrolls * batch, -1)  # (K*B, H)
         c = c0.reshape(num_unrolls * batch, -1)
@@ -349,11 +351,9 @@ class RULSTMBranch(nn.Module):
             if self.sequence_completion:
                 source = shared if proj is None else proj
                 frames = source[start[:active] + j].reshape(rows, -1)  # (rows, F or 4H)
-                gates_x = (
-                    F.linear(self.input_dropout(frames), w_ih, bias) if proj is None else frames
-                )
+                gates_x = linear(self.input_dropout(frames), w_ih, bias) if proj is None else frames
             elif proj is None:
-                gates_x = F.linear(self.input_dropout(current[:rows]), w_ih, bias)
+                gates_x = linear(self.input_dropout(current[:rows]), w_ih, bias)
             else:
                 gates_x = proj[:rows]
             h, c = lstm_step(gates_x, h[:rows], c[:rows], w_hh)
@@ -372,9 +372,9 @@ class RULSTMBranch(nn.Module):
         w_ih, bias, _ = _lstm_params(self.unrolling, 1)
         active, source, index = self._packed_unroll_inputs(x, steps, lengths)
         if self.per_step_masks:  # a fresh mask for every step of every unroll
-            gates_x = F.linear(self.input_dropout(source[index]), w_ih, bias)  # (P, B, 4H)
+            gates_x = linear(self.input_dropout(source[index]), w_ih, bias)  # (P, B, 4H)
         else:  # one mask per input, shared by all the steps that read it; projected once
-            gates_x = F.linear(self.input_dropout(source), w_ih, bias)[index]
+            gates_x = linear(self.input_dropout(source), w_ih, bias)[index]
         hs, _ = lstm_recurrence(
             gates_x.reshape(-1, 4 * hidden),
             h0.reshape(num_unrolls * batch, hidden),

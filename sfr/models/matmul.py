@@ -8,19 +8,26 @@ once into its blocked layout, ran both at about 200. The step loop of `RULSTMBra
 backward of `lstm_recurrence` multiply by the same recurrent weights at every step, so they
 reorder them once per forward (or backward) pass and run every product there.
 
-`StepWeight` falls back to `torch.addmm` / `torch.mm` wherever oneDNN does not apply: not the
-CPU, not float32 (the float64 oracle tests), autograd recording the product, autocast active,
-a PyTorch built without oneDNN or without its matmul operators (a private API of
-`torch.ops.mkldnn`, probed once), or SFR_CPU_MATMUL=blas in the environment.
+`linear` does the same for the input projections and the classifier (one product over many
+rows each, where oneDNN ran 1.2x the BLAS rate), with the weight as it is (no reordering, so its
+gradient can be recorded: its backward products are BLAS's).
+
+Both fall back to PyTorch's own products wherever oneDNN does not apply: not the CPU, not
+float32 (the float64 oracle tests), autocast active, a PyTorch built without oneDNN or without
+its matmul operators (a private API of `torch.ops.mkldnn`, probed once), or SFR_CPU_MATMUL=blas
+in the environment; `StepWeight` also wherever autograd records the product.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 MATMUL_ENV = "SFR_CPU_MATMUL"
 MATMULS = ("onednn", "blas")
@@ -64,13 +71,8 @@ class StepWeight:
         self.weight = weight
         self.rows = max(1, rows)
         self.transpose = transpose  # products by the weight itself, (M, N) @ (N, K) → (M, K)
-        self.onednn = (
-            weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and weight.requires_grad)
-            and not torch.is_autocast_enabled("cpu")
-            and cpu_matmul() == "onednn"
-            and onednn_available()
+        self.onednn = not (torch.is_grad_enabled() and weight.requires_grad) and _onednn_applies(
+            weight, weight
         )
         self._packed: Tensor | None = None
 
@@ -116,3 +118,58 @@ class StepWeight:
             x.contiguous(), self.packed, None, "none", [], ""
         )
         return out.copy_(product) if out is not None else product
+
+
+def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and cpu_matmul() == "onednn"
+        and onednn_available()
+    )
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = flat_grad.mm(weight).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat_grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`: x (..., K), weight (N, K), bias (N,) → (..., N).
+
+    Through oneDNN on the CPU in float32 (module docstring), differentiable (once) in all three;
+    `F.linear` elsewhere. The same bits with or without autograd recording.
+    """
+    if not _onednn_applies(x, weight) or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
+        return _Linear.apply(x, weight, bias)
+    return _onednn_linear(x, weight, bias)
