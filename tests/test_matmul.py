@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli import preset_args
 
+from sfr.errors import ConfigError
 from sfr.models import matmul
 from sfr.models.matmul import StepWeight, cpu_matmul, linear, onednn_available
 
@@ -71,8 +73,34 @@ def test_the_environment_variable_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("SFR_CPU_MATMUL", " BLAS ")
     assert cpu_matmul() == "blas"
     monkeypatch.setenv("SFR_CPU_MATMUL", "mkl")
-    with pytest.raises(ValueError, match="SFR_CPU_MATMUL must be one of onednn, blas, not 'mkl'"):
+    with pytest.raises(ConfigError, match="SFR_CPU_MATMUL must be one of onednn, blas, not 'mkl'"):
         StepWeight(torch.ones(2, 2), 1)
+
+
+def test_a_bad_matmul_setting_is_a_message_in_the_cli(
+    cli, golden_data, presets_dir, tmp_path, monkeypatch
+) -> None:
+    """Exit 2 naming the variable, no traceback, from a command that runs a model."""
+    monkeypatch.setenv("SFR_CPU_MATMUL", "mkl")
+    code, output, _ = cli(
+        "train-branch",
+        *preset_args(presets_dir),
+        "--data",
+        golden_data,
+        "--runs",
+        tmp_path / "runs",
+        "--alpha",
+        "0.5",
+        "--s-enc",
+        "6",
+        "--s-ant",
+        "4",
+        "--epochs",
+        "1",
+    )
+    assert code == 2, output
+    assert "SFR_CPU_MATMUL must be one of onednn, blas, not 'mkl'" in output
+    assert "Traceback" not in output
 
 
 def test_a_pytorch_without_the_operators_falls_back(monkeypatch) -> None:

@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from sfr.errors import ConfigError
+
 MATMUL_ENV = "SFR_CPU_MATMUL"
 MATMULS = ("onednn", "blas")
 
@@ -36,11 +38,14 @@ MATMULS = ("onednn", "blas")
 def cpu_matmul() -> str:
     """The CPU matmul of reused weights: SFR_CPU_MATMUL (onednn or blas; default onednn).
 
-    Raises ValueError for any other value.
+    Raises ConfigError (exit 2 in the CLI) for any other value.
     """
     value = os.environ.get(MATMUL_ENV, "onednn").strip().lower() or "onednn"
     if value not in MATMULS:
-        raise ValueError(f"{MATMUL_ENV} must be one of {', '.join(MATMULS)}, not {value!r}.")
+        raise ConfigError(
+            f"{MATMUL_ENV} must be one of {', '.join(MATMULS)}, not {value!r}.",
+            f"Unset it (oneDNN where PyTorch has it) or set {MATMUL_ENV}=blas.",
+        )
     return value
 
 
