@@ -85,21 +85,13 @@ class StepWeight:
     def packed(self) -> Tensor | None:
         """The weight in oneDNN's layout, reordered at the first product; None: BLAS.
 
-        Kept on the weight tensor and reused while it is unchanged (its version counter, which
-        every in-place update such as an optimizer step advances): evaluation reorders each
-        weight once, not once per batch.
+        Never kept beyond this object (one forward or backward pass): a weight changed through
+        `.data`, which leaves its version counter as it was, must not meet a stale copy.
         """
         if self.onednn and self._packed is None:
-            attribute = "_sfr_onednn_t" if self.transpose else "_sfr_onednn"
-            key = (self.weight._version, self.rows)
-            cached = getattr(self.weight, attribute, None)
-            if cached is not None and cached[0] == key:
-                self._packed = cached[1]
-            else:
-                weight = self.weight.detach()
-                weight = weight.t().contiguous() if self.transpose else weight
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.rows)
-                setattr(self.weight, attribute, (key, self._packed))
+            weight = self.weight.detach()
+            weight = weight.t().contiguous() if self.transpose else weight
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.rows)
         return self._packed
 
     def _blas_operand(self) -> Tensor:

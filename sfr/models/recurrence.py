@@ -69,7 +69,6 @@ class _Recurrence(torch.autograd.Function):
             h = torch.mul(o, torch.tanh(c), out=hs[span])
         ctx.set_materialize_grads(False)
         ctx.batch_sizes = batch_sizes
-        ctx.w_hh = w_hh  # the parameter itself, on which its reordered copies are kept
         ctx.save_for_backward(acts, hs, cs, h0, c0, w_hh)
         return hs, cs
 
@@ -78,12 +77,11 @@ class _Recurrence(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_hs: Tensor | None, grad_cs: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        # w_hh is saved for autograd's check that it is unchanged since the forward pass
-        acts, hs, cs, h0, c0, _w_hh = ctx.saved_tensors
+        acts, hs, cs, h0, c0, w_hh = ctx.saved_tensors
         batch_sizes: tuple[int, ...] = ctx.batch_sizes
         offsets = _offsets(batch_sizes)
         hidden = h0.shape[1]
-        transposed = StepWeight(ctx.w_hh, batch_sizes[0], transpose=True)  # dgates @ W_hh
+        transposed = StepWeight(w_hh, batch_sizes[0], transpose=True)  # dgates @ W_hh
         grad_gates = torch.empty_like(acts)  # (N, 4H): the loss's gradient at the pre-activations
         # the gradients carried from step j + 1 to step j: rows past step j + 1's stay zero
         carry_h = h0.new_zeros(batch_sizes[0], hidden)
