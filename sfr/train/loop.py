@@ -82,9 +82,9 @@ class FitSettings:
 @dataclass(frozen=True)
 class StageStarted:
     """A stage starts (or resumes at `start_epoch`); how its training batches are read:
-    `preloading` is what data.preload made of the training set (None for a dataset that does
-    not preload), `workers` the loader processes in use (0 for a preloaded table, whose batches
-    are gathered in the training process) and `asked_workers` data.num_workers."""
+    `preloading` is what data.preload made of the training set (None for a dataset other than
+    `AnticipationDataset`), `workers` the loader processes in use (0 for a preloaded table, whose
+    batches are gathered in the training process; else data.num_workers)."""
 
     run_dir: str
     start_epoch: int
@@ -94,7 +94,6 @@ class StageStarted:
     batches_per_epoch: int
     preloading: Preloading | None = None
     workers: int = 0
-    asked_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -290,7 +289,6 @@ class Trainer:
                     len(sampler),
                     getattr(underlying(self.train_set), "preloading", None),
                     loader_workers(self.train_set, self.settings.num_workers),
-                    self.settings.num_workers,
                 )
             )
             for epoch in range(start, self.settings.epochs):
