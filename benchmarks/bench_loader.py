@@ -7,7 +7,8 @@ uses (`create_loader`: per-worker LMDB handles, persistent workers, one read tra
 store and sample) and is measured on its own, without a model: the fastest of three passes of
 4096 samples after a warm-up pass, in batches of 128, for the fast branch (rgb at alpha 0.125)
 and for the three modalities that a fusion level reads; each streamed from LMDB and preloaded
-(`--preload`: one in-memory table of the unique vectors, batches gathered from it).
+(`--preload`: one in-memory table of the unique vectors, batches gathered from it; `create_loader`
+gives a preloaded table no worker processes, so its 2- and 4-worker rows run with 0 workers).
 
     python benchmarks/bench_loader.py [--segments 1024]     or     from bench_loader import run
 """

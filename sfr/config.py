@@ -99,12 +99,21 @@ class DataConfig(StrictModel):
         description="grid: every rate reads its own time grid; published: every rate takes its "
         "frames from one sequence on the finest grid, as the published Slow-Fast loader does",
     )
-    preload: bool = Field(
-        False,
+    preload: Literal["auto", True, False] = Field(  # sfr.data.dataset.PreloadMode
+        "auto",
         description="read every unique feature vector the splits need into memory once before "
-        "training (one table per modality; refused if larger than the available memory)",
+        "training (one table per modality), batches then gathered in the training process "
+        "without workers: true (refused if larger than the available memory), false (read "
+        "from the LMDB stores as training goes), auto (true where the tables take at most "
+        "half the available memory, else false)",
     )
-    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
+    num_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="DataLoader worker processes reading the LMDB stores (none for a preloaded "
+        "table)",
+    )
 
     @property
     def run_prefix(self) -> str:

@@ -154,6 +154,68 @@ def test_named_overrides_change_the_run_dir_and_resume_extends_a_run(
     assert str(runs / "ek55" / "rgb-a0.5-enc6-ant4" / "finetune") in output
 
 
+def test_the_start_of_a_run_says_how_its_batches_are_read(
+    cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default (data.preload = "auto") a small table is preloaded and gathered without the
+    asked --workers; where it would take over half the available memory, the run streams from
+    LMDB and says why, once; --no-preload streams without that note."""
+    from sfr.data import dataset
+
+    args = ["--config", write_config(tmp_path), "--data", golden_data, "--runs", tmp_path / "r"]
+    saved = tmp_path / "r" / "ek55" / "rgb-a0.25-enc2-ant4" / "pretrain" / "config.json"
+    code, output, error = cli("train-branch", *args, "--workers", "2")
+    assert code == 0, f"{output}\n{error!r}"
+    assert re.search(
+        r"^  data: preloaded table in memory \([\d.]+ KiB, data\.preload = \"auto\"\), batches "
+        r"gathered in the training process \(--workers is not used for it\)$",
+        output,
+        re.M,
+    ), output
+    assert json.loads(saved.read_text())["data"]["preload"] == "auto"
+    monkeypatch.setattr(dataset, "available_memory", lambda: 80 << 10)
+    code, output, error = cli("train-branch", *args, "--force")
+    assert code == 0, f"{output}\n{error!r}"
+    lines = [line for line in output.splitlines() if "data:" in line]
+    assert len(lines) == 1 and re.fullmatch(
+        r"  data: read from the LMDB stores as training goes, in the training process "
+        r"\(--workers 0\): preloading needs [\d.]+ KiB, more than half of the 80\.0 KiB "
+        r'available, so data\.preload = "auto" does not preload \(--preload or --set '
+        r"data\.preload=true forces it\)",
+        lines[0],
+    ), lines
+    code, output, error = cli("train-branch", *args, "--force", "--no-preload")
+    assert code == 0, f"{output}\n{error!r}"
+    lines = [line for line in output.splitlines() if "data:" in line]
+    assert lines == [
+        "  data: read from the LMDB stores as training goes, in the training process (--workers 0)"
+    ]
+    assert json.loads(saved.read_text())["data"]["preload"] is False
+
+
+def test_a_run_made_with_the_boolean_preload_resumes_preloaded(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """A run folder written before data.preload had "auto" (config.json `"preload": false`, the
+    old default) resumes with today's default, which then preloads."""
+    from sfr.train.rundir import config_differences
+
+    config = write_config(tmp_path)
+    args = ["--config", config, "--data", golden_data, "--runs", tmp_path / "r"]
+    root = tmp_path / "r" / "ek55" / "rgb-a0.25-enc2-ant4" / "pretrain"
+    code, output, error = cli("train-branch", *args, "--set", "data.preload=false")
+    assert code == 0, f"{output}\n{error!r}"
+    old = json.loads((root / "config.json").read_text())
+    assert old["data"]["preload"] is False  # what the bool-only versions wrote
+    code, output, error = cli("train-branch", *args, "--epochs", "2", "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert f"resuming {root} at epoch 2" in output
+    assert "data: preloaded table in memory" in output
+    assert len((root / "metrics.jsonl").read_text().splitlines()) == 2
+    now = json.loads((root / "config.json").read_text())
+    assert now["data"]["preload"] == "auto" and config_differences(old, now) == []
+
+
 def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     runs = tmp_path / "runs"
@@ -314,7 +376,7 @@ def test_missing_key_with_dataloader_workers_has_no_traceback(
     config = write_config(tmp_path)
     code, output, error = cli(
         "train-branch", "--config", config, "--data", golden_copy, "--runs", tmp_path / "runs",
-        "--num-workers", "1",
+        "--num-workers", "1", "--no-preload",
     )  # fmt: skip
     assert code == USER_ERROR, output
     assert isinstance(error, SystemExit), repr(error)

@@ -203,3 +203,21 @@ def test_invalid_fusion_configs(override: dict, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         build_config(FusionRunConfig, FUSION, override, source="sf.toml")
     assert expected in str(caught.value)
+
+
+def test_preload_is_auto_by_default_and_configs_with_a_boolean_still_load(tmp_path: Path) -> None:
+    """data.preload: "auto" unless stated; the true/false of existing config files and of
+    `--set` keep their meaning; any other value is refused naming the field and the choices."""
+    assert load_config(BranchRunConfig, CONFIGS / "ek55" / "rgb_a0.5.toml").data.preload == "auto"
+    path = tmp_path / "branch.toml"
+    for written, expected in (("true", True), ("false", False), ('"auto"', "auto")):
+        path.write_text(
+            f"[data]\npreload = {written}\n[branch]\nmodality = 'rgb'\nalpha = 0.5\n"
+            "s_enc = 6\ns_ant = 4\n"
+        )
+        assert load_config(BranchRunConfig, path).data.preload == expected
+    for override, expected in (("true", True), ("false", False), ("auto", "auto")):
+        key, value = parse_override(f"data.preload={override}")
+        assert load_config(BranchRunConfig, path, {key: value}).data.preload == expected
+    with pytest.raises(ConfigError, match=r"data\.preload: Input should be 'auto', True or False"):
+        load_config(BranchRunConfig, path, {"data.preload": "sometimes"})

@@ -3,15 +3,23 @@ refusal of a table that would not fit, and the recycled memory of batches."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Subset
 
 from sfr.data import dataset as dataset_module
 from sfr.data.annotations import Segment
-from sfr.data.dataset import AnticipationDataset, Stream, open_stores
+from sfr.data.dataset import (
+    AnticipationDataset,
+    Preloading,
+    Stream,
+    open_stores,
+    preload_tables,
+)
 from sfr.data.loader import create_loader
 from sfr.data.observation import ObservationGrid
 from sfr.data.store import FeatureStoreWriter
@@ -213,18 +221,61 @@ def test_missing_vector_in_a_preload_names_the_annotation(tmp_path: Path) -> Non
         )
 
 
-def test_workers_gather_the_same_batches_from_a_preloaded_table(full_stores: Path) -> None:
+def test_a_preloaded_table_is_gathered_without_worker_processes(full_stores: Path) -> None:
+    """Preloaded, `workers` 2 gives a loader of 0 worker processes (also through the Subset
+    wrappers of a distributed shard) with the batches of workers 0; streamed keeps its workers."""
     streams = [Stream("rgb", FAST), Stream("obj", SLOW)]
-    _, preloaded = both(full_stores, streams)
-    batches = {}
-    for workers in (0, 2):
-        loader = create_loader(preloaded, batch_size=4, device=torch.device("cpu"), workers=workers)
-        batches[workers] = list(loader)
-    assert len(batches[0]) == len(batches[2]) == 3
-    for first, second in zip(batches[0], batches[2], strict=True):
-        assert first["id"] == second["id"]
-        for key in first["features"]:
-            assert torch.equal(first["features"][key], second["features"][key])
+    streamed, preloaded = both(full_stores, streams)
+    cpu = torch.device("cpu")
+    shard = Subset(Subset(preloaded, list(range(len(preloaded)))), [4, 0, 2, 3, 1, 5])
+    for dataset in (preloaded, shard):
+        batches = {}
+        for workers in (0, 2):
+            loader = create_loader(dataset, batch_size=4, device=cpu, workers=workers)
+            assert loader.num_workers == 0
+            batches[workers] = list(loader)
+        assert len(batches[0]) == len(batches[2]) == math.ceil(len(dataset) / 4)
+        for first, second in zip(batches[0], batches[2], strict=True):
+            assert first["id"] == second["id"]
+            for key in first["features"]:
+                assert torch.equal(first["features"][key], second["features"][key])
+    assert create_loader(streamed, batch_size=4, device=cpu, workers=2).num_workers == 2
+
+
+def test_auto_preloads_what_fits_in_half_the_available_memory(
+    full_stores: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.preload = "auto" on a training and a validation set read together: both preloaded
+    while their tables take at most half the available memory, both streamed past that (where
+    True still preloads) or where the available memory is unknown."""
+    stores = open_stores(full_stores, DIMS)
+    streams = [Stream("rgb", FAST), Stream("obj", SLOW)]
+
+    def split_pair() -> list[AnticipationDataset]:
+        return [AnticipationDataset(segments()[i::2], streams, stores) for i in (0, 1)]
+
+    pair = split_pair()
+    chosen = preload_tables(pair, "auto")
+    needed = sum(d.preloaded_bytes for d in pair)
+    assert chosen == Preloading("auto", True, needed, chosen.available) and needed > 0
+    assert all(d.table is not None and d.preloading is chosen for d in pair)
+    for available, copies, preloaded in (
+        (2 * needed, 1, True),
+        (2 * needed - 1, 1, False),
+        (4 * needed, 2, True),
+        (4 * needed - 1, 2, False),
+        (None, 1, False),
+    ):
+        monkeypatch.setattr(dataset_module, "available_memory", lambda a=available: a)
+        pair = split_pair()
+        chosen = preload_tables(pair, "auto", copies=copies)
+        assert chosen == Preloading("auto", preloaded, needed, available, copies)
+        assert [d.table is not None for d in pair] == [preloaded] * 2
+    monkeypatch.setattr(dataset_module, "available_memory", lambda: 2 * needed - 1)
+    assert preload_tables(split_pair(), True).preloaded  # forced: it fits, though not in half
+    pair = split_pair()
+    assert preload_tables(pair, False) == Preloading(False, False)
+    assert [d.table for d in pair] == [None, None]
 
 
 def test_batch_memory_is_recycled_only_once_no_tensor_uses_it(full_stores: Path) -> None:

@@ -231,8 +231,9 @@ def test_a_data_check_fails_before_the_run_folder_is_touched(
 def test_a_run_that_failed_before_its_first_checkpoint_is_simply_started_again(
     cli: Cli, golden_copy: Path, golden_data: Path, tmp_path: Path
 ) -> None:
-    """Case 6: a key missing deep in the data stops the first epoch; the corrected data trains
-    without --force or --resume (and so does --resume)."""
+    """Case 6: a key missing deep in the data stops the first epoch (read from the stores as
+    training goes: preloaded, it is found before the run folder is made); the corrected data
+    trains without --force or --resume (and so does --resume)."""
     from sfr.data.annotations import read_segments
     from sfr.data.store import frame_key
     from sfr.data.timegrid import TimeGrid
@@ -243,7 +244,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_simply_started_again(
     with env.begin(write=True) as txn:
         assert txn.delete(key)
     env.close()
-    code, output, error = cli(*branch_args(tmp_path, golden_copy))
+    code, output, error = cli(*branch_args(tmp_path, golden_copy, "--no-preload"))
     assert_user_error(code, output, error, "has no key")
     root = tmp_path / "runs" / RUN
     assert json.loads((root / "status.json").read_text())["state"] == "interrupted"

@@ -396,10 +396,10 @@ def test_checkpoint_write_is_atomic(
 
 
 def test_dataloader_workers_give_the_same_metrics(golden_copy: Path, tmp_path: Path) -> None:
-    """num_workers=2 (run first, as from a fresh `sfr` process) == num_workers=0."""
+    """num_workers=2 (run first, as from a fresh `sfr` process) == num_workers=0, streamed."""
     results = {}
     for workers in (2, 0):
-        config = small_grid({"optim.epochs": 2, "data.num_workers": workers})
+        config = small_grid({"optim.epochs": 2, "data.num_workers": workers, "data.preload": False})
         runs = tmp_path / f"runs{workers}"
         torch.manual_seed(3)
         train_branch_stage(config, "pretrain", golden_copy, runs)
@@ -412,10 +412,11 @@ def test_dataloader_workers_give_the_same_metrics(golden_copy: Path, tmp_path: P
 def test_dataloader_workers_after_the_main_process_read_the_store(
     golden_copy: Path, tmp_path: Path
 ) -> None:
-    """As in a notebook: train with num_workers=0, then with num_workers=2 in the same process."""
+    """As in a notebook: train with num_workers=0, then with num_workers=2 in the same process
+    (streamed: a preloaded table needs no workers)."""
     results = {}
     for workers in (0, 2):
-        config = small_grid({"data.num_workers": workers})
+        config = small_grid({"data.num_workers": workers, "data.preload": False})
         runs = tmp_path / f"runs{workers}"
         torch.manual_seed(3)
         train_branch_stage(config, "pretrain", golden_copy, runs)

@@ -45,7 +45,9 @@ WorkersOpt = typer.Option(
     "--workers",
     "--num-workers",
     min=0,
-    help="Worker processes reading the data (DataLoader; each opens its own LMDB handles).",
+    help="Worker processes reading the data (DataLoader; each opens its own LMDB handles). "
+    "Not used for a preloaded table (data.preload): its batches are gathered in the training "
+    "process.",
     rich_help_panel=DataGroup,
 )
 PrecisionOpt = typer.Option(
@@ -87,7 +89,10 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             _opt(
                 "--preload/--no-preload",
                 "Read every feature vector the splits need into memory first (refused if it "
-                "would not fit); then --workers 0 is fastest.",
+                "would not fit), batches then gathered in the training process without "
+                "--workers; or read them from the LMDB stores as training goes. Default "
+                '(data.preload = "auto"): preload where it takes at most half the available '
+                "memory.",
                 DataGroup,
             ),
         ] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from sfr import distributed
+from sfr.data.dataset import binary_size
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_header, position_label
 from sfr.errors import DistributedError, SfrError
@@ -306,7 +308,9 @@ def info_bars() -> Progress:
 
 
 class TrainingView:
-    """Rich rendering of training progress events: epoch and batch bars, one line per epoch."""
+    """Rich rendering of training progress events: epoch and batch bars, one line per epoch,
+    and at a stage's start how its batches are read (`data_line`; a line already shown, as for
+    the stages of one branch, which share their data, is not repeated)."""
 
     def __init__(self, title: str = "", measure: str = "selection") -> None:
         """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s)."""
@@ -315,6 +319,7 @@ class TrainingView:
         self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
+        self.data_lines: set[str] = set()
 
     def __enter__(self) -> TrainingView:
         self.bars.start()
@@ -337,10 +342,15 @@ class TrainingView:
                     f"  {event.run_dir} is already finished: it has all {event.epochs} epochs, "
                     "nothing to train (pass more --epochs to extend it)"
                 )
-            elif event.start_epoch:
-                self.bars.console.print(
-                    f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
-                )
+            else:
+                if event.start_epoch:
+                    self.bars.console.print(
+                        f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
+                    )
+                line = data_line(event)
+                if line and line not in self.data_lines:  # stages sharing their data: once
+                    self.data_lines.add(line)
+                    self.bars.console.print(line, highlight=False)
         elif isinstance(event, BatchDone) and self.batch_task is not None:
             self.bars.update(
                 self.batch_task,
@@ -369,6 +379,49 @@ class TrainingView:
             if task is not None:
                 self.bars.remove_task(task)
         self.epoch_task = self.batch_task = None
+
+
+def data_line(event: StageStarted) -> str | None:
+    """How a stage reads its training batches, one line: a preloaded table gathered in the
+    training process (where --workers is not used), or LMDB reads by the loader's processes and,
+    where data.preload = "auto" chose that, why. None where the training set records no
+    preloading (a dataset other than `AnticipationDataset`)."""
+    preloading = event.preloading
+    if preloading is None:
+        return None
+    if preloading.preloaded:
+        each = " in each process" if preloading.copies > 1 else ""
+        return (
+            f"  data: preloaded table in memory ({binary_size(preloading.table_bytes)}{each}, "
+            f"data.preload = {_toml(preloading.mode)}), batches gathered in the training "
+            "process (--workers is not used for it)"
+        )
+    readers = (
+        f"by {event.workers} worker process{'es' if event.workers > 1 else ''} (--workers)"
+        if event.workers
+        else "in the training process (--workers 0)"
+    )
+    line = f"  data: read from the LMDB stores as training goes, {readers}"
+    if preloading.mode != "auto":
+        return line
+    if preloading.available is None:
+        why = "the memory available here is unknown (no /proc/meminfo)"
+    else:
+        each = f" in each of the {preloading.copies} processes" if preloading.copies > 1 else ""
+        why = (
+            f"preloading needs {binary_size(preloading.table_bytes)}{each}, "
+            f"{'together ' if each else ''}more than half of the "
+            f"{binary_size(preloading.available)} available"
+        )
+    return (
+        f'{line}: {why}, so data.preload = "auto" does not preload (--preload or --set '
+        "data.preload=true forces it)"
+    )
+
+
+def _toml(value: object) -> str:
+    """A config value as a TOML file writes it (`true`, `"auto"`)."""
+    return json.dumps(value)
 
 
 def stage_table(

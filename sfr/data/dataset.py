@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,6 +27,13 @@ from sfr.data.observation import ObservationGrid
 from sfr.data.store import FeatureStore
 from sfr.data.timegrid import Sampling, TimeGrid, sampled_frames
 from sfr.errors import DataError
+
+PreloadMode = Literal["auto", True, False]  # data.preload: see `preload_tables`
+
+# "auto" preloads when the tables of every process on the machine take at most this share of the
+# available memory: the other half stays for the model, its gradients, the batches, the page
+# cache that LMDB reads through, and whatever else the machine runs.
+AUTO_PRELOAD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,13 +70,12 @@ class AnticipationDataset(Dataset):
     Labels are -1 for unlabelled (test) segments. `discarded` lists the segments set aside.
     `sampling` chooses how the streams' frames are sampled (`sfr.data.timegrid.sampled_frames`).
 
-    With `preload`, every unique vector that the samples read is read once up front into a
+    Preloaded, every unique vector that the samples read is read once up front into a
     `FeatureTable` (`table`; its size in bytes is `preloaded_bytes`), and batches are gathered
-    from it: the values are exactly those read from the stores. `progress(done, total)` is then
-    called as vectors are read (counted over all modalities). A table larger than the memory
-    available (`available_memory`) is refused before anything is read (DataError); with
-    `preload_copies` N (the processes of a torchrun job on this machine, each of which holds its
-    own table), N tables must fit.
+    from it: the values are exactly those read from the stores. `preload` is True, False or
+    "auto" (`preload_tables`, which also states the refusal of a table that would not fit and
+    what `preload_copies` counts); `preloading` records what was made of it.
+    `progress(done, total)` is called as vectors are read (counted over all modalities).
     """
 
     def __init__(
@@ -77,7 +84,7 @@ class AnticipationDataset(Dataset):
         streams: Sequence[Stream],
         stores: Mapping[str, FeatureStore],
         *,
-        preload: bool = False,
+        preload: PreloadMode = False,
         sampling: Sampling = "grid",
         progress: Callable[[int, int], None] | None = None,
         preload_copies: int = 1,
@@ -106,9 +113,8 @@ class AnticipationDataset(Dataset):
             for task in ("verb", "noun", "action")
         }
         self._buffers = _BatchBuffers()
-        self.table: FeatureTable | None = (
-            self._preload(progress, preload_copies) if preload else None
-        )
+        self.table: FeatureTable | None = None
+        self.preloading = preload_tables([self], preload, progress, preload_copies)
 
     def __getstate__(self) -> dict:
         """Pickled (for a spawned worker) without the recycled batch memory of this process."""
@@ -121,34 +127,11 @@ class AnticipationDataset(Dataset):
         """Bytes held in memory by the preloaded table (vectors and row indices); 0 without."""
         return 0 if self.table is None else self.table.nbytes
 
-    def _preload(
-        self, progress: Callable[[int, int], None] | None, copies: int = 1
-    ) -> FeatureTable:
-        """Read every unique (modality, video, frame) vector of the plans once into a table."""
-        layout = _TableLayout.of(self.plans, self.streams)
-        dims = {modality: self.stores[modality].dim for modality in layout.keys}
-        needed = layout.nbytes(dims)
-        available = available_memory()
-        if available is not None and needed * copies > available:
-            sizes = ", ".join(
-                f"{modality} {len(keys):,} vectors × {dims[modality]}"
-                for modality, keys in layout.keys.items()
-            )
-            each = f", in each of the {copies} processes on this machine" if copies > 1 else ""
-            raise DataError(
-                f"Preloading {len(self.plans):,} sequences needs {_size(needed)} of memory "
-                f"({sizes} float32, plus row indices){each}, but this machine has "
-                f"{_size(available)} available (MemAvailable in /proc/meminfo, within the "
-                "memory limit of this process's control group).",
-                "Train without preloading (train-branch/finetune --no-preload, or --set "
-                "data.preload=false in any command): batches are then read from the LMDB stores "
-                "as training goes, with --workers processes.",
-            )
-        total = sum(len(keys) for keys in layout.keys.values())
-        done = 0
+    def _read_table(self, layout: _TableLayout, read: Callable[[int], None]) -> FeatureTable:
+        """Read the vectors of `layout` into a table; `read(n)` after every n vectors read."""
         vectors: dict[str, torch.Tensor] = {}
         for modality, keys in layout.keys.items():
-            table = torch.empty((len(keys), dims[modality]), dtype=torch.float32)
+            table = torch.empty((len(keys), self.stores[modality].dim), dtype=torch.float32)
             array = table.numpy()
             codes, frames = np.divmod(keys, layout.span)
             starts = [*np.flatnonzero(np.diff(codes, prepend=-1)).tolist(), len(keys)]
@@ -157,9 +140,7 @@ class AnticipationDataset(Dataset):
                 for lo in range(first, end, _PRELOAD_CHUNK):
                     hi = min(lo + _PRELOAD_CHUNK, end)
                     self._read_table_rows(modality, video, frames[lo:hi], array[lo:hi])
-                    done += hi - lo
-                    if progress is not None:
-                        progress(done, total)
+                    read(hi - lo)
             vectors[modality] = table
         rows = {key: torch.from_numpy(index) for key, index in layout.rows.items()}
         return FeatureTable(vectors, rows)
@@ -437,6 +418,91 @@ CGROUP_LIMITS = (  # (limit, usage) of cgroup v2 and v1, as a container or SLURM
 )
 
 
+@dataclass(frozen=True)
+class Preloading:
+    """What `data.preload` made of the datasets of a stage (decided for them together).
+
+    `mode` is the setting (True, False or "auto"), `preloaded` whether the tables were read.
+    `table_bytes`: bytes of the tables in one process (0 where `mode` is False: not computed);
+    `available`: bytes of memory available when it was decided (`available_memory`; None where
+    unknown or not looked at); `copies`: the processes on this machine that each hold them.
+    """
+
+    mode: PreloadMode
+    preloaded: bool
+    table_bytes: int = 0
+    available: int | None = None
+    copies: int = 1
+
+
+def preload_tables(
+    datasets: Sequence[AnticipationDataset],
+    mode: PreloadMode,
+    progress: Callable[[int, int], None] | None = None,
+    copies: int = 1,
+) -> Preloading:
+    """Apply `data.preload` to datasets read together (a stage's training and validation sets),
+    setting each one's `table` and `preloading`.
+
+    The tables' sizes are computed exactly before anything is read: `copies` (the processes of
+    a torchrun job on this machine, each of which holds its own tables) times the bytes of every
+    dataset's table, against `available_memory()`.
+    True: read every table; refused (DataError naming both sizes and --no-preload) where they
+    would not fit, read anyway where the available memory is unknown.
+    "auto": read them where they take at most `AUTO_PRELOAD_SHARE` of the available memory;
+    otherwise, and where the available memory is unknown, read nothing: the datasets stream
+    from the LMDB stores (the result says why).
+    False: read nothing.
+    `progress(done, total)` is called as vectors are read, counted over all datasets and
+    modalities.
+    """
+    if mode is False:
+        return _record(datasets, Preloading(False, False, copies=copies))
+    layouts = [_TableLayout.of(d.plans, d.streams) for d in datasets]
+    dims = [
+        {m: d.stores[m].dim for m in lay.keys} for d, lay in zip(datasets, layouts, strict=True)
+    ]
+    needed = sum(layout.nbytes(dim) for layout, dim in zip(layouts, dims, strict=True))
+    available = available_memory()
+    if mode == "auto" and (available is None or needed * copies > available * AUTO_PRELOAD_SHARE):
+        return _record(datasets, Preloading("auto", False, needed, available, copies))
+    if available is not None and needed * copies > available:
+        vectors: dict[str, int] = {}
+        for layout in layouts:
+            for modality, keys in layout.keys.items():
+                vectors[modality] = vectors.get(modality, 0) + len(keys)
+        every = {m: dim for dim in dims for m, dim in dim.items()}
+        sizes = ", ".join(f"{m} {count:,} vectors × {every[m]}" for m, count in vectors.items())
+        each = f", in each of the {copies} processes on this machine" if copies > 1 else ""
+        raise DataError(
+            f"Preloading {sum(len(d.plans) for d in datasets):,} sequences needs "
+            f"{binary_size(needed)} of memory ({sizes} float32, plus row indices){each}, but this "
+            f"machine has {binary_size(available)} available (MemAvailable in /proc/meminfo, within "
+            "the memory limit of this process's control group).",
+            "Train without preloading (train-branch/finetune --no-preload, or --set "
+            "data.preload=false in any command): batches are then read from the LMDB stores "
+            "as training goes, with --workers processes.",
+        )
+    total = sum(len(keys) for layout in layouts for keys in layout.keys.values())
+    done = 0
+
+    def read(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total)
+
+    for dataset, layout in zip(datasets, layouts, strict=True):
+        dataset.table = dataset._read_table(layout, read)
+    return _record(datasets, Preloading(mode, True, needed, available, copies))
+
+
+def _record(datasets: Sequence[AnticipationDataset], preloading: Preloading) -> Preloading:
+    for dataset in datasets:
+        dataset.preloading = preloading
+    return preloading
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation: `MemAvailable` of /proc/meminfo (Linux),
     lowered to what the control group's memory limit leaves (cgroup v2 `memory.max` minus
@@ -463,7 +529,7 @@ def available_memory() -> int | None:
     return available
 
 
-def _size(nbytes: int) -> str:
+def binary_size(nbytes: int) -> str:
     """Bytes in binary units: GiB, MiB or KiB, whichever is the largest below the size."""
     for unit, shift in (("GiB", 30), ("MiB", 20)):
         if nbytes >= 1 << shift:

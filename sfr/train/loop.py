@@ -36,12 +36,15 @@ from sfr.checkpoint import (
     save_checkpoint,
     split_prefix,
 )
+from sfr.data.dataset import Preloading
 from sfr.data.loader import (
     ShardedBatchSampler,
     create_loader,
     iterate_batches,
+    loader_workers,
     resolve_precision,
     to_device,
+    underlying,
 )
 from sfr.errors import RunError, TrainingError
 from sfr.eval.metrics import class_mean, label_ranks
@@ -78,12 +81,19 @@ class FitSettings:
 
 @dataclass(frozen=True)
 class StageStarted:
+    """A stage starts (or resumes at `start_epoch`); how its training batches are read:
+    `preloading` is what data.preload made of the training set (None for a dataset other than
+    `AnticipationDataset`), `workers` the loader processes in use (0 for a preloaded table, whose
+    batches are gathered in the training process; else data.num_workers)."""
+
     run_dir: str
     start_epoch: int
     epochs: int
     train_samples: int
     val_samples: int
     batches_per_epoch: int
+    preloading: Preloading | None = None
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,6 +287,8 @@ class Trainer:
                     len(self.train_set),
                     len(self.val_set),
                     len(sampler),
+                    getattr(underlying(self.train_set), "preloading", None),
+                    loader_workers(self.train_set, self.settings.num_workers),
                 )
             )
             for epoch in range(start, self.settings.epochs):

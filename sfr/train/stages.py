@@ -29,7 +29,7 @@ from sfr.data.annotations import (
     read_class_weights,
     read_segments,
 )
-from sfr.data.dataset import AnticipationDataset, Stream, open_stores
+from sfr.data.dataset import AnticipationDataset, Stream, open_stores, preload_tables
 from sfr.data.provenance import fill_recorded_dims
 from sfr.errors import ConfigError, DataError, RunError
 from sfr.files import missing_reason
@@ -103,7 +103,9 @@ def load_stage_data(
     streams: Sequence[Stream],
     progress: Callable[[int, int], None] | None = None,
 ) -> StageData:
-    """Read the actions table and the training/validation CSVs, open the streams' stores."""
+    """Read the actions table and the training/validation CSVs, open the streams' stores, and
+    apply `data.preload` to both splits together (`preload_tables`: with "auto" both are
+    preloaded or both streamed; each dataset's `preloading` says which and why)."""
     data_dir = require_data_dir(data_dir)
     actions = read_actions(data_dir / data_config.actions_csv)
     num_classes = data_config.num_classes or actions.num_actions
@@ -123,10 +125,7 @@ def load_stage_data(
             _checked_segments(path, num_classes),
             streams,
             stores,
-            preload=data_config.preload,
             sampling=data_config.sampling,
-            progress=progress,
-            preload_copies=distributed.local_world_size(),
         )
         if len(dataset) == 0:
             longest = max(streams, key=lambda stream: stream.grid.alpha * stream.grid.steps)
@@ -137,6 +136,7 @@ def load_stage_data(
             )
         _ = dataset[0]  # a first read checks the stores' dimensions before any run folder
         sets.append(dataset)
+    preload_tables(sets, data_config.preload, progress, distributed.local_world_size())
     return StageData(sets[0], sets[1], actions, num_classes)
 
 
