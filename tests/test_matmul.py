@@ -102,6 +102,7 @@ def test_a_bad_matmul_setting_is_a_message_in_the_cli(
     assert code == 2, output
     assert "SFR_CPU_MATMUL must be one of onednn, blas, not 'mkl'" in output
     assert "Traceback" not in output
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
 
 
 def test_a_pytorch_without_the_operators_falls_back(monkeypatch) -> None:
@@ -157,3 +158,32 @@ def test_linear_falls_back_to_f_linear(monkeypatch) -> None:
     monkeypatch.setenv("SFR_CPU_MATMUL", "blas")
     x, weight = x.float(), weight.float()
     assert torch.equal(linear(x, weight), torch.nn.functional.linear(x, weight))
+
+
+def test_fused_optimizer_steps_and_saving_after_a_forward() -> None:
+    """Fused optimizers update parameters without moving their version counters, and a model
+    that ran a CPU forward must still pickle: no reordered copy outlives its pass."""
+    import io
+
+    from sfr.models.branch import create_branch
+
+    losses = {}
+    for choice in ("onednn", "blas"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SFR_CPU_MATMUL", choice)
+            torch.manual_seed(0)
+            model = create_branch(feat_dim=8, hidden=20, num_classes=5, dropout=0.0).train()
+            x, y = torch.randn(6, 5, 8), torch.randint(0, 5, (6,))
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+            losses[choice] = []
+            for _ in range(4):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x).scores[:, -1], y)
+                loss.backward()
+                optimizer.step()
+                losses[choice].append(loss.item())
+            with torch.no_grad():
+                model.eval()(x)
+            torch.save(model, io.BytesIO())
+    assert losses["onednn"] == pytest.approx(losses["blas"], rel=1e-5)
+    assert losses["onednn"][-1] < losses["onednn"][0] - 0.1

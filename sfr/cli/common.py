@@ -34,6 +34,7 @@ from sfr.data.dataset import binary_size
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_header, position_label
 from sfr.errors import DistributedError, SfrError
+from sfr.models.matmul import cpu_matmul
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted
 
@@ -146,6 +147,7 @@ def _rendering_errors(
     (`handles_user_errors`)."""
     try:
         with sigterm_as_interrupt():
+            cpu_matmul()  # SFR_CPU_MATMUL, before anything is written
             return command(*args, **kwargs)
     except SfrError as error:
         if distributed.is_main():
