@@ -193,6 +193,32 @@ def test_the_start_of_a_run_says_how_its_batches_are_read(
     assert json.loads(saved.read_text())["data"]["preload"] is False
 
 
+def test_resuming_a_finished_run_reads_no_table(
+    cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resume of a run that has all its epochs says so without preloading first (a table
+    read only to be dropped would cost minutes on EK100); more epochs preload again."""
+    from sfr.data import dataset
+
+    args = ["--config", write_config(tmp_path), "--data", golden_data, "--runs", tmp_path / "r"]
+    code, output, error = cli("train-branch", *args, "--preload")
+    assert code == 0, f"{output}\n{error!r}"
+    reads = []
+    original = dataset.AnticipationDataset._read_table_rows
+    monkeypatch.setattr(
+        dataset.AnticipationDataset,
+        "_read_table_rows",
+        lambda self, *a, **k: reads.append(1) or original(self, *a, **k),
+    )
+    code, output, error = cli("train-branch", *args, "--preload", "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "is already finished" in output and "nothing to train" in output
+    assert reads == []
+    code, output, error = cli("train-branch", *args, "--preload", "--resume", "--epochs", "3")
+    assert code == 0, f"{output}\n{error!r}"
+    assert reads and "preloaded table in memory" in output
+
+
 def test_a_run_made_with_the_boolean_preload_resumes_preloaded(
     cli, golden_data: Path, tmp_path: Path
 ) -> None:
@@ -585,3 +611,27 @@ def test_synth_refuses_a_file_and_a_bad_spec(cli, tmp_path: Path) -> None:
     code, output, error = cli("synth", "--out", tmp_path / "new", "--videos", "0")
     assert_user_error(code, output, error, "Invalid synthetic dataset spec")
     assert not (tmp_path / "new").exists()
+
+
+def test_every_branch_says_how_its_data_is_read_and_its_finetune_stage_does_not_repeat_it(
+    tmp_path: Path,
+) -> None:
+    """Two branches whose lines read the same (same table size) each get theirs; a branch's
+    finetune stage, which shares its pretrain stage's data, does not repeat it."""
+    from types import SimpleNamespace
+
+    from sfr.cli.common import TrainingView
+    from sfr.data.dataset import Preloading
+    from sfr.train.loop import StageStarted
+
+    view = TrainingView("test")
+    printed: list[str] = []
+    view.bars = SimpleNamespace(  # type: ignore[assignment]
+        add_task=lambda *a, **k: 0,
+        remove_task=lambda task: None,
+        console=SimpleNamespace(print=lambda line, **k: printed.append(str(line))),
+    )
+    loaded = Preloading("auto", True, table_bytes=4 << 20)
+    for branch, stage in (("rgb", "pretrain"), ("rgb", "finetune"), ("flow", "pretrain")):
+        view(StageStarted(str(tmp_path / branch / stage), 0, 1, 8, 4, 1, loaded, 0))
+    assert sum("data: preloaded table in memory (4.00 MiB" in line for line in printed) == 2

@@ -174,23 +174,48 @@ def test_available_memory_reads_meminfo() -> None:
 def test_available_memory_stays_within_the_control_group_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A container's own limit at the mount root, a SLURM job's on a parent of the process's
+    group (cgroup v2 without a namespace), and v1; reclaimable file cache does not count."""
     if not Path("/proc/meminfo").is_file():
         pytest.skip("no /proc/meminfo")
-    v2 = (tmp_path / "memory.max", tmp_path / "memory.current")
-    v1 = (tmp_path / "limit_in_bytes", tmp_path / "usage_in_bytes")
-    monkeypatch.setattr(dataset_module, "CGROUP_LIMITS", (v2, v1))
+    membership = tmp_path / "self-cgroup"
+    monkeypatch.setattr(dataset_module, "CGROUP_ROOT", tmp_path / "fs")
+    monkeypatch.setattr(dataset_module, "CGROUP_MEMBERSHIP", membership)
+
+    def group(relative: str, limit: str, usage: int, stat: str = "") -> None:
+        folder = tmp_path / "fs" / relative
+        folder.mkdir(parents=True, exist_ok=True)
+        v1 = relative.startswith("memory")
+        (folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(limit + "\n")
+        (folder / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
+        if stat:
+            (folder / "memory.stat").write_text(stat)
+
     unlimited = dataset_module.available_memory()
     assert unlimited is not None and unlimited > 1 << 20  # no cgroup files: MemAvailable
-    v2[0].write_text("max\n")
-    v2[1].write_text("123\n")
+    group(".", "max", 123)
     assert dataset_module.available_memory() == pytest.approx(unlimited, rel=0.1)
-    v2[0].write_text(f"{600 << 20}\n")
-    v2[1].write_text(f"{100 << 20}\n")
-    assert dataset_module.available_memory() == 500 << 20  # a container's limit minus its use
-    v2[0].unlink()
-    v1[0].write_text(f"{300 << 20}\n")
-    v1[1].write_text(f"{50 << 20}\n")
-    assert dataset_module.available_memory() == 250 << 20  # cgroup v1
+    group(".", f"{600 << 20}", 100 << 20)  # a container: its own group at the mount root
+    assert dataset_module.available_memory() == 500 << 20
+    group(".", "max", 123)
+    # a SLURM job: the limit on the job's group, the process two levels below, no namespace
+    membership.write_text("0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0\n")
+    group("system.slice/slurmstepd.scope/job_7", f"{800 << 20}", 300 << 20)
+    group("system.slice/slurmstepd.scope/job_7/step_0/user/task_0", "max", 10)
+    assert dataset_module.available_memory() == 500 << 20
+    # page cache (LMDB pages read earlier) is reclaimed by the kernel: not counted as used
+    group(
+        "system.slice/slurmstepd.scope/job_7",
+        f"{800 << 20}",
+        300 << 20,
+        f"anon 1000\ninactive_file {200 << 20}\n",
+    )
+    assert dataset_module.available_memory() == 700 << 20
+    # cgroup v1: "no limit" is a number near 2**63; the memory hierarchy's own group
+    membership.write_text("4:memory:/slurm/uid_0/job_9\n2:cpu,cpuacct:/slurm/uid_0/job_9\n")
+    group("memory", str((1 << 63) - 4096), 5)
+    group("memory/slurm/uid_0/job_9", f"{300 << 20}", 60 << 20, f"total_inactive_file {10 << 20}\n")
+    assert dataset_module.available_memory() == 250 << 20
 
 
 def test_each_process_of_a_torchrun_job_on_the_machine_counts(

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
@@ -311,8 +312,8 @@ def info_bars() -> Progress:
 
 class TrainingView:
     """Rich rendering of training progress events: epoch and batch bars, one line per epoch,
-    and at a stage's start how its batches are read (`data_line`; a line already shown, as for
-    the stages of one branch, which share their data, is not repeated)."""
+    and at a stage's start how its batches are read (`data_line`; not repeated for the stages
+    of one branch, pretrain and finetune, which share their data)."""
 
     def __init__(self, title: str = "", measure: str = "selection") -> None:
         """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s)."""
@@ -321,7 +322,7 @@ class TrainingView:
         self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
-        self.data_lines: set[str] = set()
+        self.data_lines: set[tuple[str, str | None]] = set()
 
     def __enter__(self) -> TrainingView:
         self.bars.start()
@@ -350,8 +351,10 @@ class TrainingView:
                         f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
                     )
                 line = data_line(event)
-                if line and line not in self.data_lines:  # stages sharing their data: once
-                    self.data_lines.add(line)
+                # a branch's pretrain and finetune stages (one folder apart) share their data
+                key = (str(Path(event.run_dir).parent), line)
+                if line and key not in self.data_lines:
+                    self.data_lines.add(key)
                     self.bars.console.print(line, highlight=False)
         elif isinstance(event, BatchDone) and self.batch_task is not None:
             self.bars.update(
@@ -407,7 +410,7 @@ def data_line(event: StageStarted) -> str | None:
     if preloading.mode != "auto":
         return line
     if preloading.available is None:
-        why = "the memory available here is unknown (no /proc/meminfo)"
+        why = "the memory available here is unknown (no MemAvailable in /proc/meminfo)"
     else:
         each = f" in each of the {preloading.copies} processes" if preloading.copies > 1 else ""
         why = (

@@ -409,13 +409,9 @@ class _TableLayout:
 _PRELOAD_CHUNK = 4096  # vectors per read transaction (and per progress report) when preloading
 
 
-CGROUP_LIMITS = (  # (limit, usage) of cgroup v2 and v1, as a container or SLURM job sees them
-    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
-    (
-        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ),
-)
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # where the control groups are mounted (v2, or v1 "memory/")
+CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")  # this process's control group in each hierarchy
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 @dataclass(frozen=True)
@@ -505,9 +501,8 @@ def _record(datasets: Sequence[AnticipationDataset], preloading: Preloading) -> 
 
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation: `MemAvailable` of /proc/meminfo (Linux),
-    lowered to what the control group's memory limit leaves (cgroup v2 `memory.max` minus
-    `memory.current`, or v1 `memory.limit_in_bytes` minus `memory.usage_in_bytes`: containers
-    and SLURM jobs); None where /proc/meminfo cannot be read."""
+    lowered to what this process's control groups leave (`cgroup_memory_left`: containers and
+    SLURM jobs); None where /proc/meminfo cannot be read or has no `MemAvailable`."""
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -517,16 +512,70 @@ def available_memory() -> int | None:
         return None
     if available is None:
         return None
-    for limit_path, usage_path in CGROUP_LIMITS:
+    left = cgroup_memory_left()
+    return available if left is None else max(0, min(available, left))
+
+
+def cgroup_memory_left() -> int | None:
+    """The least memory that a limit on this process's control group or on one of its ancestors
+    leaves: limit − (usage − inactive file cache, which the kernel reclaims), over cgroup v2
+    (`memory.max`, `memory.current`, `memory.stat` inactive_file) and v1 (`memory.limit_in_bytes`,
+    `memory.usage_in_bytes`, `memory.stat` total_inactive_file); None where no limit is set.
+
+    The groups are those of /proc/self/cgroup under `CGROUP_ROOT` (a SLURM job's or a systemd
+    unit's, which set their limit on a parent of the process's own group), and the mount's root
+    itself, which is the container's own group where it has its own cgroup namespace or mount.
+    """
+    left = None
+    for directory, v2 in _memory_groups():
+        limit_name, usage_name, cache_key = (
+            ("memory.max", "memory.current", "inactive_file")
+            if v2
+            else ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        )
         try:
-            limit_text = limit_path.read_text().strip()
-            if limit_text == "max":
-                break
-            left = int(limit_text) - int(usage_path.read_text().strip())
+            limit_text = (directory / limit_name).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= UNLIMITED:
+                continue
+            usage = int((directory / usage_name).read_text().strip())
         except (OSError, ValueError):
             continue
-        return max(0, min(available, left))
-    return available
+        cache = 0
+        try:
+            for line in (directory / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+        except (OSError, ValueError):
+            pass
+        here = int(limit_text) - max(0, usage - cache)
+        left = here if left is None else min(left, here)
+    return left
+
+
+def _memory_groups() -> list[tuple[Path, bool]]:
+    """(directory, is cgroup v2) of this process's memory control groups and their ancestors,
+    then the mount roots (`cgroup_memory_left`)."""
+    groups: list[tuple[Path, bool]] = []
+    try:
+        lines = CGROUP_MEMBERSHIP.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, v2 = CGROUP_ROOT, True
+        elif "memory" in controllers.split(","):
+            base, v2 = CGROUP_ROOT / "memory", False
+        else:
+            continue
+        own = base / path.strip("/")
+        groups += [(own, v2)] + [(parent, v2) for parent in own.parents if base in parent.parents]
+    roots = [(CGROUP_ROOT, True), (CGROUP_ROOT / "memory", False)]
+    return groups + [root for root in roots if root not in groups]
 
 
 def binary_size(nbytes: int) -> str:

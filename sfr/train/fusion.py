@@ -104,10 +104,13 @@ class FusionPlan(ModelTree):
                 child.load_state_dict(best_weights(run, self.spec(label, num_classes), hint))
 
 
-def load_fusion_data(plan: FusionPlan, unit: FusionUnit, data_dir: Path) -> StageData:
-    """Training and validation sets with every stream the unit's branches read."""
+def load_fusion_data(
+    plan: FusionPlan, unit: FusionUnit, data_dir: Path, *, nothing_to_train: bool = False
+) -> StageData:
+    """Training and validation sets with every stream the unit's branches read
+    (`load_stage_data`)."""
     streams = [plan.streams[leaf] for leaf in plan.leaves(unit.label)]
-    return load_stage_data(plan.config.data, data_dir, streams)
+    return load_stage_data(plan.config.data, data_dir, streams, nothing_to_train=nothing_to_train)
 
 
 def train_fusion_unit(
@@ -124,7 +127,8 @@ def train_fusion_unit(
     """Train one fusion unit in its run directory and return its best result."""
     config = plan.config
     run = plan.unit_dir(unit)
-    data = data or load_fusion_data(plan, unit, data_dir)
+    done = resume and run.trained_to(config.fusion_optim.epochs)
+    data = data or load_fusion_data(plan, unit, data_dir, nothing_to_train=done)
     class_weights = stage_class_weights(config.fusion_optim, data_dir, data.num_classes)
 
     def build() -> nn.Module:

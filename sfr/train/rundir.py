@@ -169,6 +169,16 @@ class RunDir:
     def finished(self) -> bool:
         return self.status()["state"] == "finished"
 
+    def trained_to(self, epochs: int) -> bool:
+        """Whether status.json records a finished run of at least `epochs` epochs (then
+        `--resume` has nothing to train); False for anything else, unreadable included."""
+        try:
+            status = self.status()
+        except RunError:
+            return False
+        epoch = status.get("epoch")
+        return status["state"] == "finished" and isinstance(epoch, int) and epoch >= epochs
+
     def saved_config(self) -> dict[str, Any] | None:
         if not self.config_path.is_file():
             return None

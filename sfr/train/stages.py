@@ -102,10 +102,15 @@ def load_stage_data(
     data_dir: Path,
     streams: Sequence[Stream],
     progress: Callable[[int, int], None] | None = None,
+    *,
+    nothing_to_train: bool = False,
 ) -> StageData:
     """Read the actions table and the training/validation CSVs, open the streams' stores, and
     apply `data.preload` to both splits together (`preload_tables`: with "auto" both are
-    preloaded or both streamed; each dataset's `preloading` says which and why)."""
+    preloaded or both streamed; each dataset's `preloading` says which and why).
+
+    `nothing_to_train` (a finished run resumed with no more epochs) streams: a table read only
+    to be dropped would cost minutes on EK100."""
     data_dir = require_data_dir(data_dir)
     actions = read_actions(data_dir / data_config.actions_csv)
     num_classes = data_config.num_classes or actions.num_actions
@@ -136,15 +141,26 @@ def load_stage_data(
             )
         _ = dataset[0]  # a first read checks the stores' dimensions before any run folder
         sets.append(dataset)
-    preload_tables(sets, data_config.preload, progress, distributed.local_world_size())
+    preload = False if nothing_to_train else data_config.preload
+    preload_tables(sets, preload, progress, distributed.local_world_size())
     return StageData(sets[0], sets[1], actions, num_classes)
 
 
 def load_branch_data(
-    config: BranchRunConfig, data_dir: Path, progress: Callable[[int, int], None] | None = None
+    config: BranchRunConfig,
+    data_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    nothing_to_train: bool = False,
 ) -> StageData:
-    """Training and validation sets of one branch."""
-    return load_stage_data(config.data, data_dir, [branch_stream(config)], progress)
+    """Training and validation sets of one branch (`load_stage_data`)."""
+    return load_stage_data(
+        config.data,
+        data_dir,
+        [branch_stream(config)],
+        progress,
+        nothing_to_train=nothing_to_train,
+    )
 
 
 def stage_dir(config: BranchRunConfig, runs_dir: Path, stage: Stage) -> RunDir:
@@ -295,7 +311,8 @@ def train_branch_stage(
         config.data.feature_dims, data_dir, [config.branch.modality]
     )
     run = stage_dir(config, runs_dir, stage)
-    data = data or load_branch_data(config, data_dir)
+    done = resume and run.trained_to(config.optim.epochs)
+    data = data or load_branch_data(config, data_dir, nothing_to_train=done)
     class_weights = stage_class_weights(config.optim, data_dir, data.num_classes)
     init = None
     if stage == "finetune" and not (resume and run.last_path.is_file()):
