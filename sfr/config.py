@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from sfr.data.observation import ObservationGrid, ratio_label
 from sfr.data.timegrid import Sampling, TimeGrid, as_time
@@ -67,6 +75,25 @@ FolderName = Annotated[str, AfterValidator(_folder_name)]
 StrictModelT = TypeVar("StrictModelT", bound=StrictModel)
 
 
+_BOOLEANS = {
+    **dict.fromkeys(("true", "yes", "on", "1", "y", "t"), True),
+    **dict.fromkeys(("false", "no", "off", "0", "n", "f"), False),
+}
+
+
+def _preload_mode(value: object) -> object:
+    """data.preload as "auto" or a boolean, in the spellings every boolean field takes."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in _BOOLEANS:
+            return _BOOLEANS[text]
+    if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f'must be "auto", true or false, not {value!r}')
+
+
 class DataConfig(StrictModel):
     """Where the annotations and features are and how to read them."""
 
@@ -99,8 +126,8 @@ class DataConfig(StrictModel):
         description="grid: every rate reads its own time grid; published: every rate takes its "
         "frames from one sequence on the finest grid, as the published Slow-Fast loader does",
     )
-    preload: Literal["auto", True, False] = Field(  # sfr.data.dataset.PreloadMode
-        "auto",
+    preload: Annotated[Literal["auto"] | bool, BeforeValidator(_preload_mode)] = Field(
+        "auto",  # sfr.data.dataset.PreloadMode
         description="read every unique feature vector the splits need into memory once before "
         "training (one table per modality), batches then gathered in the training process "
         "without workers: true (refused if larger than the available memory), false (read "

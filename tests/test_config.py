@@ -216,8 +216,13 @@ def test_preload_is_auto_by_default_and_configs_with_a_boolean_still_load(tmp_pa
             "s_enc = 6\ns_ant = 4\n"
         )
         assert load_config(BranchRunConfig, path).data.preload == expected
-    for override, expected in (("true", True), ("false", False), ("auto", "auto")):
+    # the spellings every other boolean field takes (yes/on/1 ...), as every other one does
+    for override, expected in (
+        ("true", True), ("false", False), ("auto", "auto"), ("yes", True), ("off", False),
+        ("True", True), ("1", True), ("Auto", "auto"),
+    ):  # fmt: skip
         key, value = parse_override(f"data.preload={override}")
         assert load_config(BranchRunConfig, path, {key: value}).data.preload == expected
-    with pytest.raises(ConfigError, match=r"data\.preload: Input should be 'auto', True or False"):
+    with pytest.raises(ConfigError) as refused:
         load_config(BranchRunConfig, path, {"data.preload": "sometimes"})
+    assert """data.preload: must be "auto", true or false, not 'sometimes'""" in str(refused.value)

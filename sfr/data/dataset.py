@@ -28,7 +28,7 @@ from sfr.data.store import FeatureStore
 from sfr.data.timegrid import Sampling, TimeGrid, sampled_frames
 from sfr.errors import DataError
 
-PreloadMode = Literal["auto", True, False]  # data.preload: see `preload_tables`
+PreloadMode = Literal["auto"] | bool  # data.preload: see `preload_tables`
 
 # "auto" preloads when the tables of every process on the machine take at most this share of the
 # available memory: the other half stays for the model, its gradients, the batches, the page
