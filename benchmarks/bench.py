@@ -9,7 +9,8 @@ Rows:
 - branch T = 14 (alpha 0.25, 6 + 8) and T = 40 (alpha 0.125, 24 + 16), training (forward +
   backward + SGD step, per-step dropout masks) and evaluation (no gradients): the plain
   formulation (`sfr.models.reference`, the published code's loops) against the efficient branch
-  with its default (`auto`) kernel; for evaluation also the ceiling: the plain run's wall
+  with its default (`auto`) kernel, at `--batch` and, for T = 40, at `--large-batch` (the
+  published training batch, 128); for evaluation also the ceiling: the plain run's wall
   seconds over the efficient products' time at this machine's peak product rate (`peak_rate`),
   the most any kernel of the efficient formulation could reach;
 - published Architecture 2 (rgb/flow/obj at alpha 0.125 and 0.5, fused at 2, 1.5, 1, 0.5 s),
@@ -263,25 +264,32 @@ def speed_rows(
     kernel vs step loop, and the loop's oneDNN vs BLAS products, at real dimensions."""
     rows = []
     names = ["branch T=14", "branch T=40", "Architecture 2"]
-    for name in names:
-        work = Workload(name, args.batch, device)
+    plans = [(name, args.batch, "efficient vs plain") for name in names]
+    if args.large_batch:  # the published batch, where the plain formulation's products are big
+        group = f"efficient vs plain, batch {args.large_batch}"
+        plans.append(("branch T=40", args.large_batch, group))
+    for name, batch, group in plans:
+        work = Workload(name, batch, device)
         for mode in ("training", "evaluation"):
             training = mode == "training"
             seconds = interleaved(
                 {f: work.step(f, training) for f in ("plain", "efficient")}, args.repeats, sync
             )
-            row = _pair_row("efficient vs plain", f"{name} {mode}", "plain", "efficient", seconds)
+            row = _pair_row(group, f"{name} {mode}", "plain", "efficient", seconds)
             row["target"] = TARGETS.get((name, mode))
+            row["batch"] = batch
             # the speed-up if both formulations ran their products at the same rate
             row["arithmetic_ratio"] = work.multiply_adds("plain", training) / work.multiply_adds(
                 "efficient", training
             )
-            row["samples_per_s"] = args.batch / seconds["efficient"]["wall"]
+            row["samples_per_s"] = batch / seconds["efficient"]["wall"]
             if not training:  # the plain run against the efficient products all at peak rate
-                at_peak = args.batch * work.multiply_adds("efficient", training) / peak
+                at_peak = batch * work.multiply_adds("efficient", training) / peak
                 row["ceiling_ratio"] = seconds["plain"]["wall"] / at_peak
             rows.append(row)
             print(_line(rows[-1]), file=sys.stderr, flush=True)
+        if group != "efficient vs plain":
+            continue
         if name != "branch T=14":  # the fused kernel against the step loop
             for mode in ("training", "evaluation"):
                 training = mode == "training"
@@ -645,6 +653,12 @@ def machine(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--large-batch",
+        type=int,
+        default=128,
+        help="also the T = 40 branch at this batch (the published 128; 0: skip)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--split", type=int, default=256, help="validation samples")
