@@ -107,14 +107,11 @@ class StepWeight:
         )
         return torch.add(product, bias, out=out) if out is not None else product.add_(bias)
 
-    def mm(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """x @ weightᵀ (x @ weight with `transpose`): x (M, K) → (M, N); into `out` when given."""
+    def mm(self, x: Tensor) -> Tensor:
+        """x @ weightᵀ (x @ weight with `transpose`): x (M, K) → (M, N)."""
         if self.packed is None or x.dtype != torch.float32:
-            return torch.mm(x, self._blas_operand(), out=out)
-        product = torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), self.packed, None, "none", [], ""
-        )
-        return out.copy_(product) if out is not None else product
+            return torch.mm(x, self._blas_operand())
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
 def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
