@@ -301,7 +301,7 @@ class RULSTMBranch(nn.Module):
         gates_x = linear(dropped, w_ih, bias)  # (B, steps[-1] + 1, 4H)
         if self._backward_by_recurrence(x):
             count, batch = steps[-1] + 1, x.shape[0]
-            packed = gates_x.transpose(0, 1)[:count].reshape(count * batch, -1)  # (T·B, 4H)
+            packed = gates_x.transpose(0, 1).reshape(count * batch, -1)  # (count·B, 4H)
             zeros = x.new_zeros(batch, self.hidden)
             hs, cs = lstm_recurrence(
                 packed, zeros, zeros, self.rolling.weight_hh_l0, [batch] * count
@@ -328,9 +328,9 @@ class RULSTMBranch(nn.Module):
         num_steps = x.shape[1]
         extra = 0 if self.sequence_completion else 1
         lengths = [num_steps - t + extra for t in steps]
-        w_ih, bias, w_hh = _lstm_params(self.unrolling, h0.shape[0] * h0.shape[1])
         if self._backward_by_recurrence(x):
             return self._unroll_recurrence(x, steps, lengths, h0, c0)
+        w_ih, bias, w_hh = _lstm_params(self.unrolling, h0.shape[0] * h0.shape[1])
         start = torch.tensor(steps, device=x.device)
         x_steps = x.transpose(0, 1)  # (T, B, F)
 
