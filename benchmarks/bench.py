@@ -7,7 +7,8 @@ weights and inputs, their repetitions interleaved so that a change of machine lo
 
 Rows:
 - branch T = 14 (alpha 0.25, 6 + 8) and T = 40 (alpha 0.125, 24 + 16), training (forward +
-  backward + SGD step, per-step dropout masks) and evaluation (no gradients): the plain
+  backward + SGD step, per-step dropout masks) and evaluation (no gradients; the repetitions
+  in one block as `validate` runs a split's batches, `fixed_weights`): the plain
   formulation (`sfr.models.reference`, the published code's loops) against the efficient branch
   with its default (`auto`) kernel, at `--batch` and, for T = 40, at `--large-batch` (the
   published training batch, 128); for evaluation also the ceiling: the plain run's wall
@@ -64,7 +65,12 @@ from fusion_oracle import plain_tree_forward  # noqa: E402
 
 from sfr.eval import metrics  # noqa: E402
 from sfr.models.branch import create_branch, length_buckets, set_kernel  # noqa: E402
-from sfr.models.matmul import MATMUL_ENV, StepWeight, onednn_available  # noqa: E402
+from sfr.models.matmul import (  # noqa: E402
+    MATMUL_ENV,
+    StepWeight,
+    fixed_weights,
+    onednn_available,
+)
 from sfr.models.reference import plain_forward  # noqa: E402
 
 HIDDEN, FEATURES, CLASSES, VERBS, NOUNS = 1024, 1024, 2513, 125, 352
@@ -272,9 +278,10 @@ def speed_rows(
         work = Workload(name, batch, device)
         for mode in ("training", "evaluation"):
             training = mode == "training"
-            seconds = interleaved(
-                {f: work.step(f, training) for f in ("plain", "efficient")}, args.repeats, sync
-            )
+            with evaluation_pass(training):
+                seconds = interleaved(
+                    {f: work.step(f, training) for f in ("plain", "efficient")}, args.repeats, sync
+                )
             row = _pair_row(group, f"{name} {mode}", "plain", "efficient", seconds)
             row["target"] = TARGETS.get((name, mode))
             row["batch"] = batch
@@ -295,11 +302,12 @@ def speed_rows(
                 training = mode == "training"
 
                 step = work.step("efficient", training)
-                seconds = interleaved(
-                    {k: _with_kernel(work.model, k, step) for k in ("loop", "fused")},
-                    args.repeats,
-                    sync,
-                )
+                with evaluation_pass(training):
+                    seconds = interleaved(
+                        {k: _with_kernel(work.model, k, step) for k in ("loop", "fused")},
+                        args.repeats,
+                        sync,
+                    )
                 set_kernel(work.model, "auto")
                 row = _pair_row(
                     "fused kernel vs step loop", f"{name} {mode}", "loop", "fused", seconds
@@ -312,9 +320,12 @@ def speed_rows(
                     step = _with_kernel(
                         work.model, "loop", work.step("efficient", mode == "training")
                     )
-                    seconds = interleaved(
-                        {m: _with_matmul(m, step) for m in ("blas", "onednn")}, args.repeats, sync
-                    )
+                    with evaluation_pass(mode == "training"):
+                        seconds = interleaved(
+                            {m: _with_matmul(m, step) for m in ("blas", "onednn")},
+                            args.repeats,
+                            sync,
+                        )
                     set_kernel(work.model, "auto")
                     rows.append(
                         _pair_row(
@@ -327,6 +338,13 @@ def speed_rows(
                     )
                     print(_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def evaluation_pass(training: bool) -> contextlib.AbstractContextManager:
+    """For evaluation, the block `validate` and `predict` run a split's batches in
+    (`fixed_weights`: weights prepared once, at the warm-up call, as at a pass's first batch);
+    nothing for training, whose weights change at every step."""
+    return contextlib.nullcontext() if training else fixed_weights()
 
 
 def _with_matmul(matmul: str, step: Callable[[], None]) -> Callable[[], None]:
@@ -410,14 +428,15 @@ def validation_rows(args: argparse.Namespace, device: torch.device, sync: Callab
         sync()
         return out.float().cpu().numpy()
 
-    for _ in range(batches):
-        batch_scores = timed("model", model)  # (B, K, C)
-        probs = timed("softmax", lambda s=batch_scores: metrics.softmax(s))
-        verb = timed("marginalise", lambda p=probs: metrics.marginalise(p, verb_of, VERBS))
-        noun = timed("marginalise", lambda p=probs: metrics.marginalise(p, noun_of, NOUNS))
-        for task in (probs, verb, noun):
-            timed("top-k lists", lambda t=task: metrics.top_k(t.reshape(-1, t.shape[-1]), 5))
-        scores.append(batch_scores)
+    with fixed_weights():  # as the runner: the split's batches in one evaluation pass
+        for _ in range(batches):
+            batch_scores = timed("model", model)  # (B, K, C)
+            probs = timed("softmax", lambda s=batch_scores: metrics.softmax(s))
+            verb = timed("marginalise", lambda p=probs: metrics.marginalise(p, verb_of, VERBS))
+            noun = timed("marginalise", lambda p=probs: metrics.marginalise(p, noun_of, NOUNS))
+            for task in (probs, verb, noun):
+                timed("top-k lists", lambda t=task: metrics.top_k(t.reshape(-1, t.shape[-1]), 5))
+            scores.append(batch_scores)
     every = np.concatenate(scores)
     labels = rng.integers(0, CLASSES, len(every))
     for k in range(every.shape[1]):

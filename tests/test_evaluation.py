@@ -10,6 +10,7 @@ documented metric functions turn its softmax into accuracies, recalls and times 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -38,6 +39,7 @@ from sfr.checkpoint import read_metadata
 from sfr.data.annotations import ActionsTable, Segment, read_actions, read_segments
 from sfr.data.dataset import AnticipationDataset, open_stores
 from sfr.errors import ConfigError, DataError, RunError
+from sfr.eval import runner
 from sfr.eval.anticipate import anticipate, earliest_time
 from sfr.eval.benchmark import SPLITS, Benchmark, load_benchmark, score, split_csv
 from sfr.eval.evaluation import EvaluationSettings, evaluate, load_models
@@ -53,8 +55,10 @@ from sfr.eval.metrics import (
 )
 from sfr.eval.runner import Member, SplitPredictions, predict_split
 from sfr.eval.submission import check_challenge, make_submission
+from sfr.models import matmul
 from sfr.models.branch import create_branch
 from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
+from sfr.models.matmul import onednn_available
 from sfr.models.trained import TrainedModel, export_bundle, load_model, model_checkpoints
 from sfr.train.fusion import FusionPlan
 
@@ -1001,3 +1005,35 @@ def test_splits_map_to_the_datasets_csv_files(trained_runs: TrainedRuns) -> None
     assert split_csv(egtea, data, "validation3") == data / "validation3.csv"
     bench = load_benchmark(base, trained_runs.data, "validation", NUM_CLASSES)
     assert bench.many_shot is not None and bench.labelled and len(bench.segments) == 12
+
+
+@pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
+def test_a_pass_over_a_split_prepares_each_recurrent_weight_once(
+    trained_runs: TrainedRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights cannot change within an evaluation pass: each recurrent weight is reordered for
+    oneDNN once per batch size (`fixed_weights`), not once per batch; the predictions are the
+    same bits as when every batch prepares its own."""
+    data = trained_runs.data
+    model = load_model(trained_runs.branch("rgb@0.25"))
+    segments = validation(data)
+    actions = read_actions(data / "actions.csv")
+    calls: list[int] = []
+    reorder = matmul._reorder
+
+    def counted(weight: torch.Tensor, rows: int) -> torch.Tensor:
+        calls.append(rows)
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(matmul, "_reorder", counted)
+    batches = -(-len(segments) // 2)
+    assert batches >= 3
+    fixed = predict_split([Member(model)], segments, data, actions, batch_size=2, device="cpu")
+    assert 2 <= len(calls) <= 4  # rolling and unrolling, for the full and the last batch size
+    monkeypatch.setattr(runner, "fixed_weights", contextlib.nullcontext)
+    calls.clear()
+    each = predict_split([Member(model)], segments, data, actions, batch_size=2, device="cpu")
+    assert len(calls) == 2 * batches
+    for task in TASKS:
+        assert np.array_equal(fixed.top_ids[task], each.top_ids[task])
+        assert np.array_equal(fixed.top_probs[task], each.top_probs[task])

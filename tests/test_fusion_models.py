@@ -21,7 +21,7 @@ from sfr.errors import ConfigError
 from sfr.hub.published import branch_state_from_published, load_published_checkpoint
 from sfr.models.architectures import FusionUnit, plan_architecture
 from sfr.models.branch import BranchOutput, create_branch, set_kernel
-from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
+from sfr.models.fusion import AttentionFusion, BranchNode, FusionNode, NodeOutput
 from sfr.train.fusion import FusionPlan
 
 MODALITIES = ("rgb", "flow", "obj")
@@ -454,3 +454,24 @@ def test_architecture2_trains_and_evaluates_under_bf16_autocast(
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in tree.parameters())
     if not training:
         assert (out.scores.float() - reference.scores).abs().max() <= 0.1
+
+
+def test_attention_mlp_products_equal_the_modules_own_with_gradients() -> None:
+    """The MLP's products run through `sfr.models.matmul.linear` (oneDNN on the CPU): the same
+    weights and gradients as calling the `nn.Sequential` itself."""
+    torch.manual_seed(0)
+    fusion = AttentionFusion(3, 16, dropout=0.0).train()
+    contexts = [torch.randn(4, 2, 32, requires_grad=True) for _ in range(3)]
+    scores = [torch.randn(4, 2, 9) for _ in range(3)]
+    _, _, weights = fusion(scores, contexts)
+    weights.pow(2).sum().backward()
+    got = [p.grad.clone() for p in fusion.parameters()] + [c.grad.clone() for c in contexts]
+    fusion.zero_grad()
+    for c in contexts:
+        c.grad = None
+    expected = torch.softmax(fusion.mlp(torch.cat(contexts, dim=-1)), dim=-1)
+    expected.pow(2).sum().backward()
+    wanted = [p.grad for p in fusion.parameters()] + [c.grad for c in contexts]
+    assert (weights - expected).abs().max() <= 1e-6
+    for g, w in zip(got, wanted, strict=True):
+        assert (g - w).abs().max() <= 1e-5

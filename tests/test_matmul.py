@@ -8,7 +8,8 @@ from test_cli import preset_args
 
 from sfr.errors import ConfigError
 from sfr.models import matmul
-from sfr.models.matmul import StepWeight, cpu_matmul, linear, onednn_available
+from sfr.models.branch import create_branch
+from sfr.models.matmul import StepWeight, cpu_matmul, fixed_weights, linear, onednn_available
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
 
@@ -187,3 +188,69 @@ def test_fused_optimizer_steps_and_saving_after_a_forward() -> None:
             torch.save(model, io.BytesIO())
     assert losses["onednn"] == pytest.approx(losses["blas"], rel=1e-5)
     assert losses["onednn"][-1] < losses["onednn"][0] - 0.1
+
+
+def _count_reorders(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    reorder = matmul._reorder
+
+    def counted(weight: torch.Tensor, rows: int) -> torch.Tensor:
+        calls.append(rows)
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(matmul, "_reorder", counted)
+    return calls
+
+
+@needs_onednn
+def test_fixed_weights_reorders_each_weight_once_for_the_block(monkeypatch) -> None:
+    """Evaluation passes (`validate`, `predict`) reuse each reordered weight; the products give
+    the same bits as without the block, and the copies are dropped when it ends."""
+    torch.manual_seed(0)
+    branch = create_branch(feat_dim=24, hidden=40, num_classes=9, dropout=0.5).eval()
+    x = torch.randn(3, 7, 24)
+    with torch.no_grad():
+        expected = branch(x, [3, 5, 6]).scores
+        calls = _count_reorders(monkeypatch)
+        with fixed_weights():
+            first = branch(x, [3, 5, 6]).scores
+            assert len(calls) == 2  # the rolling and the unrolling recurrent weights
+            with fixed_weights():  # an inner block keeps the outer one's copies
+                second = branch(x, [3, 5, 6]).scores
+            third = branch(x, [3, 5, 6]).scores
+            assert len(calls) == 2
+            branch(x[:2], [3, 5, 6])  # another batch size: prepared for its own row count
+            assert len(calls) == 4
+        assert matmul._fixed is None
+        branch(x, [3, 5, 6])
+        assert len(calls) == 6  # outside a block: once per pass again
+    for scores in (first, second, third):
+        assert torch.equal(scores, expected)
+
+
+@needs_onednn
+def test_fixed_weights_still_sees_a_replaced_or_recorded_change(monkeypatch) -> None:
+    weight, x, _ = _weight_and_rows(3)
+    parameter = torch.nn.Parameter(weight.clone())
+    calls = _count_reorders(monkeypatch)
+    with torch.no_grad(), fixed_weights():
+        before = StepWeight(parameter, 7).mm(x)
+        assert torch.equal(StepWeight(parameter, 7).mm(x), before) and len(calls) == 1
+        parameter.add_(1.0)  # recorded in the version counter
+        added = StepWeight(parameter, 7).mm(x)
+        parameter.data = 2 * parameter.data  # new storage
+        doubled = StepWeight(parameter, 7).mm(x)
+    assert len(calls) == 3
+    assert (added - before - x.sum(1, keepdim=True)).abs().max() <= 1e-3
+    assert (doubled - 2 * added).abs().max() <= 1e-3
+
+
+@needs_onednn
+def test_the_fused_sum_of_addmm_gives_the_bits_of_a_separate_sum() -> None:
+    weight, x, bias = _weight_and_rows(4)
+    fast = StepWeight(weight, 7)
+    fused = fast.addmm(bias, x)  # the sum as the product's post-op
+    separate = fast.mm(x).add_(bias)
+    assert torch.equal(fused, separate)
+    strided = torch.randn(7, 2, 48)[:, 1]  # a non-contiguous bias (a step of (B, T, 4H))
+    assert torch.equal(fast.addmm(strided, x), fast.mm(x).add_(strided))

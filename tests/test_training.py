@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +21,7 @@ from sfr.checkpoint import load_checkpoint, read_metadata, save_checkpoint, spli
 from sfr.config import BranchRunConfig, build_config
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
 from sfr.errors import RunError, TrainingError
+from sfr.models import matmul
 from sfr.train.loop import EpochDone, Trainer
 from sfr.train.stages import train_branch_stage
 
@@ -495,3 +498,29 @@ def test_training_with_fewer_than_five_classes(tmp_path: Path) -> None:
     )
     result = train_branch_stage(config, "pretrain", data, tmp_path / "runs")
     assert result.metrics["top5@1"] == 100.0  # 4 classes: every label is in the top 5
+
+
+def test_each_validation_pass_runs_with_fixed_weights(
+    golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation pass of every epoch prepares the recurrent weights once for the pass
+    (`sfr.models.matmul.fixed_weights`), and no training step runs inside such a block."""
+    config = small_grid()
+    passes: list[int] = []
+    train_epoch = Trainer._train_epoch
+
+    @contextlib.contextmanager
+    def recorded() -> Iterator[None]:
+        passes.append(len(passes))
+        with matmul.fixed_weights():
+            yield
+
+    def training(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        assert matmul._fixed is None
+        return train_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "fixed_weights", recorded)
+    monkeypatch.setattr(Trainer, "_train_epoch", training)
+    train_branch_stage(config, "pretrain", golden_data, tmp_path / "runs")
+    assert len(passes) == config.optim.epochs
+    assert matmul._fixed is None

@@ -32,6 +32,7 @@ from sfr.data.observation import ratio_label
 from sfr.errors import ConfigError
 from sfr.eval.metrics import marginalise, top_k
 from sfr.models.fusion import FusionNode
+from sfr.models.matmul import fixed_weights
 from sfr.models.trained import TrainedModel
 from sfr.models.tree import ModelTree
 
@@ -283,45 +284,48 @@ def predict_split(
         else contextlib.nullcontext()
     )
     done = 0
-    for batches in zip(*(iterate_batches(loader) for loader in loaders), strict=True):
-        probs, raw = None, None
-        for member, batch in zip(members, batches, strict=True):
-            with autocast:
-                output = member.model(to_device(batch["features"], torch_device))
-            fraction = member.weight / total_weight
-            member_probs = torch.softmax(output.scores.double(), dim=-1) * fraction
-            probs = member_probs if probs is None else probs + member_probs
-            member_raw = output.scores.double() * fraction
-            raw = member_raw if raw is None else raw + member_raw
-            if attention is not None:
-                attention.add(output.attention)
-        action = probs.cpu().numpy()
-        per_task = {
-            "verb": marginalise(action, actions.verbs, counts["verb"], absent),
-            "noun": marginalise(action, actions.nouns, counts["noun"], absent),
-            "action": action,
-        }
-        if mean_of == "scores" and len(members) > 1:
-            action = torch.softmax(raw, dim=-1).cpu().numpy()
-            per_task["action"] = action
-        rows = np.array([row_of[i] for i in batches[0]["id"]])
-        for task, task_probs in per_task.items():
-            flat = task_probs.reshape(-1, task_probs.shape[-1])
-            best = top_k(flat, k)
-            local_ids[task].append(best.reshape(len(rows), steps, -1))
-            local_probs[task].append(
-                np.take_along_axis(flat, best, 1).reshape(len(rows), steps, -1).astype(np.float32)
-            )
-        local_rows.append(rows)
-        if full_index is not None:
-            full_rows["verb"].append(per_task["verb"][:, full_index].astype(np.float32))
-            full_rows["noun"].append(per_task["noun"][:, full_index].astype(np.float32))
-            best = top_k(action[:, full_index], SUBMISSION_ACTIONS)
-            full_rows["ids"].append(best)
-            full_rows["probs"].append(np.take_along_axis(action[:, full_index], best, 1))
-        done += len(rows)
-        if progress is not None:
-            progress(done, len(share))
+    with fixed_weights():  # no weight changes in this pass: each is prepared once
+        for batches in zip(*(iterate_batches(loader) for loader in loaders), strict=True):
+            probs, raw = None, None
+            for member, batch in zip(members, batches, strict=True):
+                with autocast:
+                    output = member.model(to_device(batch["features"], torch_device))
+                fraction = member.weight / total_weight
+                member_probs = torch.softmax(output.scores.double(), dim=-1) * fraction
+                probs = member_probs if probs is None else probs + member_probs
+                member_raw = output.scores.double() * fraction
+                raw = member_raw if raw is None else raw + member_raw
+                if attention is not None:
+                    attention.add(output.attention)
+            action = probs.cpu().numpy()
+            per_task = {
+                "verb": marginalise(action, actions.verbs, counts["verb"], absent),
+                "noun": marginalise(action, actions.nouns, counts["noun"], absent),
+                "action": action,
+            }
+            if mean_of == "scores" and len(members) > 1:
+                action = torch.softmax(raw, dim=-1).cpu().numpy()
+                per_task["action"] = action
+            rows = np.array([row_of[i] for i in batches[0]["id"]])
+            for task, task_probs in per_task.items():
+                flat = task_probs.reshape(-1, task_probs.shape[-1])
+                best = top_k(flat, k)
+                local_ids[task].append(best.reshape(len(rows), steps, -1))
+                local_probs[task].append(
+                    np.take_along_axis(flat, best, 1)
+                    .reshape(len(rows), steps, -1)
+                    .astype(np.float32)
+                )
+            local_rows.append(rows)
+            if full_index is not None:
+                full_rows["verb"].append(per_task["verb"][:, full_index].astype(np.float32))
+                full_rows["noun"].append(per_task["noun"][:, full_index].astype(np.float32))
+                best = top_k(action[:, full_index], SUBMISSION_ACTIONS)
+                full_rows["ids"].append(best)
+                full_rows["probs"].append(np.take_along_axis(action[:, full_index], best, 1))
+            done += len(rows)
+            if progress is not None:
+                progress(done, len(share))
     rows = distributed.gather_rows(_stack(local_rows, (0,), np.int64))
     for task in TASKS:
         top_ids[task][rows] = distributed.gather_rows(

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from sfr.data.timegrid import TimeGrid
 from sfr.models.branch import BranchOutput
+from sfr.models.matmul import linear
 
 
 class NodeOutput(NamedTuple):
@@ -62,7 +63,14 @@ class AttentionFusion(nn.Module):
         self, scores: Sequence[Tensor], contexts: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Fused scores (B, K, C), fused context (B, K, 2H) and weights (B, K, n)."""
-        weights = F.softmax(self.mlp(torch.cat(list(contexts), dim=-1)), dim=-1)  # (B, K, n)
+        hidden = torch.cat(list(contexts), dim=-1)  # (B, K, 2Hn)
+        for layer in self.mlp:  # `self.mlp(...)`, its products through `linear`
+            hidden = (
+                linear(hidden, layer.weight, layer.bias)
+                if isinstance(layer, nn.Linear)
+                else layer(hidden)
+            )
+        weights = F.softmax(hidden, dim=-1)  # (B, K, n)
         fused_scores = (torch.stack(list(scores), dim=-1) * weights.unsqueeze(2)).sum(-1)
         fused_context = (torch.stack(list(contexts), dim=-1) * weights.unsqueeze(2)).sum(-1)
         return fused_scores, fused_context, weights

@@ -48,6 +48,7 @@ from sfr.data.loader import (
 )
 from sfr.errors import RunError, TrainingError
 from sfr.eval.metrics import class_mean, label_ranks
+from sfr.models.matmul import fixed_weights
 from sfr.train.rundir import RunDir
 
 
@@ -446,28 +447,31 @@ class Trainer:
         ranks, all_labels, losses = [], [], []
         total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
-        for index, batch in enumerate(iterate_batches(loader)):
-            labels = batch["action"].to(self.device, non_blocking=True)
-            with self._autocast():
-                scores = self.task.scores(to_device(batch["features"], self.device))  # (B, K, C)
-            scores = scores.float()
-            batch_size, steps, classes = scores.shape
-            loss = F.cross_entropy(
-                scores.reshape(-1, classes), labels.repeat_interleave(steps), reduction="none"
-            ).reshape(batch_size, steps)  # (B, K): plain cross-entropy, even with class weights
-            losses.append(loss.double().mean(1).cpu().numpy())
-            label_np = labels.cpu().numpy()
-            ranks.append(label_ranks(scores.cpu().numpy(), label_np))  # (B, K)
-            all_labels.append(label_np)
-            total += float(loss.sum()) / steps
-            hits += _top5_hits(scores[:, k_sel], labels)
-            seen += batch_size
-            rate = seen / max(time.perf_counter() - began, 1e-9)
-            self.progress(
-                BatchDone(
-                    "val", epoch, index + 1, len(loader), total / seen, 100 * hits / seen, rate
+        with fixed_weights():  # no weight changes in this pass: each is prepared once
+            for index, batch in enumerate(iterate_batches(loader)):
+                labels = batch["action"].to(self.device, non_blocking=True)
+                with self._autocast():
+                    scores = self.task.scores(
+                        to_device(batch["features"], self.device)
+                    )  # (B, K, C)
+                scores = scores.float()
+                batch_size, steps, classes = scores.shape
+                loss = F.cross_entropy(
+                    scores.reshape(-1, classes), labels.repeat_interleave(steps), reduction="none"
+                ).reshape(batch_size, steps)  # (B, K): plain cross-entropy, even with class weights
+                losses.append(loss.double().mean(1).cpu().numpy())
+                label_np = labels.cpu().numpy()
+                ranks.append(label_ranks(scores.cpu().numpy(), label_np))  # (B, K)
+                all_labels.append(label_np)
+                total += float(loss.sum()) / steps
+                hits += _top5_hits(scores[:, k_sel], labels)
+                seen += batch_size
+                rate = seen / max(time.perf_counter() - began, 1e-9)
+                self.progress(
+                    BatchDone(
+                        "val", epoch, index + 1, len(loader), total / seen, 100 * hits / seen, rate
+                    )
                 )
-            )
         times = self.task.times
         empty = np.zeros((0, len(times)), np.int64)
         all_ranks = distributed.gather_rows(np.concatenate(ranks) if ranks else empty)
