@@ -33,6 +33,7 @@ from conftest import (
     writable_copy,
 )
 from safetensors.torch import load_file
+from test_matmul import count_reorders
 
 import sfr
 from sfr.checkpoint import read_metadata
@@ -55,7 +56,6 @@ from sfr.eval.metrics import (
 )
 from sfr.eval.runner import Member, SplitPredictions, predict_split
 from sfr.eval.submission import check_challenge, make_submission
-from sfr.models import matmul
 from sfr.models.branch import create_branch
 from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
 from sfr.models.matmul import onednn_available
@@ -1018,14 +1018,7 @@ def test_a_pass_over_a_split_prepares_each_recurrent_weight_once(
     model = load_model(trained_runs.branch("rgb@0.25"))
     segments = validation(data)
     actions = read_actions(data / "actions.csv")
-    calls: list[int] = []
-    reorder = matmul._reorder
-
-    def counted(weight: torch.Tensor, rows: int) -> torch.Tensor:
-        calls.append(rows)
-        return reorder(weight, rows)
-
-    monkeypatch.setattr(matmul, "_reorder", counted)
+    calls = count_reorders(monkeypatch)
     batches = -(-len(segments) // 2)
     assert batches >= 3
     fixed = predict_split([Member(model)], segments, data, actions, batch_size=2, device="cpu")

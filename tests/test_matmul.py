@@ -190,7 +190,8 @@ def test_fused_optimizer_steps_and_saving_after_a_forward() -> None:
     assert losses["onednn"][-1] < losses["onednn"][0] - 0.1
 
 
-def _count_reorders(monkeypatch) -> list[int]:
+def count_reorders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row counts of every weight reordered for oneDNN from now on (a list filled as it goes)."""
     calls: list[int] = []
     reorder = matmul._reorder
 
@@ -211,7 +212,7 @@ def test_fixed_weights_reorders_each_weight_once_for_the_block(monkeypatch) -> N
     x = torch.randn(3, 7, 24)
     with torch.no_grad():
         expected = branch(x, [3, 5, 6]).scores
-        calls = _count_reorders(monkeypatch)
+        calls = count_reorders(monkeypatch)
         with fixed_weights():
             first = branch(x, [3, 5, 6]).scores
             assert len(calls) == 2  # the rolling and the unrolling recurrent weights
@@ -232,7 +233,7 @@ def test_fixed_weights_reorders_each_weight_once_for_the_block(monkeypatch) -> N
 def test_fixed_weights_still_sees_a_replaced_or_recorded_change(monkeypatch) -> None:
     weight, x, _ = _weight_and_rows(3)
     parameter = torch.nn.Parameter(weight.clone())
-    calls = _count_reorders(monkeypatch)
+    calls = count_reorders(monkeypatch)
     with torch.no_grad(), fixed_weights():
         before = StepWeight(parameter, 7).mm(x)
         assert torch.equal(StepWeight(parameter, 7).mm(x), before) and len(calls) == 1
