@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from test_cli import preset_args
@@ -222,7 +224,7 @@ def test_fixed_weights_reorders_each_weight_once_for_the_block(monkeypatch) -> N
             assert len(calls) == 2
             branch(x[:2], [3, 5, 6])  # another batch size: prepared for its own row count
             assert len(calls) == 4
-        assert matmul._fixed is None
+        assert not matmul.fixed_weights_held()
         branch(x, [3, 5, 6])
         assert len(calls) == 6  # outside a block: once per pass again
     for scores in (first, second, third):
@@ -255,3 +257,24 @@ def test_the_fused_sum_of_addmm_gives_the_bits_of_a_separate_sum() -> None:
     assert torch.equal(fused, separate)
     strided = torch.randn(7, 2, 48)[:, 1]  # a non-contiguous bias (a step of (B, T, 4H))
     assert torch.equal(fast.addmm(strided, x), fast.mm(x).add_(strided))
+
+
+@needs_onednn
+def test_a_fixed_weights_block_holds_for_its_own_thread_only(monkeypatch) -> None:
+    """Another thread (training the same weights meanwhile, say) reorders them afresh."""
+    weight, x, _ = _weight_and_rows(6)
+    calls = count_reorders(monkeypatch)
+    seen: list[bool] = []
+
+    def other() -> None:
+        seen.append(matmul.fixed_weights_held())
+        with torch.no_grad():
+            StepWeight(weight, 7).mm(x)
+
+    with torch.no_grad(), fixed_weights():
+        StepWeight(weight, 7).mm(x)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        StepWeight(weight, 7).mm(x)
+    assert seen == [False] and len(calls) == 2

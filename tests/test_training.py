@@ -516,11 +516,11 @@ def test_each_validation_pass_runs_with_fixed_weights(
             yield
 
     def training(self: Trainer, *args: Any, **kwargs: Any) -> Any:
-        assert matmul._fixed is None
+        assert not matmul.fixed_weights_held()
         return train_epoch(self, *args, **kwargs)
 
     monkeypatch.setattr(loop_module, "fixed_weights", recorded)
     monkeypatch.setattr(Trainer, "_train_epoch", training)
     train_branch_stage(config, "pretrain", golden_data, tmp_path / "runs")
     assert len(passes) == config.optim.epochs
-    assert matmul._fixed is None
+    assert not matmul.fixed_weights_held()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -76,8 +77,18 @@ class _Prepared(NamedTuple):
     packed: Tensor
 
 
-# reordered weights kept for the innermost `fixed_weights` block; None outside any block
-_fixed: dict[tuple[int, int, bool], _Prepared] | None = None
+class _Blocks(threading.local):
+    # this thread's reordered weights, kept for its outermost `fixed_weights` block; None
+    # outside any block (per thread: another thread may train the same weights meanwhile)
+    fixed: dict[tuple[int, int, bool], _Prepared] | None = None
+
+
+_blocks = _Blocks()
+
+
+def fixed_weights_held() -> bool:
+    """Whether this thread is inside a `fixed_weights` block."""
+    return _blocks.fixed is not None
 
 
 @contextlib.contextmanager
@@ -91,17 +102,17 @@ def fixed_weights() -> Iterator[None]:
     batch 16 and most of it at batch 1. The copies are dropped when the outermost block ends.
     A weight replaced (`.data =`, `load_state_dict` into new storage) or changed in place by a
     recorded operation is reordered again; one changed through `.data` in place inside the
-    block is not noticed (it breaks the block's promise).
+    block is not noticed (it breaks the block's promise). The block holds for the thread that
+    entered it only.
     """
-    global _fixed
-    outer = _fixed
-    if outer is None:
-        _fixed = {}
+    outermost = _blocks.fixed is None
+    if outermost:
+        _blocks.fixed = {}
     try:
         yield
     finally:
-        if outer is None:
-            _fixed = None
+        if outermost:
+            _blocks.fixed = None
 
 
 def _reorder(weight: Tensor, rows: int) -> Tensor:
@@ -112,8 +123,9 @@ def _reordered(weight: Tensor, rows: int, transpose: bool) -> Tensor:
     """`weight` (its transpose with `transpose`) in oneDNN's layout for products by `rows` rows,
     from the current `fixed_weights` block's copies where it holds one still valid."""
     key = (id(weight), rows, transpose)
-    if _fixed is not None:
-        kept = _fixed.get(key)
+    kept_here = _blocks.fixed
+    if kept_here is not None:
+        kept = kept_here.get(key)
         if (
             kept is not None
             and kept.weight is weight
@@ -124,8 +136,8 @@ def _reordered(weight: Tensor, rows: int, transpose: bool) -> Tensor:
     source = weight.detach()
     source = source.t().contiguous() if transpose else source
     packed = _reorder(source, rows)
-    if _fixed is not None:
-        _fixed[key] = _Prepared(weight, weight.data_ptr(), weight._version, packed)
+    if kept_here is not None:
+        kept_here[key] = _Prepared(weight, weight.data_ptr(), weight._version, packed)
     return packed
 
 
