@@ -33,7 +33,7 @@ from sfr.errors import ConfigError, DistributedError, SfrError
 
 TIMEOUT_ENV = "SFR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
-TIMEOUT_RANGE_S = (1.0, 7 * 24 * 3600.0)  # 1 s to 7 days: what timedelta and gloo accept
+TIMEOUT_RANGE_S = (1.0, 7 * 24 * 3600.0)  # below 1 s joining fails; 1e13 s overflows gloo
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TORCHRUN_HINT = (
     "to run several, start the command with torchrun: torchrun --nproc-per-node N -m sfr ..."
