@@ -42,7 +42,8 @@ class TrainingError(SfrError):
 
 
 class DistributedError(SfrError):
-    """A multi-process run lost one of its processes or could not start (torchrun, DDP)."""
+    """A run lost one of its processes (another torchrun rank, a DataLoader worker) or could
+    not start (torchrun, DDP)."""
 
 
 def install_extra(extra: str) -> str:

@@ -130,4 +130,20 @@ def _validate(rank: int, args: list[str]) -> dict:
     return {"exit": 0}
 
 
-JOBS = {"train": _train, "validate": _validate}
+def _start(rank: int, missing_on: int) -> dict:
+    """Start a run as the training commands do (`on_main` prepares the run folder on rank 0),
+    except that rank `missing_on` lacks an input first, as a machine without the shared
+    --runs folder would."""
+    from sfr import distributed
+    from sfr.errors import RunError, SfrError
+
+    try:
+        if rank == missing_on:
+            raise RunError("runs/x/pretrain has no best.safetensors.")
+        distributed.on_main(lambda: "prepared")
+    except SfrError as error:
+        return {"error": type(error).__name__, "message": error.message, "hint": error.hint}
+    return {"started": True}
+
+
+JOBS = {"train": _train, "validate": _validate, "start": _start}

@@ -209,6 +209,19 @@ def test_a_killed_rank_fails_clearly_and_the_run_resumes_under_ddp(
     assert not (report / "plots").exists() or (report / "report.html").is_file()
 
 
+def test_a_rank_that_fails_to_start_stops_rank_0_with_a_message(tmp_path: Path) -> None:
+    """A setup error on one machine (its --runs folder lacks the pretrain checkpoint) gave rank 0
+    a raw gloo traceback from `on_main`: now the lost-contact message and the shared-folder hint."""
+    codes = launch([("start", {"missing_on": 1})], tmp_path, wait_s=30)
+    assert codes == [0, 0], codes
+    (result,) = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] == "DistributedError", result
+    assert result["message"].startswith("The run could not start: process rank 0 of 2 lost contact")
+    assert "--data and --runs folders must be one shared file system" in result["hint"]
+    (own,) = json.loads((tmp_path / "rank1.json").read_text())
+    assert own["message"] == "runs/x/pretrain has no best.safetensors."
+
+
 def test_a_stalled_rank_times_out_instead_of_hanging(
     config_path: Path, golden_data: Path, tmp_path: Path
 ) -> None:
@@ -303,50 +316,250 @@ def test_whole_batches_equal_the_collated_samples(golden_data: Path) -> None:
             assert torch.equal(whole["features"][key], expected["features"][key]), key
 
 
+def torchrun_env(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, local: int = 1) -> None:
+    """torchrun's variables of process `rank` of `world`, `local` processes per machine."""
+    values = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank % local,
+              "LOCAL_WORLD_SIZE": local, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}  # fmt: skip
+    for name, value in values.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def raise_in_command(error: BaseException, multiprocess: bool = True) -> int:
+    """Run a command that raises `error` through the CLI's error rendering; its exit code."""
+    import typer
+
+    from sfr.cli.common import handles_user_errors
+
+    @handles_user_errors("Run it again.", multiprocess=multiprocess)
+    def command() -> None:
+        raise error
+
+    with pytest.raises(typer.Exit) as exit:
+        command()
+    return exit.value.exit_code
+
+
 def test_other_ranks_report_only_their_own_errors(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """Rank 1 stays silent about errors every rank meets (rank 0 prints them) but names
-    itself with an error that arose in it alone, such as a missing key in its shard."""
-    import typer
-
-    from sfr.cli.common import handles_user_errors
+    itself, once, with an error that arose in it alone, such as a missing key in its shard or
+    a lost peer; the first process of a second machine reports what it met before the run
+    started (its files may differ), naming the rank once."""
     from sfr.errors import DataError, DistributedError, RunError
 
-    monkeypatch.setenv("RANK", "1")
-    own = DataError("Feature store 'rgb' has no key 'P01_01_frame_0000000042.jpg'.")
-    own.rank = 1
-    shared = RunError("Run directory runs/x already holds a finished run.")
-    shared.rank, shared.from_main = 1, True
-    lost = DistributedError("Training stopped at epoch 2: process rank 1 of 2 lost contact.")
-    for error, printed in [(DataError("before the group"), ""), (shared, ""),
-                           (own, "rank 1: Feature store 'rgb'"), (lost, "rank 1: Training stopped")]:  # fmt: skip
+    def marked(error: Exception, **attributes: object) -> Exception:
+        for name, value in attributes.items():
+            setattr(error, name, value)
+        return error
 
-        @handles_user_errors("")
-        def command(error: Exception = error) -> None:
-            raise error
-
-        with pytest.raises(typer.Exit) as exit:
-            command()
-        assert exit.value.exit_code == 2
+    own = marked(DataError("Feature store 'rgb' has no key 'P01_01_frame_0000000042.jpg'."), rank=1)
+    shared = marked(RunError("Run directory runs/x already holds a finished run."), rank=1,
+                    from_main=True)  # fmt: skip
+    lost = marked(DistributedError("Training stopped at epoch 2: process rank 1 of 2 lost contact."),
+                  rank=1)  # fmt: skip
+    config = DataError("data.num_classes is 2513 but D/actions.csv lists 40 actions.")
+    join = DistributedError("Rank 1 could not join the 2-process run at 127.0.0.1:29500: refused")
+    torchrun_env(monkeypatch, rank=1, world=2, local=2)  # one machine
+    cases = [(config, ""), (join, ""), (shared, ""), (own, "Error: rank 1: Feature store 'rgb'"),
+             (lost, "Error: Training stopped at epoch 2: process rank 1 of 2")]  # fmt: skip
+    for error, printed in cases:
+        assert raise_in_command(error) == 2
         output = capsys.readouterr().err
         assert (printed in output) if printed else output == "", output
+        assert "rank 1: Rank 1" not in output and "rank 1: Training" not in output
+    torchrun_env(monkeypatch, rank=1, world=2, local=1)  # the first process of a second machine
+    for error, printed in [(config, "Error: rank 1: data.num_classes is 2513"),
+                           (join, "Error: Rank 1 could not join"), (shared, "")]:  # fmt: skip
+        assert raise_in_command(error) == 2
+        output = capsys.readouterr().err
+        assert (printed in output) if printed else output == "", output
+    torchrun_env(monkeypatch, rank=0, world=2, local=1)  # rank 0 reports everything, unlabelled
+    assert raise_in_command(config) == 2
+    assert capsys.readouterr().err.startswith("Error: data.num_classes is 2513")
 
 
-@pytest.mark.parametrize("text", ["0", "-5", "inf", "nan", "abc"])
-def test_a_collective_timeout_must_be_a_positive_number_of_seconds(
+@pytest.mark.parametrize("text", ["0", "0.001", "-5", "1e13", "1e20", "inf", "nan", "abc"])
+def test_a_collective_timeout_must_be_from_a_second_to_a_week(
     text: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Beyond a week gloo overflows (1e20: OverflowError; 1e13: a negative timeout), below a
+    second joining fails as if the endpoint were wrong: both are refused by name."""
     monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
-    with pytest.raises(ConfigError, match=f"SFR_DIST_TIMEOUT is '{text}', not a positive number"):
+    expected = f"SFR_DIST_TIMEOUT is '{text}', not a number of seconds from 1 to 604800"
+    with pytest.raises(ConfigError, match=expected):
         distributed.timeout()
-    monkeypatch.setenv(distributed.TIMEOUT_ENV, "600")
-    assert distributed.timeout().total_seconds() == 600
+    torchrun_env(monkeypatch, rank=0, world=2)
+    with pytest.raises(ConfigError, match=expected):  # what every command checks first
+        distributed.check_environment()
+    for seconds in ("1", "600", "604800"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, seconds)
+        assert distributed.timeout().total_seconds() == float(seconds)
 
 
 def test_local_world_size_counts_only_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_torchrun_env(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.local_world_size() == 1
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    torchrun_env(monkeypatch, rank=5, world=8, local=4)
     assert distributed.local_world_size() == 4
+    assert distributed.environment() == distributed.Launch(5, 8, 1, 4)
+
+
+def clear_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*distributed.LAUNCH_ENV, "LOCAL_WORLD_SIZE", distributed.TIMEOUT_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"RANK": "1"}, ["RANK is 1 in the environment but WORLD_SIZE is not set", "Unset RANK"]),
+        ({"WORLD_SIZE": "2"}, ["WORLD_SIZE is 2 in the environment but RANK is not set"]),
+        ({"RANK": "0", "WORLD_SIZE": "x"}, ["WORLD_SIZE is 'x' in the environment, not an integer"]),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, ["RANK is '-1' in the environment, not an integer >= 0"]),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, ["RANK is 2 but WORLD_SIZE is 2: a rank must be below"]),
+        ({"RANK": "0", "WORLD_SIZE": "2"},
+         ["WORLD_SIZE is 2 but LOCAL_RANK, MASTER_ADDR and MASTER_PORT are not set"]),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"},
+         ["WORLD_SIZE is 2 but MASTER_PORT is not set"]),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
+          "MASTER_PORT": "p"}, ["MASTER_PORT is 'p' in the environment, not an integer"]),
+    ],
+)  # fmt: skip
+def test_a_partial_torchrun_environment_is_refused_before_anything_is_written(
+    cli, env: dict[str, str], needles: list[str], config_path: Path, golden_data: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A stray RANK or a launcher that sets part of torchrun's variables: a message naming
+    them, exit 2, for training (which wrote config.json, then failed with a traceback) and
+    validation (which exited 0 without a report) alike, and for single-process commands."""
+    from clitools import assert_user_error
+
+    clear_torchrun_env(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    runs, report, synthetic = tmp_path / "runs", tmp_path / "report", tmp_path / "synthetic"
+    for args in (
+        ["train-branch", "--config", config_path, "--data", golden_data, "--runs", runs],
+        ["validate", tmp_path, "--data", golden_data, "--report", report],
+        ["synth", "--out", synthetic],
+    ):
+        assert_user_error(*cli(*args), *needles)
+    assert not runs.exists() and not report.exists() and not synthetic.exists()
+
+
+def test_single_process_commands_are_refused_by_every_rank_under_torchrun(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`torchrun -m sfr synth|demo ...` made every rank write the same files (and one say the
+    folder already holds a dataset): rank 0 refuses with a message, the others exit 2 quietly,
+    nothing is written."""
+    from clitools import assert_user_error
+
+    clear_torchrun_env(monkeypatch)
+    for command in (["synth", "--out", tmp_path / "s"], ["demo", "--out", tmp_path / "d"]):
+        torchrun_env(monkeypatch, rank=0, world=2, local=2)
+        assert_user_error(
+            *cli(*command),
+            "This sfr command runs as one process, but torchrun started 2 copies of it",
+            "Run it without torchrun",
+            "train-branch, finetune, fuse, pipeline and validate",
+        )
+        torchrun_env(monkeypatch, rank=1, world=2, local=2)
+        code, output, _ = cli(*command)
+        assert (code, output) == (2, "")
+    assert not list(tmp_path.iterdir())
+
+
+def kill_a_worker(monkeypatch: pytest.MonkeyPatch, view: type, when: Any) -> None:
+    """Make the progress view `view` kill -9 a DataLoader worker of this process at the first
+    event for which `when(event)` holds, as the kernel's out-of-memory killer would."""
+    import multiprocessing
+    import signal
+
+    shown = view.__call__
+    done: list[int] = []
+
+    def call(self: object, event: object) -> None:
+        shown(self, event)
+        if not done and when(event):
+            worker = multiprocessing.active_children()[0]
+            done.append(worker.pid)
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(10)
+            time.sleep(0.2)  # torch's SIGCHLD handler or its next read notices the death
+
+    monkeypatch.setattr(view, "__call__", call)
+
+
+def test_a_killed_loader_worker_stops_training_and_validation_with_a_message(
+    cli, config_path: Path, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of a --workers process gave a 239-line traceback and exit 1: now which process
+    died, how, that epoch 1's checkpoint is kept, exit 2, status "interrupted"; --resume then
+    finishes the run. The same in `validate`'s inference pass (nothing written)."""
+    from clitools import assert_user_error
+
+    from sfr.cli.common import TrainingView
+    from sfr.cli.validate import EvaluationView
+    from sfr.eval.evaluation import SamplesDone
+    from sfr.train.loop import BatchDone
+
+    clear_torchrun_env(monkeypatch)
+    runs = tmp_path / "runs"
+    train = ["train-branch", "--config", config_path, "--data", golden_data, "--runs", runs,
+             "--workers", "1", "--no-preload", "--batch-size", "4"]  # fmt: skip
+    with monkeypatch.context() as patch:
+        kill_a_worker(patch, TrainingView, lambda e: isinstance(e, BatchDone) and e.epoch == 1)
+        code, output, error = cli(*train)
+    assert_user_error(
+        code, output, error,
+        "Training stopped at epoch 2: the DataLoader worker process",
+        "(one of the --workers processes that read the batches)",
+        "The checkpoints of epoch 1 are kept in", "--resume",
+    )  # fmt: skip
+    assert "Check the other processes" not in output  # a single process
+    assert json.loads((runs / STAGE / "status.json").read_text())["state"] == "interrupted"
+    code, output, error = cli(*train, "--resume")
+    assert code == 0, output
+    assert len(measures(runs / STAGE)) == 2
+
+    report = tmp_path / "report"
+    with monkeypatch.context() as patch:
+        kill_a_worker(patch, EvaluationView, lambda e: isinstance(e, SamplesDone))
+        code, output, error = cli("validate", runs / STAGE, "--data", golden_data, "--device",
+                                  "cpu", "--workers", "1", "--batch-size", "2", "--report", report)  # fmt: skip
+    assert_user_error(
+        code, output, error, "Inference stopped: the DataLoader worker process",
+        "Nothing was written: run the same command again",
+    )  # fmt: skip
+    assert not (report / "report.json").exists()
+
+
+def test_a_worker_death_outside_the_loops_is_a_message_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """torch's SIGCHLD handler may raise a worker's death anywhere, even while a message is on
+    its way out, or as SIGTERM stops the process and its workers (torchrun): the message, or
+    the SIGTERM, wins; a death alone is named; any other exception stays a traceback (a bug)."""
+    from sfr.errors import DistributedError
+
+    clear_torchrun_env(monkeypatch)
+    death = RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated.")
+    death.__context__ = DistributedError("Training stopped at epoch 2: lost contact.", "Resume.")
+    assert raise_in_command(death) == 2
+    output = capsys.readouterr().err
+    assert output.startswith("Error: Training stopped at epoch 2: lost contact."), output
+    death.__context__ = None
+    assert raise_in_command(death) == 2
+    output = capsys.readouterr().err
+    assert "The command stopped: the DataLoader worker process 7" in output, output
+    assert "was killed by signal Terminated" in output and "Run it again." in output
+    from sfr.cli.common import Terminated
+
+    death.__context__ = Terminated()  # torchrun stopped the process and its workers
+    assert raise_in_command(death) == 143
+    assert capsys.readouterr().err.startswith("Stopped by SIGTERM.")
+    with pytest.raises(RuntimeError, match="a bug"):
+        raise_in_command(RuntimeError("a bug"))

@@ -191,5 +191,6 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
 
     command.__doc__ = doc
     return handles_user_errors(
-        "Checkpoints are written atomically: run the same command with --resume to continue."
+        "Checkpoints are written atomically: run the same command with --resume to continue.",
+        multiprocess=True,
     )(command)

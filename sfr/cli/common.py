@@ -121,17 +121,23 @@ def _output_closed(resume_advice: str) -> None:
         err_console.print(f"[yellow]Output closed (broken pipe): stopped.[/] {resume_advice}")
 
 
-def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
+def handles_user_errors(
+    resume_advice: str, *, multiprocess: bool = False
+) -> Callable[[CommandT], CommandT]:
     """Decorator: `SfrError` becomes a one-paragraph message and exit 2, never a traceback;
     Ctrl-C says how to continue (`resume_advice`) and exits 130, SIGTERM 143. A closed stdout
     (`| head`) stops the command like a signal would, quietly: no traceback, a run stopped so is
-    recorded as interrupted (it resumes), the advice goes to stderr, exit 141."""
+    recorded as interrupted (it resumes), the advice goes to stderr, exit 141.
+
+    Before the command runs, torchrun's environment is checked (`distributed.check_environment`)
+    and, unless `multiprocess` (a command that runs as several processes under torchrun), a
+    command started as one of several processes is refused (`single_process`)."""
 
     def decorate(command: CommandT) -> CommandT:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:  # around the messages too: stderr may be the same closed pipe
-                return _rendering_errors(command, resume_advice, *args, **kwargs)
+                return _rendering_errors(command, resume_advice, multiprocess, *args, **kwargs)
             except BrokenPipeError:
                 _output_closed(resume_advice)
                 raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
@@ -142,40 +148,89 @@ def handles_user_errors(resume_advice: str) -> Callable[[CommandT], CommandT]:
 
 
 def _rendering_errors(
-    command: Callable[..., Any], resume_advice: str, *args: Any, **kwargs: Any
+    command: Callable[..., Any],
+    resume_advice: str,
+    multiprocess: bool,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     """Run `command`; user errors, Ctrl-C and SIGTERM become messages and exit codes
     (`handles_user_errors`)."""
     try:
+        launch = distributed.check_environment()
+    except SfrError as error:  # which process is which is unknown: every one says it
+        raise fail(error.message, error.hint) from None
+    try:
         with sigterm_as_interrupt():
+            if launch.world_size > 1 and not multiprocess:
+                single_process(launch.world_size)
             cpu_matmul()  # SFR_CPU_MATMUL, before anything is written
             return command(*args, **kwargs)
     except SfrError as error:
-        if distributed.is_main():
-            raise fail(error.message, error.hint) from None
-        if not (distributed.own_error(error) or isinstance(error, DistributedError)):
-            raise typer.Exit(USER_ERROR_EXIT) from None  # rank 0 prints the message
-        rank = f"rank {distributed.rank()}: "
-        raise fail(rank + error.message, error.hint) from None
-    except Terminated:
+        raise _reported(error) from None
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(interrupt, resume_advice, launch.world_size > 1) from None
+    except Exception as error:  # a process lost outside the core's own guards
+        chain = distributed.exception_chain(error)
+        interrupt = next((e for e in chain if isinstance(e, KeyboardInterrupt)), None)
+        if interrupt is not None and distributed.is_process_failure(error):
+            # a signal stops the command and its DataLoader workers: the workers' death is
+            # noticed while the interruption is on its way out
+            raise _interrupted(interrupt, resume_advice, launch.world_size > 1) from None
+        failure = distributed.process_failure(error, "The command stopped", resume_advice)
+        if failure is None:
+            raise
+        raise _reported(failure) from None
+
+
+def _interrupted(interrupt: KeyboardInterrupt, resume_advice: str, launched: bool) -> typer.Exit:
+    """Say on rank 0 that the command stopped (Ctrl-C: exit 130; SIGTERM: 143) and how to
+    continue; the exit to raise."""
+    if isinstance(interrupt, Terminated):
         if distributed.is_main():
             cause = (
                 " torchrun stops every process of a run when one fails or is killed: "
                 "look for its message above."
-                if distributed.launched()
+                if launched
                 else ""
             )
             err_console.print(f"[yellow]Stopped by SIGTERM.[/]{cause} {resume_advice}")
-        raise typer.Exit(128 + signal.SIGTERM) from None
-    except KeyboardInterrupt:
-        if distributed.is_main():  # torchrun interrupts every process: one message
-            err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
-        raise typer.Exit(130) from None
+        return typer.Exit(128 + signal.SIGTERM)
+    if distributed.is_main():  # torchrun interrupts every process: one message
+        err_console.print(f"[yellow]Interrupted.[/] {resume_advice}")
+    return typer.Exit(130)
 
 
-user_errors = handles_user_errors(
-    "Checkpoints are written atomically: run the same command again to continue."
-)
+def _reported(error: SfrError) -> typer.Exit:
+    """Print `error` where this process reports it (`distributed.reports`: rank 0, or another
+    rank for its own errors, labelled with its rank once); the exit to raise (code 2)."""
+    if not distributed.reports(error):
+        return typer.Exit(USER_ERROR_EXIT)  # rank 0 prints the message
+    rank = distributed.rank()
+    named = distributed.is_main() or f"rank {rank} " in error.message.lower()
+    return fail(error.message if named else f"rank {rank}: {error.message}", error.hint)
+
+
+MULTIPROCESS_COMMANDS = "train-branch, finetune, fuse, pipeline and validate"
+
+
+def single_process(world_size: int) -> None:
+    """Refuse a command that runs as one process when torchrun started `world_size` (> 1)
+    copies of it: every copy would do the same work and write the same files. Raises a
+    DistributedError that rank 0 reports, before anything is done."""
+    raise DistributedError(
+        f"This sfr command runs as one process, but torchrun started {world_size} copies of it "
+        f"(WORLD_SIZE={world_size}): each would do the same work and write the same files.",
+        f"Run it without torchrun: sfr COMMAND ... Under torchrun only {MULTIPROCESS_COMMANDS} "
+        "run as several processes.",
+    )
+
+
+RERUN_ADVICE = "Checkpoints are written atomically: run the same command again to continue."
+user_errors = handles_user_errors(RERUN_ADVICE)
+multiprocess_errors = handles_user_errors(RERUN_ADVICE, multiprocess=True)
+"""For the commands that run as several processes under torchrun (`fuse`, `pipeline`,
+`validate`; `train-branch` and `finetune` have their own advice)."""
 
 
 @contextmanager

@@ -8,14 +8,14 @@ from typing import Annotated, Literal
 import typer
 
 from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
-from sfr.cli.common import fail, force_option, user_errors
+from sfr.cli.common import fail, force_option, multiprocess_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.config import Choice
 from sfr.data.loader import Precision
 from sfr.train.fusion import FusionPlan
 
 
-@user_errors
+@multiprocess_errors
 def fuse(
     architecture: Annotated[
         Literal["arch1", "arch2"],

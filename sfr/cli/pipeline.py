@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 
 from sfr.cli.branch_stage import DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
-from sfr.cli.common import fail, force_option, user_errors
+from sfr.cli.common import fail, force_option, multiprocess_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.data.loader import Precision
 
 
-@user_errors
+@multiprocess_errors
 def pipeline(
     data: DataOpt,
     config_arg: Annotated[

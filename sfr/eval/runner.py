@@ -284,8 +284,12 @@ def predict_split(
         else contextlib.nullcontext()
     )
     done = 0
-    with fixed_weights():  # no weight changes in this pass: each is prepared once
-        for batches in zip(*(iterate_batches(loader) for loader in loaders), strict=True):
+    stopped = distributed.process_failures(
+        "Inference stopped", "Nothing was written: run the same command again."
+    )
+    with stopped, fixed_weights():  # no weight changes in this pass: each is prepared once
+        readers = (distributed.own_batches(iterate_batches(loader)) for loader in loaders)
+        for batches in zip(*readers, strict=True):
             probs, raw = None, None
             for member, batch in zip(members, batches, strict=True):
                 with autocast:
@@ -326,14 +330,16 @@ def predict_split(
             done += len(rows)
             if progress is not None:
                 progress(done, len(share))
-    rows = distributed.gather_rows(_stack(local_rows, (0,), np.int64))
-    for task in TASKS:
-        top_ids[task][rows] = distributed.gather_rows(
-            _stack(local_ids[task], (0, steps, kept_k[task]), np.int64)
-        )
-        top_probs[task][rows] = distributed.gather_rows(
-            _stack(local_probs[task], (0, steps, kept_k[task]), np.float32)
-        )
+    with stopped:
+        rows = distributed.gather_rows(_stack(local_rows, (0,), np.int64))
+        for task in TASKS:
+            top_ids[task][rows] = distributed.gather_rows(
+                _stack(local_ids[task], (0, steps, kept_k[task]), np.int64)
+            )
+            top_probs[task][rows] = distributed.gather_rows(
+                _stack(local_probs[task], (0, steps, kept_k[task]), np.float32)
+            )
+        attention_means = attention.means() if attention is not None else []
     discarded = np.array([segment.id not in kept_ids for segment in segments], dtype=bool)
     labels = {
         task: np.array(
@@ -348,16 +354,17 @@ def predict_split(
         times,
         top_ids,
         top_probs,
-        attention.means() if attention is not None else [],
+        attention_means,
     )
     if full_at is not None:
         shapes = {"verb": (0, counts["verb"]), "noun": (0, counts["noun"])}
         top = (0, min(SUBMISSION_ACTIONS, actions.num_actions))
         dtypes = {"verb": np.float32, "noun": np.float32, "ids": np.int64, "probs": np.float64}
-        full_rows = {
-            name: [distributed.gather_rows(_stack(parts, shapes.get(name, top), dtypes[name]))]
-            for name, parts in full_rows.items()
-        }
+        with stopped:
+            full_rows = {
+                name: [distributed.gather_rows(_stack(parts, shapes.get(name, top), dtypes[name]))]
+                for name, parts in full_rows.items()
+            }
         predictions.full = _full_scores(full_at, full_rows, discarded, counts, actions.num_actions)
     return predictions
 

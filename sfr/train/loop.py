@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -295,7 +295,7 @@ class Trainer:
             for epoch in range(start, self.settings.epochs):
                 began = time.perf_counter()
                 sampler.set_epoch(epoch)
-                with distributed.peer_failures(
+                with distributed.process_failures(
                     f"Training stopped at epoch {epoch + 1}", self._resume_hint(epoch)
                 ):
                     train_loss = self._train_epoch(model, train_loader, sampler.weights(), epoch)
@@ -314,7 +314,7 @@ class Trainer:
                     **metrics,
                 }
                 history.append(record)
-                with distributed.peer_failures(
+                with distributed.process_failures(
                     f"Saving epoch {epoch + 1} failed", self._resume_hint(epoch)
                 ):
                     rng = distributed.gather_rows(torch.get_rng_state().numpy()[None])  # (W, S)
@@ -367,7 +367,12 @@ class Trainer:
             if epoch > 0 or self.run_dir.last_path.is_file()
             else f"No epoch had finished; {self.run_dir.root} holds no checkpoint yet."
         )
-        return f"Check the other processes' output for the cause. {kept}"
+        others = "Check the other processes' output for the cause. " if self.world > 1 else ""
+        return others + kept
+
+    def _batches(self, loader: DataLoader) -> Iterator[dict]:
+        """This process's batches; a data error met reading them is this process's own."""
+        return distributed.own_batches(iterate_batches(loader))
 
     def _seed_dropout(self, epoch: int) -> None:
         """Give ranks above 0 dropout masks of their own (rank 0 keeps run.seed's stream)."""
@@ -385,7 +390,7 @@ class Trainer:
         model.train()
         total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
-        for index, (batch, weight) in enumerate(zip(iterate_batches(loader), weights, strict=True)):
+        for index, (batch, weight) in enumerate(zip(self._batches(loader), weights, strict=True)):
             labels = batch["action"].to(self.device, non_blocking=True)
             with self._autocast():
                 scores = model(to_device(batch["features"], self.device))  # (B, K, C)
@@ -448,7 +453,7 @@ class Trainer:
         total, hits, seen, began = 0.0, 0, 0, time.perf_counter()
         k_sel = self.task.times.index(self.settings.select_time)
         with fixed_weights():  # no weight changes in this pass: each is prepared once
-            for index, batch in enumerate(iterate_batches(loader)):
+            for index, batch in enumerate(self._batches(loader)):
                 labels = batch["action"].to(self.device, non_blocking=True)
                 with self._autocast():
                     scores = self.task.scores(
