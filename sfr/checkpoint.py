@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-import safetensors.torch
 from safetensors.torch import load_file
 
 from sfr.errors import DataError, RunError

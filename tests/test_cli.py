@@ -9,7 +9,7 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
-from clitools import assert_user_error
+from clitools import assert_user_error, registered_commands
 
 from sfr.cli.common import USER_ERROR_EXIT
 from sfr.data.annotations import read_segments
@@ -557,6 +557,91 @@ def test_unavailable_device_is_a_user_error(cli, golden_data: Path, tmp_path: Pa
         "--device", "cuda",
     )  # fmt: skip
     assert_user_error(code, output, error, "cuda")
+
+
+# Every command with a --device option, and values each refuses the same way.
+DEVICE_COMMANDS = [
+    ["train-branch"], ["finetune"], ["fuse", "arch2"], ["pipeline"], ["validate"], ["predict"],
+    ["export", "submission"], ["features", "rgb"], ["features", "flow"],
+]  # fmt: skip
+BAD_DEVICES = ["banana", "gpu", "CPU", "cuda:x", "cuda:-1", "", "cpu:0", "cuda:"]
+
+
+def test_the_device_commands_are_every_command_with_a_device_option() -> None:
+    with_device = [
+        words
+        for words, command in registered_commands()
+        if any("--device" in getattr(p, "opts", ()) for p in command.params)
+    ]
+    assert sorted(with_device) == sorted([w for w in c if w != "arch2"] for c in DEVICE_COMMANDS)
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=" ".join)
+def test_every_command_refuses_a_bad_device_with_one_message(
+    cli, golden_data: Path, tmp_path: Path, command: list[str]
+) -> None:
+    """One accepted set (auto, cpu, cuda, cuda:N, mps) and one message, exit 2, before any work
+    (validate, predict and export submission showed torch's traceback; `cpu:0` was accepted
+    by some commands and refused by others)."""
+    for value in BAD_DEVICES:
+        code, output, error = cli(*command, "--device", value, tmp_path / "model")
+        shown = value if value else "''"
+        assert_user_error(
+            code, output, error, f"--device {shown}: use auto, cpu, cuda, cuda:N or mps."
+        )
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_with_a_bad_device_names_it(cli, golden_data: Path, tmp_path: Path) -> None:
+    """The tester's call: a real run folder and data, --device banana."""
+    config = write_config(tmp_path)
+    runs = tmp_path / "runs"
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", runs
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    root = runs / "ek55" / "rgb-a0.25-enc2-ant4" / "pretrain"
+    for value in ("banana", "cuda:x"):
+        code, output, error = cli("validate", root, "--data", golden_data, "--device", value)
+        assert_user_error(code, output, error, f"--device {value}: use auto, cpu, cuda")
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("file", 'branch.toml: run.device: "cpu:0" is not a device: use auto, cpu, cuda, '),
+        ("set", 'command-line override: run.device: "cpu:0" is not a device: use auto, cpu, '),
+    ],
+)
+def test_run_device_in_a_config_follows_the_same_rule(
+    cli, golden_data: Path, tmp_path: Path, where: str, needle: str
+) -> None:
+    config = write_config(tmp_path)
+    if where == "file":
+        config.write_text(config.read_text().replace('device = "cpu"', 'device = "cpu:0"'))
+    extra = ["--set", "run.device=cpu:0"] if where == "set" else []
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "r", *extra
+    )
+    assert_user_error(code, output, error, "run.device", "cuda:N or mps")
+    assert needle in " ".join(output.split()), output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train-branch"], ["fuse", "arch2"], ["pipeline"], ["validate"], ["features", "rgb"]],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("value", ["FP32", "fp64", ""])
+def test_a_bad_precision_is_a_plain_sentence(
+    cli, tmp_path: Path, command: list[str], value: str
+) -> None:
+    """Choices are lower case in sfr (as --modality, --select): FP32 is refused, saying so."""
+    code, output, error = cli(*command, "--precision", value, tmp_path / "x")
+    shown = value if value else "''"
+    assert_user_error(code, output, error, f"--precision {shown}: use fp32, bf16 or fp16.")
+    assert "Value error" not in output and "is not one of" not in output
 
 
 def test_learning_rate_beyond_float32_is_a_user_error(

@@ -31,6 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from sfr import distributed
+from sfr.config import DEVICE_NAMES, PRECISION_NAMES, device_problem, precision_problem, shown
 from sfr.data.dataset import binary_size
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_header, position_label
@@ -60,9 +61,10 @@ CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
 def fail(message: str, hint: str | None = None) -> typer.Exit:
     """Print a user error (message and hint) and return the exit to raise (code 2)."""
-    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+    # emoji=False: a value such as `cuda:x:` is shown as typed, not as an emoji code
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, emoji=False)
     if hint:
-        err_console.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False)
+        err_console.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False, emoji=False)
     return typer.Exit(USER_ERROR_EXIT)
 
 
@@ -190,6 +192,43 @@ def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
             yield
         finally:
             console.quiet = quiet
+
+
+def _checked(flag: str, problem: Callable[[object], str | None]) -> Callable[[Any], Any]:
+    """A Typer callback refusing a value of `flag` that `problem` rejects: the message
+    `--device banana: use auto, cpu, cuda, cuda:N or mps.`, exit 2, before the command runs."""
+
+    def check(value: Any) -> Any:
+        if value is not None:
+            why = problem(value)
+            if why:
+                raise fail(f"{flag} {shown(value)}: {why}.")
+        return value
+
+    return check
+
+
+def device_option(**extra: Any) -> Any:
+    """The `--device` option of every command: one accepted set (`sfr.config.device_problem`,
+    which run.device also follows), one message for the others."""
+    return typer.Option(
+        "--device",
+        help=f"{DEVICE_NAMES}.",
+        callback=_checked("--device", device_problem),
+        **extra,
+    )
+
+
+def precision_option(help: str, **extra: Any) -> Any:
+    """The `--precision` option of every command: fp32, bf16 or fp16, other values refused with
+    one message (`sfr.config.precision_problem`)."""
+    return typer.Option(
+        "--precision",
+        help=help,
+        metavar="|".join(PRECISION_NAMES),
+        callback=_checked("--precision", precision_problem),
+        **extra,
+    )
 
 
 def force_option(effect: str, folder: bool = True) -> Any:

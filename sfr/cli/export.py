@@ -9,7 +9,14 @@ import typer
 
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import SamplingOpt, console, force_option, sample_bars, user_errors
+from sfr.cli.common import (
+    SamplingOpt,
+    console,
+    device_option,
+    force_option,
+    sample_bars,
+    user_errors,
+)
 from sfr.data.observation import position_label
 from sfr.errors import ConfigError
 from sfr.eval.submission import SupervisionLevels, challenge_split, make_submission
@@ -60,7 +67,7 @@ def submission(
         int, typer.Option(min=0, max=5, help="Supervision level: training data (0-5).")
     ] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, device_option()] = "auto",
     sampling: SamplingOpt = None,
     with_: Annotated[
         list[Path] | None,

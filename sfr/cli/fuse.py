@@ -7,11 +7,18 @@ from typing import Annotated, Literal
 
 import typer
 
-from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
+from sfr.cli.branch_stage import (
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    PrecisionOpt,
+    RunsOpt,
+    SetOpt,
+    WorkersOpt,
+)
 from sfr.cli.common import fail, force_option, user_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.config import Choice
-from sfr.data.loader import Precision
 from sfr.train.fusion import FusionPlan
 
 
@@ -47,10 +54,8 @@ def fuse(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Fusion batch size.")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
-    ] = None,
-    precision: Annotated[Precision | None, PrecisionOpt] = None,
+    device: Annotated[str | None, DeviceOpt] = None,
+    precision: Annotated[str | None, PrecisionOpt] = None,
     workers: Annotated[int | None, WorkersOpt] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     set_: SetOpt = None,
