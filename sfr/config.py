@@ -142,7 +142,10 @@ def _preload_mode(value: object) -> object:
             return _BOOLEANS[text]
     if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
         return bool(value)
-    raise ValueError(f'must be "auto", true or false, not {value!r}')
+    raise ValueError(
+        f'must be "auto", true or false, not {value!r} (a boolean in any spelling a boolean '
+        'field takes: also "yes"/"no", "on"/"off", "y"/"n", "t"/"f", 1/0)'
+    )
 
 
 class DataConfig(StrictModel):
