@@ -242,6 +242,26 @@ def test_a_run_made_with_the_boolean_preload_resumes_preloaded(
     assert now["data"]["preload"] == "auto" and config_differences(old, now) == []
 
 
+def test_messages_count_one_epoch_in_the_singular(cli, golden_data: Path, tmp_path: Path) -> None:
+    """`with 1 epoch`, `has its 1 epoch`, never `1 epochs`."""
+    from sfr.errors import counted
+
+    assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert counted(1, "process", "processes") == "1 process"
+    args = ["--config", write_config(tmp_path), "--data", golden_data, "--runs", tmp_path / "r"]
+    code, output, error = cli("train-branch", *args)
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("train-branch", *args, "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "is already finished: it has its 1 epoch, nothing to train" in output, output
+    code, output, error = cli("train-branch", *args, "--resume", "--epochs", "2")
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("train-branch", *args, "--resume", "--epochs", "1")
+    assert_user_error(code, output, error)
+    message = " ".join(output.split())
+    assert "with 1 epoch (optim.epochs): the run already has 2 epochs." in message, message
+
+
 def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     runs = tmp_path / "runs"

@@ -25,6 +25,7 @@ from sfr.cli.common import (
 )
 from sfr.config import BranchRunConfig, load_config, parse_override
 from sfr.data.observation import position_label
+from sfr.errors import counted
 from sfr.train.stages import Stage, train_branch_stage
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file (configs/...).")]
@@ -156,9 +157,9 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         task = resolved.data.task
         title = f"{stage} {resolved.branch.slug}"
         what = (
-            f"{grid.steps} frames spread over the action (early recognition)"
+            f"{counted(grid.steps, 'frame')} spread over the action (early recognition)"
             if task == "early_recognition"
-            else f"T = {grid.steps} steps of {grid.alpha:g} s"
+            else f"T = {counted(grid.steps, 'step')} of {grid.alpha:g} s"
         )
         measure = f"{resolved.run.select}@{position_label(resolved.run.select_time, task)}"
         with distributed_run(resolved.run.device, resolved.run.precision):

@@ -35,7 +35,7 @@ from sfr.config import DEVICE_NAMES, PRECISION_NAMES, device_problem, precision_
 from sfr.data.dataset import binary_size
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_header, position_label
-from sfr.errors import DistributedError, SfrError
+from sfr.errors import DistributedError, SfrError, counted
 from sfr.models.matmul import cpu_matmul
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted
@@ -381,7 +381,8 @@ class TrainingView:
             )
             if event.start_epoch >= event.epochs:
                 self.bars.console.print(
-                    f"  {event.run_dir} is already finished: it has all {event.epochs} epochs, "
+                    f"  {event.run_dir} is already finished: it has {'its' if event.epochs == 1 else 'all'} "
+                    f"{counted(event.epochs, 'epoch')}, "
                     "nothing to train (pass more --epochs to extend it)"
                 )
             else:

@@ -18,7 +18,7 @@ from sfr.cli.common import (
     user_errors,
 )
 from sfr.data.observation import position_label
-from sfr.errors import ConfigError
+from sfr.errors import ConfigError, counted
 from sfr.eval.submission import SupervisionLevels, challenge_split, make_submission
 from sfr.files import atomic_write_text, check_output_file, json_text, refuse_existing
 from sfr.models.trained import export_bundle, load_model
@@ -112,7 +112,7 @@ def submission(
         )
     atomic_write_text(out, json_text(document, f"The submission for {out}", indent=1))
     console.print(
-        f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
+        f"Wrote {out}: {counted(len(document['results']), f'{split} segment')}, version {document['version']}, "
         f"scores at {_position(time, trained.data.task)} from {trained.name}"
         + (f" and {', '.join(m.name for m in others)} (mean of {ensemble_of})" if others else "")
         + ".",

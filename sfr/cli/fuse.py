@@ -92,8 +92,8 @@ def fuse(
         )
     if stage is not None and stage not in levels:
         raise fail(
-            f"--stage {stage}: this {architecture} model has fusion level(s) "
-            f"{', '.join(map(str, levels))} only.",
+            f"--stage {stage}: this {architecture} model has fusion "
+            f"level{'s' if len(levels) > 1 else ''} {', '.join(map(str, levels))} only.",
             "Pass one of those, or leave --stage out to train every level.",
         )
     run_and_report(

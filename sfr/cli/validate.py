@@ -22,7 +22,7 @@ from sfr.cli.common import (
 )
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_label
-from sfr.errors import ConfigError
+from sfr.errors import ConfigError, counted
 from sfr.eval.evaluation import (
     EvaluationEvent,
     EvaluationSettings,
@@ -84,7 +84,7 @@ def measures_table(entry: dict[str, Any], group: str, doc: dict[str, Any]) -> Ta
     grid_task = doc.get("task", "anticipation")
     samples = entry["samples"]
     title = doc["group_names"][group] + (
-        f" — {samples['evaluated']} of {samples['total']} segments"
+        f" — {samples['evaluated']} of {counted(samples['total'], 'segment')}"
         f" ({samples['discarded']} discarded, {samples['discarded_policy']})"
         if group == "overall"
         else ""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sfr.checkpoint import read_metadata
-from sfr.errors import RunError
+from sfr.errors import RunError, counted
 from sfr.files import (
     atomic_write_text,
     check_folder_path,
@@ -263,8 +263,8 @@ class RunDir:
         done = self.trained_epochs()
         if done is not None and epochs < done:
             raise RunError(
-                f"Cannot resume {self.root} with {epochs} epochs ({key}): the run already has "
-                f"{done} epochs.",
+                f"Cannot resume {self.root} with {counted(epochs, 'epoch')} ({key}): the run "
+                f"already has {counted(done, 'epoch')}.",
                 f"Pass --epochs {done} or more to extend it, or --force to start over.",
             )
 
