@@ -718,11 +718,9 @@ def test_synth_refuses_a_file_and_a_bad_spec(cli, tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
-def test_every_branch_says_how_its_data_is_read_and_its_finetune_stage_does_not_repeat_it(
-    tmp_path: Path,
-) -> None:
-    """Two branches whose lines read the same (same table size) each get theirs; a branch's
-    finetune stage, which shares its pretrain stage's data, does not repeat it."""
+def test_every_stage_says_how_its_data_is_read(tmp_path: Path) -> None:
+    """Every stage that trains says it, a branch's finetune stage too (it was left out, though
+    the README says each stage does)."""
     from types import SimpleNamespace
 
     from sfr.cli.common import TrainingView
@@ -739,4 +737,59 @@ def test_every_branch_says_how_its_data_is_read_and_its_finetune_stage_does_not_
     loaded = Preloading("auto", True, table_bytes=4 << 20)
     for branch, stage in (("rgb", "pretrain"), ("rgb", "finetune"), ("flow", "pretrain")):
         view(StageStarted(str(tmp_path / branch / stage), 0, 1, 8, 4, 1, loaded, 0))
-    assert sum("data: preloaded table in memory (4.00 MiB" in line for line in printed) == 2
+    assert sum("data: preloaded table in memory (4.00 MiB" in line for line in printed) == 3
+
+
+def test_the_data_line_names_what_the_command_takes_and_each_process_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The auto hint names only options the command has (fuse and pipeline: --set; the demo:
+    none); under torchrun every process has its own --workers processes."""
+    from sfr import distributed
+    from sfr.cli.common import PRELOAD_SET, data_line
+    from sfr.data.dataset import Preloading
+    from sfr.train.loop import StageStarted
+
+    def line(workers: int, forcing: str | None = PRELOAD_SET, copies: int = 1) -> str:
+        preloading = Preloading("auto", False, 4 << 20, 6 << 20, copies)
+        text = data_line(StageStarted("run", 0, 1, 8, 4, 1, preloading, workers), forcing)
+        assert text is not None
+        return text
+
+    assert line(2).endswith("does not preload (--set data.preload=true forces it)")
+    assert "--preload or" not in line(2)
+    assert line(2, None).endswith('so data.preload = "auto" does not preload')
+    assert ", by 2 worker processes (--workers):" in line(2)
+    assert ", by 1 worker process (--workers):" in line(1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert ", by 2 worker processes in each process (--workers):" in line(2, copies=2)
+    assert ", by 2 worker processes in each process (--workers):" in line(2)  # 2 machines
+
+
+def test_a_pipeline_says_how_each_stage_reads_its_data(
+    cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stage of a pipeline, fine-tuning included, prints its `data:` line, whose auto
+    hint names --set (pipeline has no --preload)."""
+    from sfr.data import dataset
+
+    monkeypatch.setattr(dataset, "available_memory", lambda: 80 << 10)  # auto streams
+    path = tmp_path / "fusion.toml"
+    path.write_text(
+        '[data]\ndataset = "ek55"\nfeature_dims = { rgb = 16, flow = 16, obj = 12 }\n'
+        '[model]\nmodalities = ["rgb"]\nhidden = 8\n'
+        "rates = [{ alpha = 0.25, s_enc = 2, s_ant = 4 }, { alpha = 0.5, s_enc = 1, s_ant = 2 }]\n"
+        "[optim]\nbatch_size = 16\nepochs = 1\n[fusion_optim]\nbatch_size = 16\nepochs = 1\n"
+    )
+    code, output, error = cli(
+        "pipeline", path, "--data", golden_data, "--runs", tmp_path / "runs", "--device", "cpu"
+    )  # fmt: skip
+    assert code == 0, f"{output}\n{error!r}"
+    steps = re.findall(r"^\[\d+/\d+\] (\S+ \S+)", output, re.M)
+    lines = [line for line in output.splitlines() if line.startswith("  data: ")]
+    assert any(step.startswith("finetune") for step in steps), steps
+    assert len(lines) == len(steps), (steps, lines)
+    streamed = [line for line in lines if "does not preload" in line]
+    assert streamed and all(
+        line.endswith("(--set data.preload=true forces it)") for line in streamed
+    ), lines

@@ -11,7 +11,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
@@ -349,19 +348,27 @@ def info_bars() -> Progress:
     )
 
 
+# What forces preloading, as each command takes it (`data_line`): the branch commands have
+# --preload, fuse and pipeline only --set, the demo neither.
+PRELOAD_OPTION = "--preload or --set data.preload=true"
+PRELOAD_SET = "--set data.preload=true"
+
+
 class TrainingView:
     """Rich rendering of training progress events: epoch and batch bars, one line per epoch,
-    and at a stage's start how its batches are read (`data_line`; not repeated for the stages
-    of one branch, pretrain and finetune, which share their data)."""
+    and at the start of every stage that trains how its batches are read (`data_line`)."""
 
-    def __init__(self, title: str = "", measure: str = "selection") -> None:
-        """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s)."""
+    def __init__(
+        self, title: str = "", measure: str = "selection", forcing: str | None = PRELOAD_OPTION
+    ) -> None:
+        """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s);
+        `forcing` what of the command forces preloading (None: nothing, as in `sfr demo`)."""
         self.title = title
         self.measure = measure
+        self.forcing = forcing
         self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
-        self.data_lines: set[tuple[str, str | None]] = set()
 
     def __enter__(self) -> TrainingView:
         self.bars.start()
@@ -390,11 +397,8 @@ class TrainingView:
                     self.bars.console.print(
                         f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
                     )
-                line = data_line(event)
-                # a branch's pretrain and finetune stages (one folder apart) share their data
-                key = (str(Path(event.run_dir).parent), line)
-                if line and key not in self.data_lines:
-                    self.data_lines.add(key)
+                line = data_line(event, self.forcing)
+                if line:
                     self.bars.console.print(line, highlight=False)
         elif isinstance(event, BatchDone) and self.batch_task is not None:
             self.bars.update(
@@ -426,23 +430,27 @@ class TrainingView:
         self.epoch_task = self.batch_task = None
 
 
-def data_line(event: StageStarted) -> str | None:
+def data_line(event: StageStarted, forcing: str | None = PRELOAD_OPTION) -> str | None:
     """How a stage reads its training batches, one line: a preloaded table gathered in the
     training process (where --workers is not used), or LMDB reads by the loader's processes and,
-    where data.preload = "auto" chose that, why. None where the training set records no
+    where data.preload = "auto" chose that, why, and `forcing` (what of the command forces
+    preloading; None: nothing is named). Under torchrun every process has its own table or
+    worker processes: the line says "in each process". None where the training set records no
     preloading (a dataset other than `AnticipationDataset`)."""
     preloading = event.preloading
     if preloading is None:
         return None
+    several = preloading.copies > 1 or distributed.world_size() > 1
     if preloading.preloaded:
-        each = " in each process" if preloading.copies > 1 else ""
+        each = " in each process" if several else ""
         return (
             f"  data: preloaded table in memory ({binary_size(preloading.table_bytes)}{each}, "
             f"data.preload = {_toml(preloading.mode)}), batches gathered in the training "
             "process (--workers is not used for it)"
         )
     readers = (
-        f"by {event.workers} worker process{'es' if event.workers > 1 else ''} (--workers)"
+        f"by {counted(event.workers, 'worker process', 'worker processes')}"
+        f"{' in each process' if several else ''} (--workers)"
         if event.workers
         else "in the training process (--workers 0)"
     )
@@ -458,10 +466,8 @@ def data_line(event: StageStarted) -> str | None:
             f"{'together ' if each else ''}more than half of the "
             f"{binary_size(preloading.available)} available"
         )
-    return (
-        f'{line}: {why}, so data.preload = "auto" does not preload (--preload or --set '
-        "data.preload=true forces it)"
-    )
+    forced = f" ({forcing} forces it)" if forcing else ""
+    return f'{line}: {why}, so data.preload = "auto" does not preload{forced}'
 
 
 def _toml(value: object) -> str:
