@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -285,6 +286,69 @@ def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Pa
     code, output, _ = cli("train-branch", *args, "--force")
     assert code == 0, output
     assert str(root) in output
+
+
+TINY_FUSION = (
+    '[data]\ndataset = "ek55"\nfeature_dims = { rgb = 16, flow = 16, obj = 12 }\n'
+    '[model]\nmodalities = ["rgb"]\nhidden = 8\n'
+    "rates = [{ alpha = 0.25, s_enc = 2, s_ant = 4 }, { alpha = 0.5, s_enc = 1, s_ant = 2 }]\n"
+    "[optim]\nbatch_size = 16\nepochs = 1\n[fusion_optim]\nbatch_size = 16\nepochs = 1\n"
+)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_run_folder_being_trained_is_refused_to_every_other_command(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Two processes never train into one folder: while one holds it (here this test process,
+    through the lock file) train-branch, finetune, fuse and pipeline, with or without --resume
+    or --force, are refused naming the folder and the process, and write nothing. A lock file
+    left by a dead process does not block; a "running" run nobody holds is not "interrupted"."""
+    from sfr.train.rundir import LOCK_FILE, RunDir
+
+    fusion = tmp_path / "fusion.toml"
+    fusion.write_text(TINY_FUSION)
+    runs = tmp_path / "runs"
+    common = ["--data", golden_data, "--runs", runs, "--device", "cpu"]
+    code, output, error = cli("pipeline", fusion, *common)
+    assert code == 0, f"{output}\n{error!r}"
+    branch = runs / "ek55" / "rgb-a0.25-enc2-ant4"
+    unit = next(p for p in (runs / "ek55").iterdir() if p.name.startswith("arch2-"))
+    unit = next(p for p in unit.iterdir() if p.is_dir())
+    args = ["--config", write_config(tmp_path), *common]
+    calls = [
+        (branch / "pretrain", ["train-branch", *args]),
+        (branch / "pretrain", ["train-branch", *args, "--resume", "--epochs", "2"]),
+        (branch / "pretrain", ["train-branch", *args, "--force"]),
+        (branch / "finetune", ["finetune", *args, "--force"]),
+        (unit, ["fuse", "arch2", "--config", fusion, *common, "--force"]),
+        (unit, ["pipeline", fusion, *common]),
+        (branch / "finetune", ["pipeline", fusion, *common, "--force"]),
+    ]
+    for root, call in calls:
+        holder = RunDir(root)
+        holder.hold()
+        before = snapshot(runs)
+        try:
+            code, output, error = cli(*call)
+        finally:
+            holder.release()
+        assert_user_error(code, output, error, str(root), f"process {os.getpid()}", "in use")
+        assert snapshot(runs) == {k: v for k, v in before.items() if LOCK_FILE not in k}, call
+    # the lock file of a killed process holds nothing; a "running" run is called unfinished
+    root = branch / "pretrain"
+    (root / LOCK_FILE).write_text("999999999\n")
+    status = json.loads((root / "status.json").read_text())
+    (root / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    code, output, error = cli("train-branch", *args)
+    assert_user_error(code, output, error, "an unfinished run, whose process was killed")
+    assert "interrupted" not in output
+    code, output, error = cli("train-branch", *args, "--force")
+    assert code == 0, f"{output}\n{error!r}"
+    assert not (root / LOCK_FILE).exists()
 
 
 def test_a_model_too_big_for_memory_is_a_message_and_leaves_no_run_folder(
@@ -775,12 +839,7 @@ def test_a_pipeline_says_how_each_stage_reads_its_data(
 
     monkeypatch.setattr(dataset, "available_memory", lambda: 80 << 10)  # auto streams
     path = tmp_path / "fusion.toml"
-    path.write_text(
-        '[data]\ndataset = "ek55"\nfeature_dims = { rgb = 16, flow = 16, obj = 12 }\n'
-        '[model]\nmodalities = ["rgb"]\nhidden = 8\n'
-        "rates = [{ alpha = 0.25, s_enc = 2, s_ant = 4 }, { alpha = 0.5, s_enc = 1, s_ant = 2 }]\n"
-        "[optim]\nbatch_size = 16\nepochs = 1\n[fusion_optim]\nbatch_size = 16\nepochs = 1\n"
-    )
+    path.write_text(TINY_FUSION)
     code, output, error = cli(
         "pipeline", path, "--data", golden_data, "--runs", tmp_path / "runs", "--device", "cpu"
     )  # fmt: skip
