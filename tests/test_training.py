@@ -460,6 +460,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_only_sfr_temp_files_removed_nex
     run.prepare({"optim": {"epochs": 2}}, force=False, resume=True)
     assert sorted(p.name for p in root.iterdir()) == before
     assert read_metadata(run.last_path)["epoch"] == 1
+    run.release()
 
 
 # --------------------------------------------------------------------------------------------
