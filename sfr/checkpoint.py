@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sfr.errors import DataError, RunError
 from sfr.files import atomic_write, missing_reason
@@ -52,6 +53,11 @@ def epochs_from_one(metadata: dict[str, Any]) -> dict[str, Any]:
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write tensors and a JSON-able metadata document as one safetensors file, atomically.
 
+    The only file created beside `path` is sfr's temp file (`atomic_write`), which the next
+    command on that output deletes when a kill left it (`remove_stale_temp_files`). Every
+    safetensors file sfr writes (run checkpoints, exported bundles, converted checkpoints) is
+    written here.
+
     An `epoch` (and `best_epoch`) in `metadata` must be numbered from 1 (None: no best yet); the
     file records that numbering (`EPOCH_BASE_KEY`).
     """
@@ -61,10 +67,15 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
 
     def write(tmp: Path) -> None:
+        # Serialised in memory, then written into sfr's own temp file: the library's
+        # `save_file` would create a temp file of its own beside it (`.tmpXXXXXX`), which a kill
+        # mid-write leaves behind, under a name sfr cannot tell from a user's file.
         try:
-            save_file(contiguous, str(tmp), metadata=header)
-        except SafetensorError as error:  # safetensors reports a full disk as its own error
+            data = safetensors.torch.save(contiguous, metadata=header)
+        except SafetensorError as error:
             raise OSError(str(error)) from None
+        with open(tmp, "wb") as handle:
+            handle.write(data)
 
     atomic_write(path, write)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,56 @@ FolderName = Annotated[str, AfterValidator(_folder_name)]
 StrictModelT = TypeVar("StrictModelT", bound=StrictModel)
 
 
+# The devices every --device option and run.device accept, as PyTorch names them (`cuda` is
+# the current CUDA device, `cuda:N` the N-th, from 0); `auto` is CUDA where available, else CPU.
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+PRECISION_NAMES = ("fp32", "bf16", "fp16")  # sfr.data.loader.PRECISIONS
+
+
+def shown(value: object) -> str:
+    """A value typed by the user as a message shows it: bare when it reads unambiguously,
+    quoted when empty or padded with spaces (`''`, `' cpu'`)."""
+    text = str(value)
+    return text if text and text.strip() == text and isinstance(value, str) else repr(value)
+
+
+def device_problem(name: object) -> str | None:
+    """Why `name` is no device sfr accepts (`DEVICE_NAMES`), None when it is one.
+
+    The one check of every --device option and of run.device: lower case, no other forms
+    (`gpu`, `CPU`, `cpu:0`, `cuda:-1`, `''` are refused). Whether the device exists on this
+    machine is checked where it is used (`sfr.data.loader.resolve_device`).
+    """
+    if isinstance(name, str) and _DEVICE.fullmatch(name):
+        return None
+    return f"use {DEVICE_NAMES}"
+
+
+def check_device(name: str, what: str = "--device") -> str:
+    """`name` when it is a device sfr accepts (`device_problem`); else ConfigError
+    `--device banana: use auto, cpu, cuda, cuda:N or mps.` (`what` names the option or field)."""
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(f"{what} {shown(name)}: {problem}.")
+    return name
+
+
+def precision_problem(name: object) -> str | None:
+    """Why `name` is no precision sfr accepts (`PRECISION_NAMES`, lower case as every choice of
+    sfr), None when it is one."""
+    if name in PRECISION_NAMES:
+        return None
+    return f"use {', '.join(PRECISION_NAMES[:-1])} or {PRECISION_NAMES[-1]}"
+
+
+def _device_name(value: str) -> str:
+    problem = device_problem(value)
+    if problem:
+        raise ValueError(f"{json.dumps(value)} is not a device: {problem}")
+    return value
+
+
 _BOOLEANS = {
     **dict.fromkeys(("true", "yes", "on", "1", "y", "t"), True),
     **dict.fromkeys(("false", "no", "off", "0", "n", "f"), False),
@@ -91,7 +142,10 @@ def _preload_mode(value: object) -> object:
             return _BOOLEANS[text]
     if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
         return bool(value)
-    raise ValueError(f'must be "auto", true or false, not {value!r}')
+    raise ValueError(
+        f'must be "auto", true or false, not {value!r} (a boolean in any spelling a boolean '
+        'field takes: also "yes"/"no", "on"/"off", "y"/"n", "t"/"f", 1/0)'
+    )
 
 
 class DataConfig(StrictModel):
@@ -203,7 +257,7 @@ class RunConfig(StrictModel):
     """Reproducibility, device and model selection."""
 
     seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    device: Annotated[str, AfterValidator(_device_name)] = Field("auto", description=DEVICE_NAMES)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32, or bf16/fp16 mixed precision (autocast; CUDA only)"
     )

@@ -53,3 +53,10 @@ def install_extra(extra: str) -> str:
     form only works where sfr is on a package index; this one works from the project folder.
     """
     return f'pip install -e ".[{extra}]" (run in the sfr project folder, in its venv)'
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`count` and `noun` in the number it takes: `1 epoch`, `2 epochs`, `0 epochs` (`plural`
+    where adding `s` is not the plural: `counted(2, "process", "processes")`). Thousands are
+    grouped (`1,024 frames`)."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import lmdb
 import pytest
 import torch
-from clitools import assert_user_error
+from clitools import assert_user_error, registered_commands
 
 from sfr.cli.common import USER_ERROR_EXIT
 from sfr.data.annotations import read_segments
@@ -242,6 +243,26 @@ def test_a_run_made_with_the_boolean_preload_resumes_preloaded(
     assert now["data"]["preload"] == "auto" and config_differences(old, now) == []
 
 
+def test_messages_count_one_epoch_in_the_singular(cli, golden_data: Path, tmp_path: Path) -> None:
+    """`with 1 epoch`, `has its 1 epoch`, never `1 epochs`."""
+    from sfr.errors import counted
+
+    assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert counted(1, "process", "processes") == "1 process"
+    args = ["--config", write_config(tmp_path), "--data", golden_data, "--runs", tmp_path / "r"]
+    code, output, error = cli("train-branch", *args)
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("train-branch", *args, "--resume")
+    assert code == 0, f"{output}\n{error!r}"
+    assert "is already finished: it has its 1 epoch, nothing to train" in output, output
+    code, output, error = cli("train-branch", *args, "--resume", "--epochs", "2")
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("train-branch", *args, "--resume", "--epochs", "1")
+    assert_user_error(code, output, error)
+    message = " ".join(output.split())
+    assert "with 1 epoch (optim.epochs): the run already has 2 epochs." in message, message
+
+
 def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     runs = tmp_path / "runs"
@@ -265,6 +286,69 @@ def test_finished_run_needs_force_or_resume(cli, golden_data: Path, tmp_path: Pa
     code, output, _ = cli("train-branch", *args, "--force")
     assert code == 0, output
     assert str(root) in output
+
+
+TINY_FUSION = (
+    '[data]\ndataset = "ek55"\nfeature_dims = { rgb = 16, flow = 16, obj = 12 }\n'
+    '[model]\nmodalities = ["rgb"]\nhidden = 8\n'
+    "rates = [{ alpha = 0.25, s_enc = 2, s_ant = 4 }, { alpha = 0.5, s_enc = 1, s_ant = 2 }]\n"
+    "[optim]\nbatch_size = 16\nepochs = 1\n[fusion_optim]\nbatch_size = 16\nepochs = 1\n"
+)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_run_folder_being_trained_is_refused_to_every_other_command(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """Two processes never train into one folder: while one holds it (here this test process,
+    through the lock file) train-branch, finetune, fuse and pipeline, with or without --resume
+    or --force, are refused naming the folder and the process, and write nothing. A lock file
+    left by a dead process does not block; a "running" run nobody holds is not "interrupted"."""
+    from sfr.train.rundir import LOCK_FILE, RunDir
+
+    fusion = tmp_path / "fusion.toml"
+    fusion.write_text(TINY_FUSION)
+    runs = tmp_path / "runs"
+    common = ["--data", golden_data, "--runs", runs, "--device", "cpu"]
+    code, output, error = cli("pipeline", fusion, *common)
+    assert code == 0, f"{output}\n{error!r}"
+    branch = runs / "ek55" / "rgb-a0.25-enc2-ant4"
+    unit = next(p for p in (runs / "ek55").iterdir() if p.name.startswith("arch2-"))
+    unit = next(p for p in unit.iterdir() if p.is_dir())
+    args = ["--config", write_config(tmp_path), *common]
+    calls = [
+        (branch / "pretrain", ["train-branch", *args]),
+        (branch / "pretrain", ["train-branch", *args, "--resume", "--epochs", "2"]),
+        (branch / "pretrain", ["train-branch", *args, "--force"]),
+        (branch / "finetune", ["finetune", *args, "--force"]),
+        (unit, ["fuse", "arch2", "--config", fusion, *common, "--force"]),
+        (unit, ["pipeline", fusion, *common]),
+        (branch / "finetune", ["pipeline", fusion, *common, "--force"]),
+    ]
+    for root, call in calls:
+        holder = RunDir(root)
+        holder.hold()
+        before = snapshot(runs)
+        try:
+            code, output, error = cli(*call)
+        finally:
+            holder.release()
+        assert_user_error(code, output, error, str(root), f"process {os.getpid()}", "in use")
+        assert snapshot(runs) == {k: v for k, v in before.items() if LOCK_FILE not in k}, call
+    # the lock file of a killed process holds nothing; a "running" run is called unfinished
+    root = branch / "pretrain"
+    (root / LOCK_FILE).write_text("999999999\n")
+    status = json.loads((root / "status.json").read_text())
+    (root / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    code, output, error = cli("train-branch", *args)
+    assert_user_error(code, output, error, "an unfinished run, whose process was killed")
+    assert "interrupted" not in output
+    code, output, error = cli("train-branch", *args, "--force")
+    assert code == 0, f"{output}\n{error!r}"
+    assert not (root / LOCK_FILE).exists()
 
 
 def test_a_model_too_big_for_memory_is_a_message_and_leaves_no_run_folder(
@@ -559,6 +643,91 @@ def test_unavailable_device_is_a_user_error(cli, golden_data: Path, tmp_path: Pa
     assert_user_error(code, output, error, "cuda")
 
 
+# Every command with a --device option, and values each refuses the same way.
+DEVICE_COMMANDS = [
+    ["train-branch"], ["finetune"], ["fuse", "arch2"], ["pipeline"], ["validate"], ["predict"],
+    ["export", "submission"], ["features", "rgb"], ["features", "flow"],
+]  # fmt: skip
+BAD_DEVICES = ["banana", "gpu", "CPU", "cuda:x", "cuda:-1", "", "cpu:0", "cuda:"]
+
+
+def test_the_device_commands_are_every_command_with_a_device_option() -> None:
+    with_device = [
+        words
+        for words, command in registered_commands()
+        if any("--device" in getattr(p, "opts", ()) for p in command.params)
+    ]
+    assert sorted(with_device) == sorted([w for w in c if w != "arch2"] for c in DEVICE_COMMANDS)
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=" ".join)
+def test_every_command_refuses_a_bad_device_with_one_message(
+    cli, golden_data: Path, tmp_path: Path, command: list[str]
+) -> None:
+    """One accepted set (auto, cpu, cuda, cuda:N, mps) and one message, exit 2, before any work
+    (validate, predict and export submission showed torch's traceback; `cpu:0` was accepted
+    by some commands and refused by others)."""
+    for value in BAD_DEVICES:
+        code, output, error = cli(*command, "--device", value, tmp_path / "model")
+        shown = value if value else "''"
+        assert_user_error(
+            code, output, error, f"--device {shown}: use auto, cpu, cuda, cuda:N or mps."
+        )
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_with_a_bad_device_names_it(cli, golden_data: Path, tmp_path: Path) -> None:
+    """The tester's call: a real run folder and data, --device banana."""
+    config = write_config(tmp_path)
+    runs = tmp_path / "runs"
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", runs
+    )
+    assert code == 0, f"{output}\n{error!r}"
+    root = runs / "ek55" / "rgb-a0.25-enc2-ant4" / "pretrain"
+    for value in ("banana", "cuda:x"):
+        code, output, error = cli("validate", root, "--data", golden_data, "--device", value)
+        assert_user_error(code, output, error, f"--device {value}: use auto, cpu, cuda")
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("file", 'branch.toml: run.device: "cpu:0" is not a device: use auto, cpu, cuda, '),
+        ("set", 'command-line override: run.device: "cpu:0" is not a device: use auto, cpu, '),
+    ],
+)
+def test_run_device_in_a_config_follows_the_same_rule(
+    cli, golden_data: Path, tmp_path: Path, where: str, needle: str
+) -> None:
+    config = write_config(tmp_path)
+    if where == "file":
+        config.write_text(config.read_text().replace('device = "cpu"', 'device = "cpu:0"'))
+    extra = ["--set", "run.device=cpu:0"] if where == "set" else []
+    code, output, error = cli(
+        "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "r", *extra
+    )
+    assert_user_error(code, output, error, "run.device", "cuda:N or mps")
+    assert needle in " ".join(output.split()), output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train-branch"], ["fuse", "arch2"], ["pipeline"], ["validate"], ["features", "rgb"]],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("value", ["FP32", "fp64", ""])
+def test_a_bad_precision_is_a_plain_sentence(
+    cli, tmp_path: Path, command: list[str], value: str
+) -> None:
+    """Choices are lower case in sfr (as --modality, --select): FP32 is refused, saying so."""
+    code, output, error = cli(*command, "--precision", value, tmp_path / "x")
+    shown = value if value else "''"
+    assert_user_error(code, output, error, f"--precision {shown}: use fp32, bf16 or fp16.")
+    assert "Value error" not in output and "is not one of" not in output
+
+
 def test_learning_rate_beyond_float32_is_a_user_error(
     cli, golden_data: Path, tmp_path: Path
 ) -> None:
@@ -613,11 +782,9 @@ def test_synth_refuses_a_file_and_a_bad_spec(cli, tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
-def test_every_branch_says_how_its_data_is_read_and_its_finetune_stage_does_not_repeat_it(
-    tmp_path: Path,
-) -> None:
-    """Two branches whose lines read the same (same table size) each get theirs; a branch's
-    finetune stage, which shares its pretrain stage's data, does not repeat it."""
+def test_every_stage_says_how_its_data_is_read(tmp_path: Path) -> None:
+    """Every stage that trains says it, a branch's finetune stage too (it was left out, though
+    the README says each stage does)."""
     from types import SimpleNamespace
 
     from sfr.cli.common import TrainingView
@@ -634,4 +801,54 @@ def test_every_branch_says_how_its_data_is_read_and_its_finetune_stage_does_not_
     loaded = Preloading("auto", True, table_bytes=4 << 20)
     for branch, stage in (("rgb", "pretrain"), ("rgb", "finetune"), ("flow", "pretrain")):
         view(StageStarted(str(tmp_path / branch / stage), 0, 1, 8, 4, 1, loaded, 0))
-    assert sum("data: preloaded table in memory (4.00 MiB" in line for line in printed) == 2
+    assert sum("data: preloaded table in memory (4.00 MiB" in line for line in printed) == 3
+
+
+def test_the_data_line_names_what_the_command_takes_and_each_process_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The auto hint names only options the command has (fuse and pipeline: --set; the demo:
+    none); under torchrun every process has its own --workers processes."""
+    from sfr import distributed
+    from sfr.cli.common import PRELOAD_SET, data_line
+    from sfr.data.dataset import Preloading
+    from sfr.train.loop import StageStarted
+
+    def line(workers: int, forcing: str | None = PRELOAD_SET, copies: int = 1) -> str:
+        preloading = Preloading("auto", False, 4 << 20, 6 << 20, copies)
+        text = data_line(StageStarted("run", 0, 1, 8, 4, 1, preloading, workers), forcing)
+        assert text is not None
+        return text
+
+    assert line(2).endswith("does not preload (--set data.preload=true forces it)")
+    assert "--preload or" not in line(2)
+    assert line(2, None).endswith('so data.preload = "auto" does not preload')
+    assert ", by 2 worker processes (--workers):" in line(2)
+    assert ", by 1 worker process (--workers):" in line(1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert ", by 2 worker processes in each process (--workers):" in line(2, copies=2)
+    assert ", by 2 worker processes in each process (--workers):" in line(2)  # 2 machines
+
+
+def test_a_pipeline_says_how_each_stage_reads_its_data(
+    cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stage of a pipeline, fine-tuning included, prints its `data:` line, whose auto
+    hint names --set (pipeline has no --preload)."""
+    from sfr.data import dataset
+
+    monkeypatch.setattr(dataset, "available_memory", lambda: 80 << 10)  # auto streams
+    path = tmp_path / "fusion.toml"
+    path.write_text(TINY_FUSION)
+    code, output, error = cli(
+        "pipeline", path, "--data", golden_data, "--runs", tmp_path / "runs", "--device", "cpu"
+    )  # fmt: skip
+    assert code == 0, f"{output}\n{error!r}"
+    steps = re.findall(r"^\[\d+/\d+\] (\S+ \S+)", output, re.M)
+    lines = [line for line in output.splitlines() if line.startswith("  data: ")]
+    assert any(step.startswith("finetune") for step in steps), steps
+    assert len(lines) == len(steps), (steps, lines)
+    streamed = [line for line in lines if "does not preload" in line]
+    assert streamed and all(
+        line.endswith("(--set data.preload=true forces it)") for line in streamed
+    ), lines

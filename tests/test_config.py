@@ -225,4 +225,15 @@ def test_preload_is_auto_by_default_and_configs_with_a_boolean_still_load(tmp_pa
         assert load_config(BranchRunConfig, path, {key: value}).data.preload == expected
     with pytest.raises(ConfigError) as refused:
         load_config(BranchRunConfig, path, {"data.preload": "sometimes"})
-    assert """data.preload: must be "auto", true or false, not 'sometimes'""" in str(refused.value)
+    message = str(refused.value)
+    assert """data.preload: must be "auto", true or false, not 'sometimes' (a boolean""" in message
+    # every spelling accepted above is listed, in both directions
+    for spelling in ('"yes"/"no"', '"on"/"off"', '"y"/"n"', '"t"/"f"', "1/0"):
+        assert spelling in message, message
+    for refused_value in (2, [], "maybe"):
+        with pytest.raises(ConfigError, match="yes"):
+            load_config(BranchRunConfig, path, {"data.preload": refused_value})
+    for accepted, expected in ((1.0, True), (0, False), ("n", False), ("T", True)):
+        assert (
+            load_config(BranchRunConfig, path, {"data.preload": accepted}).data.preload is expected
+        )

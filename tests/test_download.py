@@ -1338,7 +1338,7 @@ def test_a_size_check_refused_by_the_server_says_why(
         assert needle in output
     assert f"{server.mirror}/iplab.dmi.unict.it/sharing/rulstm/TSN-rgb.pth.tar" in output
     assert "s3cret" not in output and "--check-size asks" not in output
-    assert "1 size check(s) failed" in output
+    assert "1 size check failed" in output
 
 
 def test_a_download_refused_for_credentials_says_so(cli, server, tmp_path) -> None:

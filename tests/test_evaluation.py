@@ -712,7 +712,7 @@ def test_ensemble_of_models_with_other_times_is_refused_naming_both(
     message = caught.value.message
     assert "rgb@0.25 finetune at 1, 0.75, 0.5, 0.25 s" in message
     assert "rgb@0.5 finetune at 1, 0.5 s" in message
-    with pytest.raises(ConfigError, match="gives 1 weights for 2 models"):
+    with pytest.raises(ConfigError, match="gives 1 weight for 2 models"):
         evaluate([fast, fast], trained_runs.data, ensemble_weights=[1.0], settings=CPU)
     # without an ensemble, the two are scored side by side
     doc = evaluate([fast, slow], trained_runs.data, settings=CPU)

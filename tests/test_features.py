@@ -592,7 +592,7 @@ def test_merge_refuses_a_shard_with_an_unfinished_video(tmp_path: Path) -> None:
     assert record is not None
     del record.videos["B"]  # as a run stopped half-way through B leaves it
     write_record(shard, record)
-    with pytest.raises(DataError, match=r"1 video\(s\) whose extraction did not finish \(B\)"):
+    with pytest.raises(DataError, match=r"1 video whose extraction did not finish \(B\)"):
         merge_stores(tmp_path / "merged", [shard])
     assert not (tmp_path / "merged" / "data.mdb").exists()
 

@@ -244,7 +244,7 @@ def test_fuse_trains_level_1_then_level_2(
     assert rows[f"L2 {FINAL}"] == expected_cells(runs / ARCH2_DIR / FINAL, ["1", "0.5"])
 
     code, output, error = cli(*args, "--stage", "3")
-    assert_user_error(code, output, error, "--stage 3", "fusion level(s) 1, 2")
+    assert_user_error(code, output, error, "--stage 3", "fusion levels 1, 2")
 
 
 def test_fuse_arch1_trains_a_config_that_leaves_the_architecture_out(

@@ -15,7 +15,7 @@ from typing import Any
 import lmdb
 import numpy as np
 import pytest
-from clitools import assert_user_error
+from clitools import assert_user_error, registered_commands
 from conftest import TrainedRuns, writable_copy
 
 from sfr.data.presets import PUBLISHED_PRESETS as PUBLISHED
@@ -972,22 +972,6 @@ def test_only_sfr_temp_names_are_removed(tmp_path: Path) -> None:
 # case 17: the same names and placeholders for the same things in every command
 
 
-def registered_commands() -> list[tuple[list[str], Any]]:
-    """Every command and group of `sfr` as Typer builds them, with its words (`["export",
-    "model"]`): found by walking the command tree, so a new command is checked too."""
-    import typer.main
-
-    from sfr.cli.app import app
-
-    def walk(command: Any, prefix: list[str]) -> list[tuple[list[str], Any]]:
-        found = [(prefix, command)]
-        for name, sub in getattr(command, "commands", {}).items():
-            found += walk(sub, [*prefix, name])
-        return found
-
-    return walk(typer.main.get_command(app), [])
-
-
 def every_command() -> list[list[str]]:
     return [words for words, _ in registered_commands()]
 
@@ -1007,7 +991,7 @@ def test_every_help_uses_one_placeholder_convention(cli: Cli) -> None:
 # The wording every command shares for the same option: (start of) its help.
 SHARED_HELP = {
     "--seed": "Random seed.",
-    "--device": "auto, cpu, cuda or cuda:N.",
+    "--device": "auto, cpu, cuda, cuda:N or mps.",
     "--force": "Replace ",
     "--workers": "Worker ",
     "--runs": "Runs folder",

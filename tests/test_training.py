@@ -5,16 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import sfr.checkpoint as checkpoint_module
 import sfr.train.loop as loop_module
 import sfr.train.stages as stages_module
 from sfr.checkpoint import load_checkpoint, read_metadata, save_checkpoint, split_prefix
@@ -23,6 +28,7 @@ from sfr.data.synthetic import SyntheticSpec, write_synthetic
 from sfr.errors import RunError, TrainingError
 from sfr.models import matmul
 from sfr.train.loop import EpochDone, Trainer
+from sfr.train.rundir import RunDir
 from sfr.train.stages import train_branch_stage
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -366,32 +372,95 @@ def test_checkpoint_write_is_atomic(
     old = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     save_checkpoint(path, old, {"epoch": 1})
     before = path.read_bytes()
-    real_save = checkpoint_module.save_file
-    calls: list[str] = []
+    listed: list[list[str]] = []
 
-    def broken_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
-        calls.append(filename)
-        Path(filename).write_bytes(b"half a header")  # torn output in the temp file
+    def broken_save(tensors: dict[str, torch.Tensor], metadata: Any = None) -> bytes:
+        listed.append(sorted(p.name for p in path.parent.iterdir()))
         raise failure
 
-    monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save", broken_save)
     expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else RunError
     with pytest.raises(expected) as caught:  # a full disk is a message naming the file
         save_checkpoint(path, {"w": torch.zeros(2, 3)}, {"epoch": 2})
     if expected is RunError:
         assert str(path) in caught.value.message and "No space left" in caught.value.message
-    assert len(calls) == 1 and Path(calls[0]).parent == path.parent
-    assert calls[0] != str(path)  # it wrote to a temp file, not to the checkpoint itself
+    # it writes to a temp file beside the checkpoint, not to the checkpoint itself
+    assert len(listed) == 1 and len(listed[0]) == 2 and listed[0][1] == "best.safetensors"
+    assert re.fullmatch(r"\.best\.safetensors\.\w+\.tmp", listed[0][0])
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["best.safetensors"]
     tensors, meta = load_checkpoint(path)
     assert meta == {"epoch": 1, "epoch_base": 1}
     assert torch.equal(tensors["w"], old["w"])
 
-    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    monkeypatch.undo()
     save_checkpoint(path, {"w": torch.ones(2, 3)}, {"epoch": 3})
     tensors, meta = load_checkpoint(path)
     assert meta == {"epoch": 3, "epoch_base": 1} and torch.equal(tensors["w"], torch.ones(2, 3))
+
+
+# A process killed (SIGKILL) in the middle of a checkpoint write. The library's own file writer
+# (`serialize_file`, behind `save_file`) is replaced by one that does what it does first, a
+# temp file `.tmpXXXXXX` beside the target, then dies; the in-memory serialiser (`save`) lists
+# the folder, prints it and dies.
+_KILLED_WRITE = """
+import json, os, signal, sys, tempfile
+from pathlib import Path
+import safetensors.torch, torch
+from sfr.checkpoint import save_checkpoint
+
+target = Path(sys.argv[1])
+real_save = safetensors.torch.save
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def library_file_writer(tensors, filename, metadata=None):
+    handle, name = tempfile.mkstemp(prefix=".tmp", dir=os.path.dirname(filename))
+    os.write(handle, real_save({"w": torch.zeros(1000)})[:100])
+    die()
+
+def serialiser(tensors, metadata=None):
+    data = real_save(tensors, metadata=metadata)
+    print(json.dumps(sorted(os.listdir(target.parent))))
+    die()
+
+safetensors.torch.serialize_file = library_file_writer
+safetensors.torch.save = serialiser
+save_checkpoint(target, {"w": torch.ones(1000)}, {"epoch": 2})
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_only_sfr_temp_files_removed_next_time(
+    tmp_path: Path,
+) -> None:
+    """Nothing but sfr's temp file is created beside a checkpoint while it is written (the
+    safetensors library's `save_file` makes a temp file of its own, which a kill leaves behind
+    under a name sfr does not know); a kill leaves only that temp file, which the next command
+    on the folder deletes."""
+    root = tmp_path / "run"
+    run = RunDir(root)
+    run.prepare({"optim": {"epochs": 1}}, force=False, resume=False)
+    save_checkpoint(run.last_path, {"w": torch.zeros(1000)}, {"epoch": 1})
+    before = sorted(p.name for p in root.iterdir())
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITE, str(run.last_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    temp = re.compile(r"\.last\.safetensors\.\w+\.tmp")
+    during = json.loads(done.stdout.splitlines()[-1])
+    assert len(during) == len(before) + 1 and all(n in before or temp.fullmatch(n) for n in during)
+    left = sorted(p.name for p in root.iterdir())
+    assert len(left) == len(before) + 1 and all(n in before or temp.fullmatch(n) for n in left)
+    run.prepare({"optim": {"epochs": 2}}, force=False, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert read_metadata(run.last_path)["epoch"] == 1
+    run.release()
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,15 +15,17 @@ import typer
 from sfr.cli.common import (
     TrainingView,
     console,
+    device_option,
     distributed_run,
     fail,
     force_option,
     handles_user_errors,
+    precision_option,
     stage_table,
 )
 from sfr.config import BranchRunConfig, load_config, parse_override
-from sfr.data.loader import Precision  # one set of choices for every --precision
 from sfr.data.observation import position_label
+from sfr.errors import counted
 from sfr.train.stages import Stage, train_branch_stage
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file (configs/...).")]
@@ -50,11 +52,10 @@ WorkersOpt = typer.Option(
     "process.",
     rich_help_panel=DataGroup,
 )
-PrecisionOpt = typer.Option(
-    "--precision",
-    help="fp32, or bf16/fp16 mixed precision (CUDA only).",
-    rich_help_panel=RunGroup,
+PrecisionOpt = precision_option(
+    "fp32, or bf16/fp16 mixed precision (CUDA only).", rich_help_panel=RunGroup
 )
+DeviceOpt = device_option(rich_help_panel=RunGroup)
 
 
 def _opt(flag: str, help: str, group: str) -> Any:
@@ -115,10 +116,8 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
             float | None, _opt("--weight-decay", "L2 penalty.", OptimGroup)
         ] = None,
         seed: Annotated[int | None, _opt("--seed", "Random seed.", RunGroup)] = None,
-        device: Annotated[
-            str | None, _opt("--device", "auto, cpu, cuda or cuda:N.", RunGroup)
-        ] = None,
-        precision: Annotated[Precision | None, PrecisionOpt] = None,
+        device: Annotated[str | None, DeviceOpt] = None,
+        precision: Annotated[str | None, PrecisionOpt] = None,
         select: Annotated[
             str | None,
             _opt(
@@ -158,9 +157,9 @@ def make_branch_command(stage: Stage, doc: str) -> Callable[..., None]:
         task = resolved.data.task
         title = f"{stage} {resolved.branch.slug}"
         what = (
-            f"{grid.steps} frames spread over the action (early recognition)"
+            f"{counted(grid.steps, 'frame')} spread over the action (early recognition)"
             if task == "early_recognition"
-            else f"T = {grid.steps} steps of {grid.alpha:g} s"
+            else f"T = {counted(grid.steps, 'step')} of {grid.alpha:g} s"
         )
         measure = f"{resolved.run.select}@{position_label(resolved.run.select_time, task)}"
         with distributed_run(resolved.run.device, resolved.run.precision):

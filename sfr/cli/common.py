@@ -11,7 +11,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
@@ -31,10 +30,11 @@ from rich.progress import (
 from rich.table import Table
 
 from sfr import distributed
+from sfr.config import DEVICE_NAMES, PRECISION_NAMES, device_problem, precision_problem, shown
 from sfr.data.dataset import binary_size
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_header, position_label
-from sfr.errors import DistributedError, SfrError
+from sfr.errors import DistributedError, SfrError, counted
 from sfr.models.matmul import cpu_matmul
 from sfr.train.loop import BatchDone, EpochDone, FitResult, ProgressEvent, StageStarted
 from sfr.train.pipeline import PipelineResult, StepStarted
@@ -60,9 +60,10 @@ CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
 def fail(message: str, hint: str | None = None) -> typer.Exit:
     """Print a user error (message and hint) and return the exit to raise (code 2)."""
-    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+    # emoji=False: a value such as `cuda:x:` is shown as typed, not as an emoji code
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, emoji=False)
     if hint:
-        err_console.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False)
+        err_console.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False, emoji=False)
     return typer.Exit(USER_ERROR_EXIT)
 
 
@@ -247,6 +248,43 @@ def distributed_run(device: str, precision: str = "fp32") -> Iterator[None]:
             console.quiet = quiet
 
 
+def _checked(flag: str, problem: Callable[[object], str | None]) -> Callable[[Any], Any]:
+    """A Typer callback refusing a value of `flag` that `problem` rejects: the message
+    `--device banana: use auto, cpu, cuda, cuda:N or mps.`, exit 2, before the command runs."""
+
+    def check(value: Any) -> Any:
+        if value is not None:
+            why = problem(value)
+            if why:
+                raise fail(f"{flag} {shown(value)}: {why}.")
+        return value
+
+    return check
+
+
+def device_option(**extra: Any) -> Any:
+    """The `--device` option of every command: one accepted set (`sfr.config.device_problem`,
+    which run.device also follows), one message for the others."""
+    return typer.Option(
+        "--device",
+        help=f"{DEVICE_NAMES}.",
+        callback=_checked("--device", device_problem),
+        **extra,
+    )
+
+
+def precision_option(help: str, **extra: Any) -> Any:
+    """The `--precision` option of every command: fp32, bf16 or fp16, other values refused with
+    one message (`sfr.config.precision_problem`)."""
+    return typer.Option(
+        "--precision",
+        help=help,
+        metavar="|".join(PRECISION_NAMES),
+        callback=_checked("--precision", precision_problem),
+        **extra,
+    )
+
+
 def force_option(effect: str, folder: bool = True) -> Any:
     """The `--force` flag in one wording for every command (sfr's overwrite rule, README
     "Existing outputs and --force"): `effect`, and for a folder output that only the files sfr
@@ -365,19 +403,27 @@ def info_bars() -> Progress:
     )
 
 
+# What forces preloading, as each command takes it (`data_line`): the branch commands have
+# --preload, fuse and pipeline only --set, the demo neither.
+PRELOAD_OPTION = "--preload or --set data.preload=true"
+PRELOAD_SET = "--set data.preload=true"
+
+
 class TrainingView:
     """Rich rendering of training progress events: epoch and batch bars, one line per epoch,
-    and at a stage's start how its batches are read (`data_line`; not repeated for the stages
-    of one branch, pretrain and finetune, which share their data)."""
+    and at the start of every stage that trains how its batches are read (`data_line`)."""
 
-    def __init__(self, title: str = "", measure: str = "selection") -> None:
-        """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s)."""
+    def __init__(
+        self, title: str = "", measure: str = "selection", forcing: str | None = PRELOAD_OPTION
+    ) -> None:
+        """`measure` names the selection measure, e.g. `top5@1s` (top-5 accuracy at τ = 1 s);
+        `forcing` what of the command forces preloading (None: nothing, as in `sfr demo`)."""
         self.title = title
         self.measure = measure
+        self.forcing = forcing
         self.bars = info_bars()
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
-        self.data_lines: set[tuple[str, str | None]] = set()
 
     def __enter__(self) -> TrainingView:
         self.bars.start()
@@ -397,7 +443,8 @@ class TrainingView:
             )
             if event.start_epoch >= event.epochs:
                 self.bars.console.print(
-                    f"  {event.run_dir} is already finished: it has all {event.epochs} epochs, "
+                    f"  {event.run_dir} is already finished: it has {'its' if event.epochs == 1 else 'all'} "
+                    f"{counted(event.epochs, 'epoch')}, "
                     "nothing to train (pass more --epochs to extend it)"
                 )
             else:
@@ -405,11 +452,8 @@ class TrainingView:
                     self.bars.console.print(
                         f"  resuming {event.run_dir} at epoch {event.start_epoch + 1}"
                     )
-                line = data_line(event)
-                # a branch's pretrain and finetune stages (one folder apart) share their data
-                key = (str(Path(event.run_dir).parent), line)
-                if line and key not in self.data_lines:
-                    self.data_lines.add(key)
+                line = data_line(event, self.forcing)
+                if line:
                     self.bars.console.print(line, highlight=False)
         elif isinstance(event, BatchDone) and self.batch_task is not None:
             self.bars.update(
@@ -441,23 +485,27 @@ class TrainingView:
         self.epoch_task = self.batch_task = None
 
 
-def data_line(event: StageStarted) -> str | None:
+def data_line(event: StageStarted, forcing: str | None = PRELOAD_OPTION) -> str | None:
     """How a stage reads its training batches, one line: a preloaded table gathered in the
     training process (where --workers is not used), or LMDB reads by the loader's processes and,
-    where data.preload = "auto" chose that, why. None where the training set records no
+    where data.preload = "auto" chose that, why, and `forcing` (what of the command forces
+    preloading; None: nothing is named). Under torchrun every process has its own table or
+    worker processes: the line says "in each process". None where the training set records no
     preloading (a dataset other than `AnticipationDataset`)."""
     preloading = event.preloading
     if preloading is None:
         return None
+    several = preloading.copies > 1 or distributed.world_size() > 1
     if preloading.preloaded:
-        each = " in each process" if preloading.copies > 1 else ""
+        each = " in each process" if several else ""
         return (
             f"  data: preloaded table in memory ({binary_size(preloading.table_bytes)}{each}, "
             f"data.preload = {_toml(preloading.mode)}), batches gathered in the training "
             "process (--workers is not used for it)"
         )
     readers = (
-        f"by {event.workers} worker process{'es' if event.workers > 1 else ''} (--workers)"
+        f"by {counted(event.workers, 'worker process', 'worker processes')}"
+        f"{' in each process' if several else ''} (--workers)"
         if event.workers
         else "in the training process (--workers 0)"
     )
@@ -473,10 +521,8 @@ def data_line(event: StageStarted) -> str | None:
             f"{'together ' if each else ''}more than half of the "
             f"{binary_size(preloading.available)} available"
         )
-    return (
-        f'{line}: {why}, so data.preload = "auto" does not preload (--preload or --set '
-        "data.preload=true forces it)"
-    )
+    forced = f" ({forcing} forces it)" if forcing else ""
+    return f'{line}: {why}, so data.preload = "auto" does not preload{forced}'
 
 
 def _toml(value: object) -> str:

@@ -9,6 +9,7 @@ import typer
 
 from sfr.cli.common import console, force_option, user_errors
 from sfr.config import FusionRunConfig
+from sfr.errors import counted
 from sfr.hub.convert import PartInstalled, conversion_run, convert_checkpoint
 from sfr.hub.slowfast import KIND_TEXT
 
@@ -44,11 +45,13 @@ def describe(converted: dict[str, Any], stage: str) -> str:
     if layout == "branch":
         what = f"{KIND_TEXT[layout]}: {what}"
     if converted["task"] == "early_recognition":
-        grid = f"early recognition over {inferred['s_ant']} frames spread over the action"
+        grid = (
+            f"early recognition over {counted(inferred['s_ant'], 'frame')} spread over the action"
+        )
     else:
         grid = (
             f"anticipation at alpha {inferred['alpha']:g}, "
-            f"{inferred['s_enc']} + {inferred['s_ant']} steps"
+            f"{inferred['s_enc']} + {counted(inferred['s_ant'], 'step')}"
         )
     return (
         f"{what}, hidden {inferred['hidden']}, {inferred['num_classes']} classes; "

@@ -75,7 +75,7 @@ def demo(
     torch.set_num_threads(plan.threads)
     began = time.perf_counter()
     run = demo_config(plan).run
-    with TrainingView(measure=f"{run.select}@{run.select_time:g}s") as view:
+    with TrainingView(measure=f"{run.select}@{run.select_time:g}s", forcing=None) as view:
 
         def show(event: DemoEvent) -> None:
             if isinstance(event, DemoDataReady):

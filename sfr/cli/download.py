@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from sfr.cli.common import console, fail, handles_user_errors
-from sfr.errors import SfrError
+from sfr.errors import SfrError, counted
 from sfr.files import missing_reason
 from sfr.hub.addresses import public_address
 from sfr.hub.download import (
@@ -264,7 +264,7 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
     sizes = [e if e is not None else r for e, r in zip(exact, rough)]
     unknown = sum(size is None for size in sizes)
     approx = "~" if any(e is None and r is not None for e, r in zip(exact, rough)) else ""
-    summary = f"Would fetch {len(fetching)} file(s)"
+    summary = f"Would fetch {counted(len(fetching), 'file')}"
     if unknown < len(fetching):
         summary += f", {approx}{decimal(sum(s for s in sizes if s is not None))}"
         if unknown:
@@ -275,7 +275,8 @@ def _dry_run(steps: Sequence[Step], *, check_size: bool, timeout: float) -> None
         summary += " (--check-size asks the servers)"
     if refused:
         summary += (
-            f"; {refused} size check(s) failed (above): the download will likely fail the same way"
+            f"; {counted(refused, 'size check')} failed (above): the download will likely fail "
+            "the same way"
         )
     console.print(summary + ".", highlight=False)
 

@@ -9,9 +9,16 @@ import typer
 
 from sfr import __version__
 from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import SamplingOpt, console, force_option, sample_bars, user_errors
+from sfr.cli.common import (
+    SamplingOpt,
+    console,
+    device_option,
+    force_option,
+    sample_bars,
+    user_errors,
+)
 from sfr.data.observation import position_label
-from sfr.errors import ConfigError
+from sfr.errors import ConfigError, counted
 from sfr.eval.submission import SupervisionLevels, challenge_split, make_submission
 from sfr.files import atomic_write_text, check_output_file, json_text, refuse_existing
 from sfr.models.trained import export_bundle, load_model
@@ -60,7 +67,7 @@ def submission(
         int, typer.Option(min=0, max=5, help="Supervision level: training data (0-5).")
     ] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, device_option()] = "auto",
     sampling: SamplingOpt = None,
     with_: Annotated[
         list[Path] | None,
@@ -105,7 +112,7 @@ def submission(
         )
     atomic_write_text(out, json_text(document, f"The submission for {out}", indent=1))
     console.print(
-        f"Wrote {out}: {len(document['results'])} {split} segments, version {document['version']}, "
+        f"Wrote {out}: {counted(len(document['results']), f'{split} segment')}, version {document['version']}, "
         f"scores at {_position(time, trained.data.task)} from {trained.name}"
         + (f" and {', '.join(m.name for m in others)} (mean of {ensemble_of})" if others else "")
         + ".",

@@ -20,11 +20,12 @@ from rich.table import Table
 from sfr.cli.common import (
     USER_ERROR_EXIT,
     console,
+    device_option,
     err_console,
     handles_user_errors,
     info_bars,
+    precision_option,
 )
-from sfr.data.loader import Precision
 from sfr.errors import ConfigError
 from sfr.features.encoder import resolve_device
 from sfr.features.extract import (
@@ -121,10 +122,9 @@ WorkersOpt = Annotated[
         "--workers", min=1, help="Worker threads decoding videos (videos decoded at once)."
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[str, device_option()]
 PrecisionOpt = Annotated[
-    Precision,
-    typer.Option("--precision", help="fp32, or on CUDA bf16/fp16 (autocast; stored as float32)."),
+    str, precision_option("fp32, or on CUDA bf16/fp16 (autocast; stored as float32).")
 ]
 BackendOpt = Annotated[
     str, typer.Option("--backend", help="Video decoder: pyav, or torchcodec if installed.")

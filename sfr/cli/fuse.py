@@ -7,11 +7,18 @@ from typing import Annotated, Literal
 
 import typer
 
-from sfr.cli.branch_stage import ConfigOpt, DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
+from sfr.cli.branch_stage import (
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    PrecisionOpt,
+    RunsOpt,
+    SetOpt,
+    WorkersOpt,
+)
 from sfr.cli.common import fail, force_option, multiprocess_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
 from sfr.config import Choice
-from sfr.data.loader import Precision
 from sfr.train.fusion import FusionPlan
 
 
@@ -47,10 +54,8 @@ def fuse(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Fusion batch size.")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
-    ] = None,
-    precision: Annotated[Precision | None, PrecisionOpt] = None,
+    device: Annotated[str | None, DeviceOpt] = None,
+    precision: Annotated[str | None, PrecisionOpt] = None,
     workers: Annotated[int | None, WorkersOpt] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     set_: SetOpt = None,
@@ -87,8 +92,8 @@ def fuse(
         )
     if stage is not None and stage not in levels:
         raise fail(
-            f"--stage {stage}: this {architecture} model has fusion level(s) "
-            f"{', '.join(map(str, levels))} only.",
+            f"--stage {stage}: this {architecture} model has fusion "
+            f"level{'s' if len(levels) > 1 else ''} {', '.join(map(str, levels))} only.",
             "Pass one of those, or leave --stage out to train every level.",
         )
     run_and_report(

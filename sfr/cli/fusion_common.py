@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sfr.cli.common import (
+    PRELOAD_SET,
     TrainingView,
     console,
     distributed_run,
@@ -66,7 +67,7 @@ def run_and_report(
             highlight=False,
         )
         measure = f"{resolved.run.select}@{position_label(resolved.run.select_time, task)}"
-        with TrainingView(measure=measure) as view:
+        with TrainingView(measure=measure, forcing=PRELOAD_SET) as view:
 
             def show(event: object) -> None:
                 if isinstance(event, StepStarted):

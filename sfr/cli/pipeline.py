@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from sfr.cli.branch_stage import DataOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
+from sfr.cli.branch_stage import DataOpt, DeviceOpt, PrecisionOpt, RunsOpt, SetOpt, WorkersOpt
 from sfr.cli.common import fail, force_option, multiprocess_errors
 from sfr.cli.fusion_common import load_fusion_config, run_and_report
-from sfr.data.loader import Precision
 
 
 @multiprocess_errors
@@ -39,11 +38,9 @@ def pipeline(
             "--freeze-branches/--train-branches", help="Fusion stages train only attention."
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")
-    ] = None,
+    device: Annotated[str | None, DeviceOpt] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
-    precision: Annotated[Precision | None, PrecisionOpt] = None,
+    precision: Annotated[str | None, PrecisionOpt] = None,
     workers: Annotated[int | None, WorkersOpt] = None,
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Training epochs of every stage.")

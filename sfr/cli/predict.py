@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from sfr.cli.branch_stage import DataOpt
-from sfr.cli.common import console, user_errors
+from sfr.cli.common import console, device_option, user_errors
 from sfr.eval.anticipate import anticipate
 from sfr.models.trained import load_model
 
@@ -22,7 +22,7 @@ def predict(
     video: Annotated[str, typer.Option(help="Video id, as in the feature keys (P01_01).")],
     at: Annotated[float, typer.Option(help="The moment (seconds into the video) to anticipate.")],
     top: Annotated[int, typer.Option(min=1, help="Actions listed per anticipation time.")] = 5,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, device_option()] = "auto",
 ) -> None:
     """Print the top anticipated actions at every anticipation time before `--at`."""
     trained = load_model(model)

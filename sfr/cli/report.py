@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from sfr.cli.common import console, force_option, user_errors
+from sfr.errors import counted
 from sfr.eval.report import claim_report_folder, read_report, write_report
 
 
@@ -38,6 +39,6 @@ def report(
     claim_report_folder(target, force or same)  # before reading and drawing anything
     doc = read_report(source)
     files = write_report(doc, target)
-    console.print(f"Wrote {len(files.all())} files:", highlight=False)
+    console.print(f"Wrote {counted(len(files.all()), 'file')}:", highlight=False)
     for path in files.all():
         console.print(f"  {path}", highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ import typer
 from sfr.cli.common import console, fail, force_option, user_errors
 from sfr.data.presets import write_synthetic_presets
 from sfr.data.synthetic import SyntheticSpec, write_synthetic
+from sfr.errors import counted
 
 
 @user_errors
@@ -53,8 +54,9 @@ def synth(
     dims = ", ".join(f"{m} {d}" for m, d in summary.dims.items())
     console.print(
         f"Wrote {summary.path}: {summary.rows['training']} training and "
-        f"{summary.rows['validation']} validation segments, {summary.num_actions} actions, "
-        f"{summary.frames} frames per modality ({dims}).",
+        f"{counted(summary.rows['validation'], 'validation segment')}, "
+        f"{counted(summary.num_actions, 'action')}, {counted(summary.frames, 'frame')} per "
+        f"modality ({dims}).",
         highlight=False,
     )
     presets = write_synthetic_presets(summary.path, summary.num_actions, summary.dims)

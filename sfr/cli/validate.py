@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from sfr import __version__, distributed
-from sfr.cli.branch_stage import DataOpt, PrecisionOpt, WorkersOpt
+from sfr.cli.branch_stage import DataOpt, DeviceOpt, PrecisionOpt, WorkersOpt
 from sfr.cli.common import (
     SamplingOpt,
     console,
@@ -20,9 +20,9 @@ from sfr.cli.common import (
     multiprocess_errors,
     sample_bars,
 )
-from sfr.data.loader import Precision, resolve_precision
+from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_label
-from sfr.errors import ConfigError
+from sfr.errors import ConfigError, counted
 from sfr.eval.evaluation import (
     EvaluationEvent,
     EvaluationSettings,
@@ -84,7 +84,7 @@ def measures_table(entry: dict[str, Any], group: str, doc: dict[str, Any]) -> Ta
     grid_task = doc.get("task", "anticipation")
     samples = entry["samples"]
     title = doc["group_names"][group] + (
-        f" — {samples['evaluated']} of {samples['total']} segments"
+        f" — {samples['evaluated']} of {counted(samples['total'], 'segment')}"
         f" ({samples['discarded']} discarded, {samples['discarded_policy']})"
         if group == "overall"
         else ""
@@ -198,7 +198,7 @@ def validate(
         typer.Option("--levels", help="A fusion folder stands for every level, not only the last."),
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 128,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, DeviceOpt] = "auto",
     ensemble_of: Annotated[
         str,
         typer.Option(
@@ -207,7 +207,7 @@ def validate(
             "the published early-recognition fusion of rgb/flow/obj).",
         ),
     ] = "probabilities",
-    precision: Annotated[Precision, PrecisionOpt] = "fp32",
+    precision: Annotated[str, PrecisionOpt] = "fp32",
     workers: Annotated[int | None, WorkersOpt] = None,
     force: Annotated[
         bool,

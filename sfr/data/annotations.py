@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfr.errors import DataError
+from sfr.errors import DataError, counted
 from sfr.files import missing_reason
 
 
@@ -305,7 +305,8 @@ def read_class_weights(path: Path, num_classes: int) -> list[float]:
         raise DataError(f"{path}: {str(error).capitalize()}; expected numbers only.") from None
     if len(weights) != num_classes:
         raise DataError(
-            f"{path} holds {len(weights)} weights but the data has {num_classes} action classes.",
+            f"{path} holds {counted(len(weights), 'weight')} but the data has {num_classes} action "
+            "classes.",
             "Give one weight per action class, in the order of actions.csv.",
         )
     bad = next((w for w in weights if not np.isfinite(w) or w < 0), None)

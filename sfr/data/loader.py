@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
+from sfr.config import check_device
 from sfr.data.dataset import BATCHED
 from sfr.errors import ConfigError, SfrError
 
@@ -30,7 +31,9 @@ PRECISIONS: dict[str, torch.dtype] = {
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available, else CPU; an unavailable device is a user error."""
+    """`auto` picks CUDA when available, else CPU; a name sfr does not accept
+    (`sfr.config.check_device`) or an unavailable device is a user error (ConfigError)."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sfr.data.annotations import ActionsTable, Segment, read_actions, read_class_names
 from sfr.data.dataset import open_stores
-from sfr.errors import ConfigError, DataError
+from sfr.errors import ConfigError, DataError, counted
 from sfr.eval.runner import Member, predict_split
 from sfr.models.trained import TrainedModel
 
@@ -125,7 +125,7 @@ def anticipate(
         raise DataError(
             f"{video} at {at:g} s is too early: {model.name} observes "
             f"{window.grid.offsets.max():g} s before the moment it predicts from "
-            f"({window.grid.steps} steps of {window.grid.alpha:g} s on {window.key}).",
+            f"({counted(window.grid.steps, 'step')} of {window.grid.alpha:g} s on {window.key}).",
             f"Ask for a moment at or after {earliest:g} s.",
         )
     actions: ActionsTable = read_actions(data_dir / model.data.actions_csv)

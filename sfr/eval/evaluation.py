@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from sfr.errors import ConfigError
+from sfr.errors import ConfigError, counted
 from sfr.eval.benchmark import (
     GROUP_NAMES,
     MEASURE_NAMES,
@@ -179,7 +179,8 @@ def evaluate(
     if ensemble_weights is not None:
         if len(ensemble_weights) != len(models):
             raise ConfigError(
-                f"--weights gives {len(ensemble_weights)} weights for {len(models)} models.",
+                f"--weights gives {counted(len(ensemble_weights), 'weight')} for "
+                f"{counted(len(models), 'model')}.",
                 "Give one weight per model, in the order of the models.",
             )
         members = [Member(m, w) for m, w in zip(models, ensemble_weights, strict=True)]

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sfr.config import check_device
+from sfr.data.loader import resolve_device as resolve_torch_device
 from sfr.errors import ConfigError
 from sfr.features.sources import require
 from sfr.models.backbones.catalog import Backbone, Preprocessing
@@ -195,7 +197,9 @@ class DetectionEncoder:
 
 
 def resolve_device(device: str) -> str:
-    """`auto` → `cuda` when available, else `cpu`; an unavailable CUDA device is a clear error."""
+    """`auto` → `cuda` when available, else `cpu`; a name sfr does not accept
+    (`sfr.config.check_device`) or a device this machine lacks is a clear error (ConfigError)."""
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -203,6 +207,4 @@ def resolve_device(device: str) -> str:
             f"--device {device}: this PyTorch build sees no CUDA device.",
             "Use --device cpu, or install a CUDA build of torch on a GPU machine.",
         )
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device {device} is not cpu, cuda, cuda:N or auto.")
-    return device
+    return str(resolve_torch_device(device))  # a GPU index past the last, MPS unavailable

@@ -35,7 +35,7 @@ from sfr.data.provenance import (
     write_record,
 )
 from sfr.data.store import FeatureStoreWriter, lmdb_problem
-from sfr.errors import DataError, SfrError
+from sfr.errors import DataError, SfrError, counted
 from sfr.features.encoder import Encoder
 from sfr.features.plan import FramePlan
 from sfr.features.sources import FrameReader
@@ -459,7 +459,8 @@ def _extract_video(
             items,
             VideoNotice(
                 job.name,
-                f"{last} frames, shorter than one clip ({1 - offset} frames): its clips repeat "
+                f"{counted(last, 'frame')}, shorter than one clip ({counted(1 - offset, 'frame')}): "
+                "its clips repeat "
                 "frame 1, as the time grids pad a video's start with its earliest frame.",
             ),
             stop,
@@ -467,7 +468,7 @@ def _extract_video(
     if todo is not None and len(produced) < len(todo):
         missing = sorted(todo - produced)
         count = reader.frame_count()
-        length = f", {count} frames at 30 fps" if count else ""
+        length = f", {counted(count, 'frame')} at 30 fps" if count else ""
         written = f"; vectors were written for the other {len(produced)}" if produced else ""
         raise DataError(
             f"{job.source}: {len(missing)} of the frames the time grids read lie past the end of "

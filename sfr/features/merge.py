@@ -16,7 +16,7 @@ import lmdb
 
 from sfr.data.provenance import RECORD_NAME, StoreRecord, read_record, write_record
 from sfr.data.store import lmdb_problem
-from sfr.errors import DataError
+from sfr.errors import DataError, counted
 from sfr.files import check_writable_dir, remove_stale_temp_files
 
 _BATCH = 4096
@@ -110,7 +110,7 @@ def _check_complete(path: Path, record: StoreRecord) -> None:
         names = sorted(unfinished)
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise DataError(
-            f"{path} holds vectors of {len(names)} video(s) whose extraction did not finish "
+            f"{path} holds vectors of {counted(len(names), 'video')} whose extraction did not finish "
             f"({shown}): nothing was merged.",
             "Run that shard's sfr features command again (it resumes and completes them, or "
             "names the videos that fail), then merge.",

@@ -22,7 +22,7 @@ from sfr.checkpoint import load_checkpoint, load_error_summary, read_metadata, s
 from sfr.config import BranchRunConfig, DataConfig, FusionRunConfig
 from sfr.data.dataset import Stream
 from sfr.data.timegrid import Sampling
-from sfr.errors import DataError, RunError
+from sfr.errors import DataError, RunError, counted
 from sfr.models.branch import create_branch
 from sfr.models.fusion import BranchNode, FusionNode, NodeOutput
 from sfr.models.tree import ModelTree, branch_spec
@@ -73,11 +73,11 @@ class TrainedModel:
             if self.data.task == "early_recognition":
                 return (
                     f"{branch.modality} branch, early recognition "
-                    f"({branch.s_ant} frames over the action, {self.stage})"
+                    f"({counted(branch.s_ant, 'frame')} over the action, {self.stage})"
                 )
             return (
                 f"{branch.modality} branch, alpha {branch.alpha:g} "
-                f"({branch.s_enc} + {branch.s_ant} steps, {self.stage})"
+                f"({branch.s_enc} + {counted(branch.s_ant, 'step')}, {self.stage})"
             )
         model = self.config.model
         tree = ModelTree(self.config)
@@ -149,7 +149,8 @@ class TrainedModel:
                 raise DataError(
                     f"{self.name}: input '{key}' has shape {shape}, expected "
                     f"({batch if batch is not None else 'B'}, {steps}, {dim}) = (batch, "
-                    f"{steps} steps of {self.streams_by_key[key].grid.alpha:g} s, {dim} features)."
+                    f"{counted(steps, 'step')} of {self.streams_by_key[key].grid.alpha:g} s, "
+                    f"{counted(dim, 'feature')})."
                 )
         unknown = sorted(set(features) - set(shapes))
         if unknown:

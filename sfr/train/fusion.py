@@ -127,6 +127,7 @@ def train_fusion_unit(
     """Train one fusion unit in its run directory and return its best result."""
     config = plan.config
     run = plan.unit_dir(unit)
+    distributed.on_main(run.check_free)  # another process training there: before loading data
     done = resume and run.trained_to(config.fusion_optim.epochs)
     data = data or load_fusion_data(plan, unit, data_dir, nothing_to_train=done)
     class_weights = stage_class_weights(config.fusion_optim, data_dir, data.num_classes)
@@ -134,7 +135,7 @@ def train_fusion_unit(
     def build() -> nn.Module:
         return plan.build(unit.label, data.num_classes, config.model.freeze_branches)
 
-    with allocation_failures(build, f"model.hidden (now {config.model.hidden})"):
+    with run.held(), allocation_failures(build, f"model.hidden (now {config.model.hidden})"):
         torch.manual_seed(config.run.seed)
         node = build()
         if not (resume and run.last_path.is_file()):  # inputs are loaded before anything is written

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sfr import distributed
 from sfr.checkpoint import read_metadata
 from sfr.data.dataset import open_stores
 from sfr.errors import RunError
@@ -174,6 +175,7 @@ def run_pipeline(
     stores = {m: data_config.feature_dim(m) for m in plan.config.model.modalities}
     open_stores(require_data_dir(data_dir), stores)  # every store exists before any training
     steps = pipeline_steps(plan, levels, branches)
+    distributed.on_main(lambda: [step.run.check_free() for step in steps])  # before any training
     if not force:
         check_existing_steps(steps, plan)  # up front, not after hours of other training
     result = PipelineResult(plan.config.fused_times, steps=steps)

@@ -16,13 +16,20 @@ Later stages find earlier ones by this convention.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:  # POSIX; elsewhere a run folder is not held (two runs must not share one)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 from sfr.checkpoint import read_metadata
-from sfr.errors import RunError
+from sfr.errors import RunError, counted
 from sfr.files import (
     atomic_write_text,
     check_folder_path,
@@ -90,6 +97,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     )
 
 
+# The advisory lock (flock) by which the process training in a run folder holds it; it records
+# that process's id. The kernel releases it when the process dies, so a file left by a killed
+# process holds nothing; sfr deletes it when it releases the folder.
+LOCK_FILE = ".sfr-run.lock"
+
 # Every file sfr writes in a run folder: `--force` deletes these and nothing else.
 RUN_FILES = (
     "config.json",
@@ -145,12 +157,108 @@ class RunDir:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._lock: int | None = None  # the descriptor of LOCK_FILE while this process holds it
+        self._made: list[Path] = []  # the folders `hold` created, deepest first
 
     config_path = property(lambda self: self.root / "config.json")
     status_path = property(lambda self: self.root / "status.json")
     metrics_path = property(lambda self: self.root / "metrics.jsonl")
     best_path = property(lambda self: self.root / "best.safetensors")
     last_path = property(lambda self: self.root / "last.safetensors")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def hold(self) -> None:
+        """Hold the folder for this process until `release` (or its exit): an exclusive flock on
+        `LOCK_FILE`, which records the process id. Call it before anything is written there; the
+        folder (and its parents) are created for it.
+
+        Raises RunError naming the folder and the process id when another process holds it (a
+        second command training into it; under torchrun only rank 0 holds it). A lock file left
+        by a process that died holds nothing (the kernel drops its lock) and is taken over.
+        """
+        if self._lock is not None or fcntl is None:
+            return
+        check_folder_path(self.root, "run")
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            while True:
+                handle = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(handle, 64).decode(errors="replace").strip()
+                    os.close(handle)
+                    raise self._held_error(holder) from None
+                try:  # the holder before may have released it (deleting the file) meanwhile
+                    same = os.fstat(handle).st_ino == os.stat(self.lock_path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(handle)
+            os.ftruncate(handle, 0)
+            os.write(handle, f"{os.getpid()}\n".encode())
+        except OSError as error:
+            raise RunError(
+                f"The run folder {self.root} cannot be written: {error.strerror or error}.",
+                "Choose a --runs folder you can write to.",
+            ) from None
+        self._lock, self._made = handle, missing
+
+    def check_free(self) -> None:
+        """RunError (as `hold`'s) when another process holds the folder now; nothing is written.
+        For a refusal before long work (loading data), ahead of `hold`."""
+        if fcntl is None or self._lock is not None:
+            return
+        try:
+            handle = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:  # no lock file: nobody holds it
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 64).decode(errors="replace").strip()
+            raise self._held_error(holder) from None
+        finally:
+            os.close(handle)
+
+    def _held_error(self, holder: str) -> RunError:
+        process = f"process {holder}" if holder.isdigit() else "another process"
+        return RunError(
+            f"The run folder {self.root} is in use: {process} is training there now "
+            "(two processes must not train into one folder).",
+            f"Wait for {process} to finish (or stop it), then run the command again; to train "
+            "another copy at the same time, give it another --runs folder or run.name.",
+        )
+
+    def release(self) -> None:
+        """Give up the folder `hold` took: delete the lock file, then drop the lock, and remove
+        the folders `hold` created when nothing else was written there. Idempotent."""
+        if self._lock is None:
+            return
+        handle, self._lock = self._lock, None
+        with contextlib.suppress(OSError):
+            self.lock_path.unlink()
+        os.close(handle)
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote there
+                break
+        self._made = []
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[RunDir]:
+        """`release` when the block ends, whatever happens: for a `hold` taken inside it (by
+        `prepare`, on rank 0 only)."""
+        try:
+            yield self
+        finally:
+            self.release()
 
     def status(self) -> dict[str, Any]:
         """`{"state": "empty" | "running" | "interrupted" | "finished", ...}` as recorded in
@@ -208,7 +316,10 @@ class RunDir:
     ) -> bool:
         """Make the folder ready for training; True if a saved state should be resumed.
 
-        A finished or interrupted run is refused unless `force` (start over) or `resume`
+        The folder is held by this process from here on (`hold`; RunError naming the process
+        that holds it otherwise, whatever `force` and `resume` say) until `release`, which a
+        refusal calls itself. A finished or interrupted run is refused unless `force` (start
+        over) or `resume`
         (continue it; its saved config must match in every field `differences` compares: by
         default all but `RESUMABLE_CHANGES`, and its `epochs_key` must ask for at least the
         epochs it holds, see `check_epochs`). A run that stopped before its first checkpoint holds
@@ -216,6 +327,22 @@ class RunDir:
         are deleted. Nothing is written before every check has passed.
         """
         check_folder_path(self.root, "run")  # --runs naming a file is refused, not a traceback
+        self.hold()  # no other process trains here now: a "running" run was killed
+        try:
+            return self._prepare_held(config, force, resume, differences, epochs_key)
+        except BaseException:
+            self.release()  # refused: the folder is as it was
+            raise
+
+    def _prepare_held(
+        self,
+        config: dict[str, Any],
+        force: bool,
+        resume: bool,
+        differences: Callable[[dict[str, Any], dict[str, Any]], list[str]],
+        epochs_key: str,
+    ) -> bool:
+        """`prepare` once this process holds the folder."""
         if force:
             self.clear()
         state = self.status()["state"]
@@ -223,7 +350,12 @@ class RunDir:
             self.clear()  # failed before its first epoch ended: nothing to resume or protect
             state = "empty"
         if state != "empty" and not resume:
-            what = "a finished run" if state == "finished" else "an interrupted run"
+            what = {
+                "finished": "a finished run",
+                "interrupted": "an interrupted run",
+                "running": "an unfinished run, whose process was killed before it could record "
+                "that it stopped",
+            }[state]
             raise existing_output(
                 self.root,
                 "run folder",
@@ -263,8 +395,8 @@ class RunDir:
         done = self.trained_epochs()
         if done is not None and epochs < done:
             raise RunError(
-                f"Cannot resume {self.root} with {epochs} epochs ({key}): the run already has "
-                f"{done} epochs.",
+                f"Cannot resume {self.root} with {counted(epochs, 'epoch')} ({key}): the run "
+                f"already has {counted(done, 'epoch')}.",
                 f"Pass --epochs {done} or more to extend it, or --force to start over.",
             )
 

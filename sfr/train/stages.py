@@ -311,6 +311,7 @@ def train_branch_stage(
         config.data.feature_dims, data_dir, [config.branch.modality]
     )
     run = stage_dir(config, runs_dir, stage)
+    distributed.on_main(run.check_free)  # another process training there: before loading data
     done = resume and run.trained_to(config.optim.epochs)
     data = data or load_branch_data(config, data_dir, nothing_to_train=done)
     class_weights = stage_class_weights(config.optim, data_dir, data.num_classes)
@@ -333,7 +334,10 @@ def train_branch_stage(
             shared_dropout_mask=config.branch.shared_dropout_mask,
         )
 
-    with allocation_failures(build, f"branch.hidden (--hidden, now {config.branch.hidden})"):
+    with (
+        run.held(),
+        allocation_failures(build, f"branch.hidden (--hidden, now {config.branch.hidden})"),
+    ):
         torch.manual_seed(config.run.seed)  # initial weights and dropout masks follow run.seed
         branch = build()  # before the run folder is written: a model too big leaves nothing
         resuming = distributed.on_main(
