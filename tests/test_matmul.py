@@ -214,21 +214,24 @@ def test_fixed_weights_reorders_each_weight_once_for_the_block(monkeypatch) -> N
     x = torch.randn(3, 7, 24)
     with torch.no_grad():
         expected = branch(x, [3, 5, 6]).scores
+        expected_two = branch(x[:2], [3, 5, 6]).scores
         calls = count_reorders(monkeypatch)
         with fixed_weights():
             first = branch(x, [3, 5, 6]).scores
-            assert len(calls) == 2  # the rolling and the unrolling recurrent weights
+            # the rolling and unrolling LSTMs' input and recurrent weights, the classifier's
+            assert len(calls) == 5
             with fixed_weights():  # an inner block keeps the outer one's copies
                 second = branch(x, [3, 5, 6]).scores
             third = branch(x, [3, 5, 6]).scores
-            assert len(calls) == 2
-            branch(x[:2], [3, 5, 6])  # another batch size: prepared for its own row count
-            assert len(calls) == 4
+            assert len(calls) == 5
+            two = branch(x[:2], [3, 5, 6]).scores  # another batch size: its own row counts
+            assert len(calls) == 10
         assert not matmul.fixed_weights_held()
         branch(x, [3, 5, 6])
-        assert len(calls) == 6  # outside a block: once per pass again
+        assert len(calls) == 12  # outside a block: the recurrent weights once per pass again
     for scores in (first, second, third):
         assert torch.equal(scores, expected)
+    assert torch.equal(two, expected_two)
 
 
 @needs_onednn
