@@ -365,7 +365,8 @@ def _with_matmul(matmul: str, step: Callable[[], None]) -> Callable[[], None]:
 def peak_rate(device: torch.device, sync: Callable[[], None]) -> float:
     """Multiply-adds per second of this machine's fastest product at an LSTM step's shape,
     (256, 1024) @ (1024, 4096): the best of BLAS (`torch.mm`) and, on the CPU, oneDNN
-    (`StepWeight`), best of 5 after a warm-up. No formulation can run its products faster."""
+    (`StepWeight`), best of 30 after a warm-up (a brief pause of the shared machine's other load
+    is enough to catch it). No formulation can run its products faster."""
     weight = torch.randn(4 * HIDDEN, FEATURES, device=device)
     x = torch.randn(256, FEATURES, device=device)
     products = [lambda: torch.mm(x, weight.t())]
@@ -378,7 +379,7 @@ def peak_rate(device: torch.device, sync: Callable[[], None]) -> float:
     for product in products:
         product()
         sync()
-        for _ in range(5):
+        for _ in range(30):
             began = time.perf_counter()
             product()
             sync()
