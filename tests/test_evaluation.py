@@ -1032,3 +1032,22 @@ def test_a_pass_over_a_split_prepares_each_weight_once(
     for task in TASKS:
         assert np.array_equal(fixed.top_ids[task], each.top_ids[task])
         assert np.array_equal(fixed.top_probs[task], each.top_probs[task])
+
+
+@pytest.mark.parametrize("which", ["branch", "fusion"])
+def test_a_sample_scores_the_same_bits_in_a_batch_of_one(
+    trained_runs: TrainedRuns, which: str
+) -> None:
+    """`--batch-size 3` over 178 segments ends with a batch of one: its scores must be the
+    bits the same sample gets in any other batch (a batch of one runs other products)."""
+    run = trained_runs.branch("rgb@0.25") if which == "branch" else trained_runs.fusion("arch2")
+    model = load_model(run)
+    features = features_of(model, trained_runs.data)
+    batch = {key: value[:3] for key, value in features.items()}
+    alone = model({key: value[1:2] for key, value in features.items()})
+    together = model(batch)
+    assert alone.scores.shape[0] == 1
+    assert torch.equal(alone.scores, together.scores[1:2])
+    assert torch.equal(alone.context, together.context[1:2])
+    for label, weights in together.attention.items():
+        assert torch.equal(alone.attention[label], weights[1:2])

@@ -111,7 +111,8 @@ class TrainedModel:
         `features` maps every key of `input_shapes()` to a (B, T, F) floating-point tensor with
         B ≥ 1 (other keys are refused: a misspelt key would otherwise pass unnoticed); DataError
         naming the key and the expected shape or dtype otherwise. Inputs of another floating
-        dtype are computed in the model's (float32).
+        dtype are computed in the model's (float32). On the CPU a sample's outputs are the same
+        bits whatever the batch it comes in (a batch of one runs as two copies).
         """
         shapes = self.input_shapes()
         if isinstance(features, dict):  # a Stream of `streams` as a key means its `key`
@@ -158,7 +159,16 @@ class TrainedModel:
                 f"{self.name} has no input {', '.join(map(repr, unknown))}; its inputs are "
                 f"{', '.join(shapes)}."
             )
-        return self.module({k: v.to(dtype) for k, v in features.items()}, self.times)
+        inputs = {k: v.to(dtype) for k, v in features.items()}
+        if batch != 1:
+            return self.module(inputs, self.times)
+        # a batch of one runs other products (matrix times vector) than batches of two or more,
+        # which round differently in the last bit: it runs as two copies, so that on the CPU a
+        # sample's scores are the same bits whatever batch it comes in (`--batch-size`, `predict`)
+        out = self.module({k: v.expand(2, -1, -1) for k, v in inputs.items()}, self.times)
+        return NodeOutput(
+            out.scores[:1], out.context[:1], {k: w[:1] for k, w in out.attention.items()}
+        )
 
     @property
     def streams_by_key(self) -> dict[str, Stream]:
