@@ -351,6 +351,44 @@ def test_a_run_folder_being_trained_is_refused_to_every_other_command(
     assert not (root / LOCK_FILE).exists()
 
 
+def test_finetune_on_a_pretraining_in_progress_or_killed_says_to_wait_or_resume(
+    cli, golden_data: Path, tmp_path: Path
+) -> None:
+    """While train-branch holds the pretrain folder, finetune called it "interrupted before its
+    last epoch" and hinted a command that the lock refuses: it now names the process training
+    it and says to wait. Once that process is gone (killed: status "running"), the hint's
+    command carries --resume, without which train-branch refuses the unfinished run."""
+    from sfr.train.rundir import RunDir
+
+    config = write_config(tmp_path)
+    runs = tmp_path / "runs"
+    args = ["--config", config, "--data", golden_data, "--runs", runs, "--device", "cpu"]
+    code, output, error = cli("train-branch", *args)
+    assert code == 0, f"{output}\n{error!r}"
+    root = runs / "ek55" / "rgb-a0.25-enc2-ant4" / "pretrain"
+    status = json.loads((root / "status.json").read_text())
+    (root / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    holder = RunDir(root)
+    holder.hold()
+    try:
+        code, output, error = cli("finetune", *args)
+    finally:
+        holder.release()
+    assert_user_error(
+        code, output, error, str(root), f"being trained by process {os.getpid()} now", "Wait"
+    )
+    assert "interrupted" not in output
+    assert not (root.parent / "finetune").exists()
+    code, output, error = cli("finetune", *args)  # nobody holds it: a killed run
+    assert_user_error(code, output, error, "interrupted before its last epoch")
+    hinted = f"sfr train-branch --config {config} --data {golden_data} --runs {runs} ... --resume"
+    assert hinted in " ".join(output.split())
+    code, output, error = cli("train-branch", *args, "--resume")  # as the hint says
+    assert code == 0, f"{output}\n{error!r}"
+    code, output, error = cli("finetune", *args)
+    assert code == 0, f"{output}\n{error!r}"
+
+
 def test_a_model_too_big_for_memory_is_a_message_and_leaves_no_run_folder(
     cli, golden_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -374,3 +374,27 @@ def test_demo_refuses_a_file(tmp_path: Path, tiny_spec: SyntheticSpec) -> None:
     with pytest.raises(SfrError, match=re.escape(f"{under} lies under the file {target}")):
         run_demo(under, tiny_plan(tiny_spec))
     assert target.read_text() == "keep"
+
+
+def test_demo_into_a_folder_being_trained_says_to_give_it_another_out(
+    cli, demo_run, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_spec: SyntheticSpec
+) -> None:
+    """The refusal of a run folder another process trains in said to "give it another --runs
+    folder or run.name", which `sfr demo` does not take: it names --out."""
+    from sfr.train.rundir import RunDir
+
+    monkeypatch.setattr(sfr.cli.demo, "DemoPlan", lambda: tiny_plan(tiny_spec))
+    source, _, _, _ = demo_run
+    out = Path(shutil.copytree(source, tmp_path / "demo"))
+    root = step_roots(out / "runs")[("rgb@0.25", "pretrain")]
+    holder = RunDir(root)
+    holder.hold()
+    try:
+        code, output, error = cli("demo", "--out", out)
+    finally:
+        holder.release()
+    assert code == 2 and isinstance(error, SystemExit), output
+    message = " ".join(output.split())
+    assert str(root) in message and "is in use" in message
+    assert "give it another --out folder." in message
+    assert "--runs" not in message and "run.name" not in message

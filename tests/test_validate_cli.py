@@ -571,3 +571,24 @@ def test_validate_batch_size_zero_is_a_user_error(cli: Cli, trained_runs: Traine
     )  # fmt: skip
     assert code == 2, output
     assert "Traceback" not in output and not isinstance(error, ValueError)
+
+
+def test_validate_into_a_closed_pipe_says_its_output_was_cut_off(
+    cli: Cli, trained_runs: TrainedRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sfr validate ... | head -2` exits 141 as a signal would; it said "Checkpoints are
+    written atomically: run the same command again to continue", but validate trains nothing:
+    the advice now says the output was cut off and how to see all of it."""
+    from sfr.cli import common
+
+    def closed(*args: object, **kwargs: object) -> None:
+        raise BrokenPipeError(32, "the reader of the output closed it")
+
+    monkeypatch.setattr(common.console, "print", closed)
+    code, output, _ = cli(
+        "validate", trained_runs.branch("rgb@0.25", None), "--data", trained_runs.data, *CPU
+    )
+    assert code == common.OUTPUT_CLOSED_EXIT, output
+    assert "Output closed (broken pipe): stopped." in output
+    assert "output was cut off" in output and "without the pipe" in output
+    assert "Checkpoints" not in output and "Traceback" not in output

@@ -123,12 +123,13 @@ def _output_closed(resume_advice: str) -> None:
 
 
 def handles_user_errors(
-    resume_advice: str, *, multiprocess: bool = False
+    resume_advice: str, *, multiprocess: bool = False, output_advice: str | None = None
 ) -> Callable[[CommandT], CommandT]:
     """Decorator: `SfrError` becomes a one-paragraph message and exit 2, never a traceback;
     Ctrl-C says how to continue (`resume_advice`) and exits 130, SIGTERM 143. A closed stdout
     (`| head`) stops the command like a signal would, quietly: no traceback, a run stopped so is
-    recorded as interrupted (it resumes), the advice goes to stderr, exit 141.
+    recorded as interrupted (it resumes), `output_advice` (by default `resume_advice`; for a
+    command whose work does not continue, `CUT_OFF_ADVICE`) goes to stderr, exit 141.
 
     Before the command runs, torchrun's environment is checked (`distributed.check_environment`)
     and, unless `multiprocess` (a command that runs as several processes under torchrun), a
@@ -140,7 +141,7 @@ def handles_user_errors(
             try:  # around the messages too: stderr may be the same closed pipe
                 return _rendering_errors(command, resume_advice, multiprocess, *args, **kwargs)
             except BrokenPipeError:
-                _output_closed(resume_advice)
+                _output_closed(output_advice or resume_advice)
                 raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
 
         return wrapper  # type: ignore[return-value]
@@ -228,10 +229,19 @@ def single_process(world_size: int) -> None:
 
 
 RERUN_ADVICE = "Checkpoints are written atomically: run the same command again to continue."
-user_errors = handles_user_errors(RERUN_ADVICE)
+CUT_OFF_ADVICE = (
+    "Its output was cut off: run the same command again without the pipe, or with its output "
+    "into a file (> FILE)."
+)
+"""What a closed stdout says for a command that trains nothing (nothing to continue)."""
+user_errors = handles_user_errors(RERUN_ADVICE, output_advice=CUT_OFF_ADVICE)
+"""For the commands that run as one process and train nothing (`demo` trains:
+`training_errors`)."""
+training_errors = handles_user_errors(RERUN_ADVICE)
 multiprocess_errors = handles_user_errors(RERUN_ADVICE, multiprocess=True)
-"""For the commands that run as several processes under torchrun (`fuse`, `pipeline`,
-`validate`; `train-branch` and `finetune` have their own advice)."""
+"""For the commands that train as several processes under torchrun (`fuse`, `pipeline`;
+`train-branch` and `finetune` have their own advice; `validate`: `validate_errors`)."""
+validate_errors = handles_user_errors(RERUN_ADVICE, multiprocess=True, output_advice=CUT_OFF_ADVICE)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from sfr.cli.common import (
     pipeline_rows,
     results_table,
     step_line,
-    user_errors,
+    training_errors,
 )
 from sfr.train.demo import (
     DemoDataReady,
@@ -56,7 +56,7 @@ def headline(result: DemoResult) -> str:
     )
 
 
-@user_errors
+@training_errors
 def demo(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the synthetic data and runs.")

@@ -17,8 +17,8 @@ from sfr.cli.common import (
     console,
     distributed_run,
     force_option,
-    multiprocess_errors,
     sample_bars,
+    validate_errors,
 )
 from sfr.data.loader import resolve_precision
 from sfr.data.observation import position_label
@@ -150,7 +150,7 @@ class EvaluationView:
             self.bars.update(self.task, completed=event.done, total=event.total)
 
 
-@multiprocess_errors
+@validate_errors
 def validate(
     models: Annotated[
         list[Path],

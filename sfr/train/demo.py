@@ -28,7 +28,7 @@ from sfr.files import check_folder_path, existing_output, remove_owned
 from sfr.train.fusion import FusionPlan
 from sfr.train.loop import ProgressEvent
 from sfr.train.pipeline import PipelineResult, StepStarted, run_pipeline
-from sfr.train.rundir import RUN_FILES
+from sfr.train.rundir import RUN_FILES, RunInUseError
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,10 @@ def run_demo(
         )
     report(DemoDataReady(summary, continued=earlier and not force))
     fusion_plan = FusionPlan(demo_config(plan), runs_dir)
-    pipeline = run_pipeline(fusion_plan, data_dir, force=force, progress=report)
+    try:
+        pipeline = run_pipeline(fusion_plan, data_dir, force=force, progress=report)
+    except RunInUseError as error:  # a demo has no --runs or run.name: another --out
+        raise error.elsewhere("another --out folder") from None
     return DemoResult(
         data_dir, runs_dir, summary.num_actions, frequency_prior_top5(data_dir), pipeline
     )

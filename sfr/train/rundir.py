@@ -152,6 +152,32 @@ def _read_json(path: Path, what: str) -> Any:
         ) from None
 
 
+def holding_process(holder: str) -> str:
+    """`RunDir.holder`'s record as words: "process 1234", or "another process"."""
+    return f"process {holder}" if holder.isdigit() else "another process"
+
+
+# How a command that trains into --runs trains another copy of a run at the same time.
+RUNS_ELSEWHERE = "another --runs folder or run.name"
+
+
+class RunInUseError(RunError):
+    """Another process holds the run folder (`RunDir.hold`). The hint ends by naming where a
+    second copy could train instead (`elsewhere`: `RUNS_ELSEWHERE`, or what the command at hand
+    takes, through `elsewhere`)."""
+
+    def __init__(self, message: str, wait: str, elsewhere: str = RUNS_ELSEWHERE) -> None:
+        super().__init__(
+            message,
+            f"{wait}; to train another copy at the same time, give it {elsewhere}.",
+        )
+        self.wait = wait
+
+    def elsewhere(self, options: str) -> RunInUseError:
+        """The same refusal, its hint naming `options` (e.g. "another --out folder")."""
+        return RunInUseError(self.message, self.wait, options)
+
+
 class RunDir:
     """The files of one stage run and the rules for starting, resuming or overwriting it."""
 
@@ -212,27 +238,33 @@ class RunDir:
     def check_free(self) -> None:
         """RunError (as `hold`'s) when another process holds the folder now; nothing is written.
         For a refusal before long work (loading data), ahead of `hold`."""
+        holder = self.holder()
+        if holder is not None:
+            raise self._held_error(holder)
+
+    def holder(self) -> str | None:
+        """The process id recorded by the process that holds the folder now ("" when it is not
+        readable), or None when no other process holds it (this one may). Nothing is written."""
         if fcntl is None or self._lock is not None:
-            return
+            return None
         try:
             handle = os.open(self.lock_path, os.O_RDONLY)
         except OSError:  # no lock file: nobody holds it
-            return
+            return None
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(handle, 64).decode(errors="replace").strip()
-            raise self._held_error(holder) from None
+            return os.read(handle, 64).decode(errors="replace").strip()
         finally:
             os.close(handle)
+        return None
 
-    def _held_error(self, holder: str) -> RunError:
-        process = f"process {holder}" if holder.isdigit() else "another process"
-        return RunError(
+    def _held_error(self, holder: str) -> RunInUseError:
+        process = holding_process(holder)
+        return RunInUseError(
             f"The run folder {self.root} is in use: {process} is training there now "
             "(two processes must not train into one folder).",
-            f"Wait for {process} to finish (or stop it), then run the command again; to train "
-            "another copy at the same time, give it another --runs folder or run.name.",
+            f"Wait for {process} to finish (or stop it), then run the command again",
         )
 
     def release(self) -> None:

@@ -36,7 +36,7 @@ from sfr.files import missing_reason
 from sfr.models.branch import RULSTMBranch, create_branch
 from sfr.models.tree import branch_spec
 from sfr.train.loop import FitResult, FitSettings, Progress, Trainer
-from sfr.train.rundir import RunDir
+from sfr.train.rundir import RunDir, holding_process
 
 Stage = Literal["pretrain", "finetune"]
 STAGES: tuple[Stage, ...] = ("pretrain", "finetune")
@@ -177,8 +177,23 @@ def branch_metadata(config: BranchRunConfig, stage: Stage, num_classes: int) -> 
     }
 
 
-def best_weights(run: RunDir, expected: dict[str, Any], create_hint: str) -> dict[str, Tensor]:
-    """Best weights of a finished lower stage, refused if its saved model spec differs."""
+def best_weights(
+    run: RunDir, expected: dict[str, Any], create_hint: str, resume_hint: str | None = None
+) -> dict[str, Tensor]:
+    """Best weights of a finished lower stage, refused if its saved model spec differs.
+
+    Raises RunError when the stage is being trained by another process now (wait for it), has
+    no checkpoint (`create_hint`), stopped before its last epoch (`resume_hint`, by default
+    `create_hint`: a command that resumes it) or was trained with another model spec.
+    """
+    holder = run.holder()
+    if holder is not None:
+        process = holding_process(holder)
+        raise RunError(
+            f"The stage in {run.root} is being trained by {process} now: it has no final "
+            "best weights yet.",
+            f"Wait for {process} to finish, then run this command again.",
+        )
     if not run.best_path.is_file():
         raise RunError(
             f"No checkpoint at {run.best_path}: that stage has not been trained.", create_hint
@@ -186,7 +201,7 @@ def best_weights(run: RunDir, expected: dict[str, Any], create_hint: str) -> dic
     if not run.finished:
         raise RunError(
             f"The stage in {run.root} was interrupted before its last epoch.",
-            f"{create_hint} (it resumes the interrupted run).",
+            resume_hint or f"{create_hint} (it resumes the interrupted run).",
         )
     tensors, meta = load_checkpoint(run.best_path)
     saved = meta.get("model")
@@ -322,6 +337,8 @@ def train_branch_stage(
             stage_dir(config, runs_dir, "pretrain"),
             branch_metadata(config, "pretrain", data.num_classes)["model"],
             f"Create it first with the same config and overrides as this command: {command} ...",
+            f"Finish it first with the same config and overrides as this command: {command} "
+            "... --resume",
         )
 
     def build() -> RULSTMBranch:
