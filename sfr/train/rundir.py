@@ -152,6 +152,11 @@ def _read_json(path: Path, what: str) -> Any:
         ) from None
 
 
+def _recorded_holder(handle: int) -> str:
+    """The process id that the holder of an open `LOCK_FILE` recorded in it ("" if none)."""
+    return os.read(handle, 64).decode(errors="replace").strip()
+
+
 def holding_process(holder: str) -> str:
     """`RunDir.holder`'s record as words: "process 1234", or "another process"."""
     return f"process {holder}" if holder.isdigit() else "another process"
@@ -216,7 +221,7 @@ class RunDir:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    holder = os.read(handle, 64).decode(errors="replace").strip()
+                    holder = _recorded_holder(handle)
                     os.close(handle)
                     raise self._held_error(holder) from None
                 try:  # the holder before may have released it (deleting the file) meanwhile
@@ -254,7 +259,7 @@ class RunDir:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.read(handle, 64).decode(errors="replace").strip()
+            return _recorded_holder(handle)
         finally:
             os.close(handle)
         return None
