@@ -678,7 +678,8 @@ def test_unavailable_device_is_a_user_error(cli, golden_data: Path, tmp_path: Pa
         "train-branch", "--config", config, "--data", golden_data, "--runs", tmp_path / "runs",
         "--device", "cuda",
     )  # fmt: skip
-    assert_user_error(code, output, error, "cuda")
+    # the option as typed, and the config field it sets
+    assert_user_error(code, output, error, "--device cuda (run.device): this machine has no")
 
 
 # Every command with a --device option, and values each refuses the same way.

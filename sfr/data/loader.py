@@ -41,11 +41,13 @@ def resolve_device(name: str) -> torch.device:
         not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
     ):
         raise ConfigError(
-            f"run.device is '{name}' but this machine has no such CUDA device.",
+            f"--device {name} (run.device): this machine has no such CUDA device.",
             "Use --device cpu (or auto).",
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"run.device is '{name}' but MPS is not available.", "Use --device cpu.")
+        raise ConfigError(
+            f"--device {name} (run.device): MPS is not available.", "Use --device cpu."
+        )
     return device
 
 
