@@ -592,3 +592,22 @@ def test_validate_into_a_closed_pipe_says_its_output_was_cut_off(
     assert "Output closed (broken pipe): stopped." in output
     assert "output was cut off" in output and "without the pipe" in output
     assert "Checkpoints" not in output and "Traceback" not in output
+
+
+def test_an_interrupted_validate_does_not_speak_of_checkpoints(
+    cli: Cli, trained_runs: TrainedRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in a command that trains nothing: exit 130 and the advice to run it again,
+    not the checkpoint advice of the training commands."""
+    from sfr.cli import common
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.console, "print", interrupted)
+    code, output, _ = cli(
+        "validate", trained_runs.branch("rgb@0.25", None), "--data", trained_runs.data, *CPU
+    )
+    assert code == 130, output
+    assert "Interrupted." in output and common.RESTART_ADVICE in output
+    assert "Checkpoints" not in output and "Traceback" not in output

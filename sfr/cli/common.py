@@ -229,19 +229,23 @@ def single_process(world_size: int) -> None:
 
 
 RERUN_ADVICE = "Checkpoints are written atomically: run the same command again to continue."
+RESTART_ADVICE = "Nothing half-written is left behind: run the same command again."
+"""What Ctrl-C or SIGTERM says for a command that trains nothing (no checkpoint to continue)."""
 CUT_OFF_ADVICE = (
     "Its output was cut off: run the same command again without the pipe, or with its output "
     "into a file (> FILE)."
 )
 """What a closed stdout says for a command that trains nothing (nothing to continue)."""
-user_errors = handles_user_errors(RERUN_ADVICE, output_advice=CUT_OFF_ADVICE)
+user_errors = handles_user_errors(RESTART_ADVICE, output_advice=CUT_OFF_ADVICE)
 """For the commands that run as one process and train nothing (`demo` trains:
 `training_errors`)."""
 training_errors = handles_user_errors(RERUN_ADVICE)
 multiprocess_errors = handles_user_errors(RERUN_ADVICE, multiprocess=True)
 """For the commands that train as several processes under torchrun (`fuse`, `pipeline`;
 `train-branch` and `finetune` have their own advice; `validate`: `validate_errors`)."""
-validate_errors = handles_user_errors(RERUN_ADVICE, multiprocess=True, output_advice=CUT_OFF_ADVICE)
+validate_errors = handles_user_errors(
+    RESTART_ADVICE, multiprocess=True, output_advice=CUT_OFF_ADVICE
+)
 
 
 @contextmanager
