@@ -480,11 +480,16 @@ def kill_a_worker(monkeypatch: pytest.MonkeyPatch, view: type, when: Any) -> Non
 
     shown = view.__call__
     done: list[int] = []
+    # children alive before the command (workers of an earlier command's loaders, not yet
+    # collected) are not its workers: killing one of them stops nothing
+    earlier = {child.pid for child in multiprocessing.active_children()}
 
     def call(self: object, event: object) -> None:
         shown(self, event)
         if not done and when(event):
-            worker = multiprocessing.active_children()[0]
+            worker = next(
+                child for child in multiprocessing.active_children() if child.pid not in earlier
+            )
             done.append(worker.pid)
             os.kill(worker.pid, signal.SIGKILL)
             worker.join(10)
